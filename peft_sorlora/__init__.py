@@ -1,0 +1,52 @@
+"""peft_sorlora: sparse-and-orthogonal LoRA (SO-LoRA) as a PEFT adapter type.
+
+``import peft_sorlora`` registers the ``solora`` method with PEFT, after which the usual calls work::
+
+    import peft_sorlora
+    from peft import get_peft_model
+    model = get_peft_model(base, peft_sorlora.SOLoRAConfig(r=8, sparsity=0.5, projection="orthogonal", slot=3))
+    peft_sorlora.calibrate(model, batches)   # freeze the sparse masks (or let the first training batches do it)
+
+This package knows nothing of how updates travel; :func:`get_sparse_update` / :func:`apply_sparse_update` give the
+masked B values as self-describing safetensors payloads for whoever moves them.
+"""
+
+from ._registry import SOLORA, register
+from .calibration import allocate_budget, calibrate, finalize_masks, spectral_entropy
+from .collision import collision_rate
+from .config import SOLoRAConfig
+from .exchange import (
+    PayloadError,
+    SparseUpdate,
+    apply_sparse_update,
+    config_fingerprint,
+    get_sparse_update,
+    update_stats,
+)
+from .layer import Linear, SOLoRALayer
+from .model import SOLoRAModel
+from .projection import projection_matrix
+
+register(SOLoRAConfig, SOLoRAModel)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SOLORA",
+    "SOLoRAConfig",
+    "SOLoRAModel",
+    "SOLoRALayer",
+    "Linear",
+    "calibrate",
+    "finalize_masks",
+    "allocate_budget",
+    "spectral_entropy",
+    "collision_rate",
+    "projection_matrix",
+    "SparseUpdate",
+    "PayloadError",
+    "get_sparse_update",
+    "apply_sparse_update",
+    "config_fingerprint",
+    "update_stats",
+]

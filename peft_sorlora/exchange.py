@@ -1,0 +1,365 @@
+"""What travels between peers: the masked B values of one adapter, as a self-describing safetensors payload.
+
+The first payload of a peer (round 0) carries its structure: the boolean masks, the layer shapes and, in the header,
+the projection mode, seed and slot from which receivers regenerate A. The masks never change afterwards, so later
+payloads carry the values only, in the row-major order of ``mask.nonzero()``: ``nnz × value bytes`` plus a small
+header. Payloads are parsed with safetensors and JSON only; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from .calibration import solora_layers
+from .config import PAYLOAD_DTYPES
+
+__all__ = [
+    "FORMAT",
+    "PayloadError",
+    "SparseUpdate",
+    "UpdateStats",
+    "get_sparse_update",
+    "apply_sparse_update",
+    "config_fingerprint",
+    "update_stats",
+]
+
+FORMAT = "solora-sparse-update/1"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_REQUIRED = ("format", "base_model", "config_hash", "round", "dtype", "projection", "projection_seed", "slot", "r")
+
+
+class PayloadError(ValueError):
+    """A payload that is not a valid, compatible SO-LoRA sparse update (foreign, corrupted, NaN, mismatched)."""
+
+
+def _peft_config(model: nn.Module, adapter_name: str):
+    configs = getattr(model, "peft_config", None)
+    if not configs or adapter_name not in configs:
+        raise ValueError(f"model has no SO-LoRA adapter named {adapter_name!r}")
+    return configs[adapter_name]
+
+
+def config_fingerprint(model: nn.Module, adapter_name: str = "default") -> str:
+    """Hash of what two peers must share for their updates to combine: rank, alpha, mode, layers and shapes.
+
+    Seeds and slots are per peer and travel in the header; in orthogonal mode the shared seed is part of the hash
+    (a different seed would break exact orthogonality).
+    """
+    config = _peft_config(model, adapter_name)
+    layers = solora_layers(model, adapter_name)
+    described = {
+        "r": config.r,
+        "lora_alpha": float(config.lora_alpha),
+        "projection": config.projection,
+        "projection_seed": config.projection_seed if config.projection == "orthogonal" else None,
+        "layers": sorted([layer.layer_key, layer.out_features, layer.in_features] for layer in layers),
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """Communication cost of one payload: parameters updated/transmitted and bytes on the wire."""
+
+    params_updated: int
+    params_transmitted: int
+    bytes: int
+    value_bytes: int
+
+    @property
+    def overhead_bytes(self) -> int:
+        """Bytes beyond ``nnz × value bytes``: the safetensors header and, in round 0, the masks and shapes."""
+        return self.bytes - self.value_bytes
+
+
+@dataclass(frozen=True)
+class SparseUpdate:
+    """One peer's adapter update as it travels: masked B values per layer, plus (first exchange only) structure.
+
+    ``values[key]`` is ``B[mask]`` of layer ``key`` (the module name in the base model), 1-D, row-major order.
+    ``masks``/``shapes`` (``(out_features, r, in_features)``) are present when :attr:`has_structure`.
+    ``metadata`` is the string header: format, base_model, config_hash, round, dtype, projection, projection_seed,
+    slot, r, lora_alpha (and anything extra a caller adds).
+    """
+
+    values: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor] | None = None
+    shapes: dict[str, tuple[int, int, int]] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_structure(self) -> bool:
+        """True when the payload carries masks and shapes (a peer's first exchange)."""
+        return self.masks is not None
+
+    @property
+    def round(self) -> int:
+        return int(self.metadata["round"])
+
+    @property
+    def base_model(self) -> str:
+        return self.metadata["base_model"]
+
+    @property
+    def config_hash(self) -> str:
+        return self.metadata["config_hash"]
+
+    @property
+    def num_values(self) -> int:
+        """Transmitted parameters: the number of masked B values (nnz)."""
+        return sum(int(v.numel()) for v in self.values.values())
+
+    def to_bytes(self) -> bytes:
+        """Serialise as safetensors bytes, the header holding ``metadata``."""
+        tensors: dict[str, torch.Tensor] = {f"values::{k}": v.contiguous() for k, v in self.values.items()}
+        if self.masks is not None:
+            for key, mask in self.masks.items():
+                tensors[f"mask::{key}"] = mask.to(torch.bool).contiguous()
+                tensors[f"shape::{key}"] = torch.tensor(self.shapes[key], dtype=torch.int64)
+        metadata = dict(self.metadata, has_structure=str(self.has_structure).lower())
+        return save_safetensors(tensors, metadata=metadata)
+
+    @classmethod
+    def from_bytes(
+        cls,
+        data: bytes,
+        *,
+        expected_base_model: str | None = None,
+        expected_config_hash: str | None = None,
+        masks: dict[str, torch.Tensor] | None = None,
+    ) -> SparseUpdate:
+        """Parse and validate a payload; raise :class:`PayloadError` saying what is wrong.
+
+        Refused: bytes that are not safetensors (truncated, corrupted), a foreign format tag, a missing header field,
+        a base model or config hash other than expected, NaN/Inf values, values whose count does not match the mask
+        (the payload's own, or ``masks`` from the peer's round-0 payload for value-only payloads).
+        """
+        metadata = _read_header_metadata(data)
+        if metadata.get("format") != FORMAT:
+            raise PayloadError(f"foreign payload: format tag {metadata.get('format')!r}, expected {FORMAT!r}")
+        missing = [k for k in _REQUIRED if k not in metadata]
+        if missing:
+            raise PayloadError(f"payload header lacks {missing}")
+        if expected_base_model is not None and metadata["base_model"] != expected_base_model:
+            raise PayloadError(
+                f"payload is for base model {metadata['base_model']!r}, expected {expected_base_model!r}"
+            )
+        if expected_config_hash is not None and metadata["config_hash"] != expected_config_hash:
+            raise PayloadError(
+                f"payload config hash {metadata['config_hash']!r} differs from ours {expected_config_hash!r} "
+                "(rank, alpha, projection mode/seed or adapted layers differ)"
+            )
+        if metadata["dtype"] not in PAYLOAD_DTYPES:
+            raise PayloadError(f"payload dtype {metadata['dtype']!r} is not one of {PAYLOAD_DTYPES}")
+        try:
+            int(metadata["round"]), int(metadata["slot"]), int(metadata["projection_seed"]), int(metadata["r"])
+        except ValueError as exc:
+            raise PayloadError(f"payload header has a non-integer field: {exc}") from exc
+        try:
+            tensors = load_safetensors(data)
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            raise PayloadError(f"payload is not valid safetensors: {exc}") from exc
+        values, own_masks, shapes = {}, {}, {}
+        for name, tensor in tensors.items():
+            kind, _, key = name.partition("::")
+            if kind == "values":
+                values[key] = tensor
+            elif kind == "mask":
+                own_masks[key] = tensor
+            elif kind == "shape":
+                shapes[key] = tuple(int(x) for x in tensor.tolist())
+            else:
+                raise PayloadError(f"payload holds an unexpected tensor {name!r}")
+        has_structure = metadata.get("has_structure") == "true"
+        if has_structure != bool(own_masks):
+            raise PayloadError("payload header and tensors disagree on whether masks are carried")
+        reference = own_masks if has_structure else masks
+        update = cls(
+            values=values,
+            masks=own_masks if has_structure else None,
+            shapes=shapes if has_structure else None,
+            metadata={k: v for k, v in metadata.items() if k != "has_structure"},
+        )
+        update.validate(masks=reference)
+        return update
+
+    def validate(self, masks: dict[str, torch.Tensor] | None = None) -> None:
+        """Check dtypes, finiteness and that each layer's value count matches its mask."""
+        dtype = _DTYPES.get(self.metadata.get("dtype", ""), None)
+        r = int(self.metadata.get("r", 0))
+        for key, v in self.values.items():
+            if v.ndim != 1:
+                raise PayloadError(f"values of layer {key!r} must be 1-D, got shape {tuple(v.shape)}")
+            if dtype is not None and v.dtype != dtype:
+                raise PayloadError(f"values of layer {key!r} are {v.dtype}, header says {self.metadata['dtype']}")
+            if not torch.isfinite(v).all():
+                raise PayloadError(f"values of layer {key!r} contain NaN or Inf")
+        if self.masks is not None:
+            if set(self.masks) != set(self.values) or set(self.shapes or {}) != set(self.values):
+                raise PayloadError("payload masks, shapes and values name different layers")
+            for key, mask in self.masks.items():
+                shape = self.shapes[key]
+                if len(shape) != 3 or tuple(mask.shape) != (shape[0], shape[1]) or shape[1] != r:
+                    raise PayloadError(f"layer {key!r}: mask shape {tuple(mask.shape)} does not match {shape}, r={r}")
+        if masks is not None:
+            if set(masks) != set(self.values):
+                missing, extra = sorted(set(masks) - set(self.values)), sorted(set(self.values) - set(masks))
+                raise PayloadError(
+                    f"payload layers differ from the peer's masks: missing {missing}, unexpected {extra}"
+                )
+            for key, mask in masks.items():
+                if int(mask.sum()) != self.values[key].numel():
+                    raise PayloadError(
+                        f"layer {key!r}: {self.values[key].numel()} values for a mask of {int(mask.sum())} entries"
+                    )
+
+    def dense_B(self, masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Layer key -> dense float32 B (``out_features x r``), zero outside the mask."""
+        masks = masks if masks is not None else self.masks
+        if masks is None:
+            raise ValueError("dense_B needs the masks: pass the peer's round-0 masks for a value-only update")
+        dense = {}
+        for key, mask in masks.items():
+            b = torch.zeros(mask.shape, dtype=torch.float32)
+            b[mask] = self.values[key].float()
+            dense[key] = b
+        return dense
+
+
+def _read_header_metadata(data: bytes) -> dict[str, str]:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
+    if len(data) < 8:
+        raise PayloadError(f"payload too short ({len(data)} bytes) to be safetensors")
+    (length,) = struct.unpack("<Q", bytes(data[:8]))
+    if length > len(data) - 8:
+        raise PayloadError(f"payload truncated: header claims {length} bytes, {len(data) - 8} present")
+    try:
+        header = json.loads(bytes(data[8 : 8 + length]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadError(f"payload header is not JSON: {exc}") from exc
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        raise PayloadError("foreign payload: no safetensors metadata header")
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+def get_sparse_update(
+    model: nn.Module,
+    adapter_name: str = "default",
+    *,
+    round: int = 0,
+    include_structure: bool | None = None,
+    dtype: str | None = None,
+) -> SparseUpdate:
+    """The masked B values of ``adapter_name`` (with masks and shapes when ``include_structure``, default round 0)."""
+    config = _peft_config(model, adapter_name)
+    if config.layer_sparsity is None:
+        raise ValueError(f"adapter {adapter_name!r} has no frozen masks yet: run peft_sorlora.calibrate first")
+    dtype = dtype or config.payload_dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {PAYLOAD_DTYPES}, got {dtype!r}")
+    structure = round == 0 if include_structure is None else include_structure
+    values, masks, shapes = {}, {}, {}
+    for layer in solora_layers(model, adapter_name):
+        mask = layer.solora_mask[adapter_name].detach().cpu()
+        values[layer.layer_key] = layer.solora_B[adapter_name].detach().cpu()[mask].to(_DTYPES[dtype]).contiguous()
+        masks[layer.layer_key] = mask.clone()
+        shapes[layer.layer_key] = (layer.out_features, layer.r[adapter_name], layer.in_features)
+    metadata = {
+        "format": FORMAT,
+        "base_model": str(config.base_model_name_or_path or ""),
+        "config_hash": config_fingerprint(model, adapter_name),
+        "round": str(int(round)),
+        "dtype": dtype,
+        "projection": config.projection,
+        "projection_seed": str(config.projection_seed),
+        "slot": str(config.slot),
+        "r": str(config.r),
+        "lora_alpha": str(float(config.lora_alpha)),
+    }
+    return SparseUpdate(
+        values=values, masks=masks if structure else None, shapes=shapes if structure else None, metadata=metadata
+    )
+
+
+def _add_adapter_from_update(model: nn.Module, update: SparseUpdate, adapter_name: str) -> None:
+    if not update.has_structure:
+        raise PayloadError(
+            f"cannot create adapter {adapter_name!r} from a value-only payload: need its round-0 payload"
+        )
+    if not hasattr(model, "add_adapter") or not getattr(model, "peft_config", None):
+        raise ValueError("apply_sparse_update(create=True) needs a PeftModel that already has an SO-LoRA adapter")
+    reference = next(iter(model.peft_config.values()))
+    config = copy.deepcopy(reference)
+    config.projection = update.metadata["projection"]
+    config.projection_seed = int(update.metadata["projection_seed"])
+    config.slot = int(update.metadata["slot"])
+    config.r = int(update.metadata["r"])
+    config.lora_alpha = float(update.metadata.get("lora_alpha", config.lora_alpha))
+    config.target_modules = sorted(update.values)
+    config.layers_to_transform, config.layers_pattern = None, None
+    config.layer_sparsity = {k: float(m.float().mean()) for k, m in update.masks.items()}
+    config.inference_mode = True
+    model.add_adapter(adapter_name, config)
+    keys = {layer.layer_key for layer in solora_layers(model, adapter_name)}
+    if keys != set(update.values):
+        model.delete_adapter(adapter_name)
+        raise PayloadError(f"payload layers do not match this model's layers: {sorted(set(update.values) ^ keys)[:5]}")
+
+
+@torch.no_grad()
+def apply_sparse_update(
+    model: nn.Module, update: SparseUpdate, adapter_name: str = "default", *, create: bool = False
+) -> None:
+    """Write ``update``'s values into the B of ``adapter_name`` at its mask (masks replaced if carried).
+
+    With ``create=True`` a missing adapter is first added from the payload's structure (A regenerated from the
+    projection mode, seed and slot), so a peer can hold its neighbours' adapters beside its own.
+    """
+    configs = getattr(model, "peft_config", {})
+    if adapter_name not in configs:
+        if not create:
+            raise ValueError(f"model has no adapter {adapter_name!r} (pass create=True to add it from the payload)")
+        _add_adapter_from_update(model, update, adapter_name)
+    ours = config_fingerprint(model, adapter_name)
+    if update.config_hash != ours:
+        raise PayloadError(
+            f"payload config hash {update.config_hash!r} differs from adapter {adapter_name!r} ({ours!r})"
+        )
+    layers = {layer.layer_key: layer for layer in solora_layers(model, adapter_name)}
+    if set(layers) != set(update.values):
+        raise PayloadError(
+            f"payload layers differ from adapter {adapter_name!r}: {sorted(set(layers) ^ set(update.values))[:5]}"
+        )
+    masks = update.masks or {k: layer.solora_mask[adapter_name].cpu() for k, layer in layers.items()}
+    update.validate(masks=masks)
+    for key, layer in layers.items():
+        if update.masks is not None:
+            layer.set_mask(adapter_name, update.masks[key])
+        b = layer.solora_B[adapter_name]
+        mask = layer.solora_mask[adapter_name]
+        b.zero_()
+        b[mask] = update.values[key].to(device=b.device, dtype=b.dtype)
+    if update.masks is not None and configs[adapter_name].layer_sparsity is None:
+        configs[adapter_name].layer_sparsity = {k: float(m.float().mean()) for k, m in update.masks.items()}
+
+
+def update_stats(update: SparseUpdate) -> UpdateStats:
+    """Parameters updated (masked entries trained), transmitted (values sent) and bytes of ``update``."""
+    nnz = update.num_values
+    itemsize = torch.empty((), dtype=_DTYPES[update.metadata["dtype"]]).element_size()
+    return UpdateStats(
+        params_updated=nnz, params_transmitted=nnz, bytes=len(update.to_bytes()), value_bytes=nnz * itemsize
+    )
