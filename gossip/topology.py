@@ -1,0 +1,239 @@
+"""Who talks to whom: the paper's cluster topology (Sec. IV-C) and the baseline topologies, as networkx graphs.
+
+Every function returns an undirected ``nx.Graph`` whose nodes are peers ``0..n-1`` with a ``cluster`` attribute
+(an int) and, where positions are known, a ``pos`` attribute (x, y in metres). Edges are the links over which peers
+exchange adapters every round. The graph attribute ``kind`` names the topology.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import networkx as nx
+import numpy as np
+
+from gossip.wireless import DEFAULT_CHANNEL, ChannelParams, channel_gains, is_feasible
+from peft_sorlora.collision import collision_rate
+
+__all__ = [
+    "cluster_topology",
+    "cluster_collision_rate",
+    "random_topology",
+    "single_cluster",
+    "ring",
+    "fully_connected",
+    "clusters",
+    "neighbours",
+]
+
+
+def cluster_collision_rate(
+    sparsities: np.ndarray | Sequence[float] | Sequence[Sequence[float]],
+    *,
+    layer_weights: Sequence[float] | None = None,
+) -> float:
+    """Collision rate S (Eq. 19) of a set of peers, averaged over layers.
+
+    ``sparsities`` is (peers,) for one kept fraction per peer, or (peers, layers) for per-layer fractions; per-layer
+    rates are averaged with ``layer_weights`` (e.g. the number of B entries per layer; equal weights by default).
+    """
+    s = np.asarray(sparsities, dtype=np.float64)
+    if s.ndim == 1:
+        s = s[:, None]
+    if s.ndim != 2:
+        raise ValueError(f"sparsities must be (peers,) or (peers, layers), got shape {s.shape}")
+    per_layer = np.asarray(collision_rate(s.T), dtype=np.float64).reshape(-1)
+    if layer_weights is None:
+        return float(per_layer.mean()) if per_layer.size else 0.0
+    w = np.asarray(layer_weights, dtype=np.float64)
+    if w.shape != per_layer.shape or np.any(w < 0) or not w.sum() > 0:
+        raise ValueError(f"layer_weights must be {per_layer.size} non-negative numbers with a positive sum")
+    return float(np.dot(per_layer, w) / w.sum())
+
+
+def _positions_and_neighbourhood(positions_or_graph: np.ndarray | nx.Graph) -> tuple[np.ndarray, nx.Graph]:
+    """Positions (n, 2) and the graph of who can reach whom (complete when only positions are given)."""
+    if isinstance(positions_or_graph, nx.Graph):
+        g = positions_or_graph
+        n = g.number_of_nodes()
+        if set(g.nodes) != set(range(n)):
+            raise ValueError("graph nodes must be the integers 0..n-1")
+        missing = [v for v in range(n) if "pos" not in g.nodes[v]]
+        if missing:
+            raise ValueError(f"graph nodes {missing} have no 'pos' attribute (x, y in metres)")
+        pos = np.array([g.nodes[v]["pos"] for v in range(n)], dtype=np.float64).reshape(n, 2)
+        reach = nx.Graph()
+        reach.add_nodes_from(range(n))
+        reach.add_edges_from(g.edges)
+        return pos, reach
+    pos = np.asarray(positions_or_graph, dtype=np.float64)
+    if pos.ndim != 2 or pos.shape[1] != 2:
+        raise ValueError(f"positions must be an (n, 2) array, got shape {pos.shape}")
+    return pos, nx.complete_graph(pos.shape[0])
+
+
+def _cluster_feasible(
+    members: Sequence[int], gains: np.ndarray, payload_bits: float, channel: ChannelParams, delay_bound_s: float | None
+) -> bool:
+    """Every member can send the payload to every other member within the delay bound and ``p_max`` (Lemma 1)."""
+    for i in members:
+        others = [j for j in members if j != i]
+        if not is_feasible(payload_bits, gains[i, others], params=channel, delay_bound_s=delay_bound_s):
+            return False
+    return True
+
+
+def cluster_topology(
+    positions_or_graph: np.ndarray | nx.Graph,
+    sparsities: np.ndarray | Sequence[float] | Sequence[Sequence[float]],
+    *,
+    s_max: float,
+    payload_bits: float,
+    channel: ChannelParams = DEFAULT_CHANNEL,
+    gains: np.ndarray | None = None,
+    seed: int = 0,
+    layer_weights: Sequence[float] | None = None,
+    delay_bound_s: float | None = None,
+) -> nx.Graph:
+    """Agglomerative (AGNES) clustering of peers by collision rate under power/delay constraints (Sec. IV-C).
+
+    Start with singletons; repeatedly merge the pair of neighbouring clusters whose union has the lowest collision
+    rate S (``cluster_collision_rate``), among unions with ``S <= s_max`` in which every member can reach every
+    other member with ``payload_bits`` per link within the delay bound and ``p_max`` (Lemma 1); stop when no such
+    merge is left. Two clusters neighbour when an edge of ``positions_or_graph`` joins them (all pairs when
+    positions are given). ``gains`` defaults to ``channel_gains(positions, seed=seed, params=channel)``.
+
+    Returns a graph with intra-cluster edges (a clique per cluster; edge attr ``gain``), node attrs ``cluster``,
+    ``pos``, ``sparsity``, and graph attrs ``collision_rate`` (cluster id -> S), ``s_max``, ``payload_bits``,
+    ``channel``, ``gains``, ``kind="cluster"``. Cluster ids are 0.. in order of each cluster's smallest peer.
+    """
+    if not 0.0 <= s_max <= 1.0:
+        raise ValueError(f"s_max must lie in [0, 1], got {s_max}")
+    if not payload_bits >= 0:
+        raise ValueError(f"payload_bits must be non-negative, got {payload_bits}")
+    pos, reach = _positions_and_neighbourhood(positions_or_graph)
+    n = pos.shape[0]
+    s = np.asarray(sparsities, dtype=np.float64)
+    if s.ndim not in (1, 2) or s.shape[0] != n:
+        raise ValueError(
+            f"sparsities must have one entry (or one row of per-layer values) per peer ({n}), got {s.shape}"
+        )
+    if gains is None:
+        gains = channel_gains(pos, seed=seed, params=channel)
+    gains = np.asarray(gains, dtype=np.float64)
+    if gains.shape != (n, n):
+        raise ValueError(f"gains must be ({n}, {n}), got {gains.shape}")
+
+    def rate(members: Sequence[int]) -> float:
+        return cluster_collision_rate(s[list(members)], layer_weights=layer_weights)
+
+    groups: list[tuple[int, ...]] = [(v,) for v in range(n)]
+    while len(groups) > 1:
+        best: tuple[float, tuple[int, ...], int, int] | None = None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                if not any(reach.has_edge(i, j) for i in groups[a] for j in groups[b]):
+                    continue
+                union = tuple(sorted(groups[a] + groups[b]))
+                s_union = rate(union)
+                if s_union > s_max:
+                    continue
+                candidate = (s_union, union, a, b)
+                if best is not None and candidate[:2] >= best[:2]:
+                    continue
+                if _cluster_feasible(union, gains, payload_bits, channel, delay_bound_s):
+                    best = candidate
+        if best is None:
+            break
+        _, union, a, b = best
+        groups = [g for k, g in enumerate(groups) if k not in (a, b)] + [union]
+    groups.sort(key=min)
+
+    g = nx.Graph(
+        kind="cluster",
+        s_max=float(s_max),
+        payload_bits=float(payload_bits),
+        channel=channel,
+        gains=gains,
+        collision_rate={c: rate(members) for c, members in enumerate(groups)},
+    )
+    cluster_of = {v: c for c, members in enumerate(groups) for v in members}
+    for v in range(n):
+        sparsity = float(s[v]) if s.ndim == 1 else tuple(float(x) for x in s[v])
+        g.add_node(v, cluster=cluster_of[v], pos=(float(pos[v, 0]), float(pos[v, 1])), sparsity=sparsity)
+    for members in groups:
+        for k, i in enumerate(members):
+            for j in members[k + 1 :]:
+                g.add_edge(i, j, gain=float(gains[i, j]))
+    return g
+
+
+def _finish(g: nx.Graph, kind: str, positions: np.ndarray | None) -> nx.Graph:
+    """Attach ``kind``, ``pos`` (if given) and ``cluster`` (one per connected component) to a baseline graph."""
+    n = g.number_of_nodes()
+    g.graph["kind"] = kind
+    if positions is not None:
+        pos = np.asarray(positions, dtype=np.float64)
+        if pos.shape != (n, 2):
+            raise ValueError(f"positions must be ({n}, 2), got {pos.shape}")
+        for v in range(n):
+            g.nodes[v]["pos"] = (float(pos[v, 0]), float(pos[v, 1]))
+    components = sorted((sorted(c) for c in nx.connected_components(g)), key=min)
+    for c, members in enumerate(components):
+        for v in members:
+            g.nodes[v]["cluster"] = c
+    return g
+
+
+def _check_n(n: int) -> None:
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive integer (number of peers), got {n!r}")
+
+
+def random_topology(n: int, *, degree: int, seed: int = 0, positions: np.ndarray | None = None) -> nx.Graph:
+    """Random ``degree``-regular graph on ``n`` peers: the paper's DFL-LoRA / LoRI baselines (random neighbours).
+
+    Needs ``0 <= degree < n`` and ``n * degree`` even. Every connected component gets its own ``cluster`` id (the
+    baselines have no clusters; peers average with ``neighbours(G, v)``).
+    """
+    _check_n(n)
+    if int(degree) != degree or not 0 <= degree < n or (n * degree) % 2:
+        raise ValueError(
+            f"a random regular graph needs 0 <= degree < n and n * degree even, got n={n}, degree={degree}"
+        )
+    return _finish(nx.random_regular_graph(int(degree), int(n), seed=seed), "random", positions)
+
+
+def single_cluster(n: int, *, positions: np.ndarray | None = None) -> nx.Graph:
+    """All ``n`` peers in one cluster (a clique): the paper's "proposed with a single cluster" ablation."""
+    _check_n(n)
+    return _finish(nx.complete_graph(n), "single_cluster", positions)
+
+
+def ring(n: int, *, positions: np.ndarray | None = None) -> nx.Graph:
+    """Ring of ``n`` peers: each exchanges with its two neighbours (one for n = 2, none for n = 1)."""
+    _check_n(n)
+    return _finish(nx.cycle_graph(n) if n > 2 else nx.path_graph(n), "ring", positions)
+
+
+def fully_connected(n: int, *, positions: np.ndarray | None = None) -> nx.Graph:
+    """Complete graph on ``n`` peers: every peer averages with all others (dense gossip baseline)."""
+    _check_n(n)
+    return _finish(nx.complete_graph(n), "fully_connected", positions)
+
+
+def clusters(g: nx.Graph) -> list[set[Hashable]]:
+    """The clusters of a topology as sets of peers, ordered by cluster id (node attribute ``cluster``)."""
+    groups: dict[int, set[Hashable]] = {}
+    for v, c in g.nodes(data="cluster"):
+        if c is None:
+            raise ValueError(f"node {v!r} has no 'cluster' attribute")
+        groups.setdefault(c, set()).add(v)
+    return [groups[c] for c in sorted(groups)]
+
+
+def neighbours(g: nx.Graph, node: Hashable) -> list[Hashable]:
+    """The peers ``node`` exchanges with every round (its graph neighbours), sorted."""
+    if node not in g:
+        raise ValueError(f"node {node!r} is not in the topology")
+    return sorted(g.neighbors(node))
