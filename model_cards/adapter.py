@@ -33,14 +33,14 @@ _CONFIG_LABELS: dict[str, str] = {
     "projection": "Projection mode",
     "projection_seed": "Projection seed",
     "slot": "Slot",
-    "sparsity": "Sparsity (config)",
+    "sparsity": "Kept fraction of B (`sparsity`)",
     "sparsity_allocation": "Sparsity allocation",
     "target_modules": "Target modules",
     "payload_dtype": "Payload dtype",
     "layers": "Adapted layers",
-    "layer_sparsity_min": "Per-layer sparsity (min)",
-    "layer_sparsity_mean": "Per-layer sparsity (mean)",
-    "layer_sparsity_max": "Per-layer sparsity (max)",
+    "layer_sparsity_min": "Per-layer kept fraction (min)",
+    "layer_sparsity_mean": "Per-layer kept fraction (mean)",
+    "layer_sparsity_max": "Per-layer kept fraction (max)",
 }
 MAX_ROUNDS_SHOWN = 20
 
