@@ -36,12 +36,16 @@ def cluster_collision_rate(
 
     ``sparsities`` is (peers,) for one kept fraction per peer, or (peers, layers) for per-layer fractions; per-layer
     rates are averaged with ``layer_weights`` (e.g. the number of B entries per layer; equal weights by default).
+    Fewer than two peers give exactly 0.
     """
     s = np.asarray(sparsities, dtype=np.float64)
     if s.ndim == 1:
         s = s[:, None]
     if s.ndim != 2:
         raise ValueError(f"sparsities must be (peers,) or (peers, layers), got shape {s.shape}")
+    if s.shape[0] < 2:  # no collision is possible; Eq. 19 in floating point leaves ~1e-17 otherwise
+        collision_rate(s.T)  # still validates the fractions
+        return 0.0
     per_layer = np.asarray(collision_rate(s.T), dtype=np.float64).reshape(-1)
     if layer_weights is None:
         return float(per_layer.mean()) if per_layer.size else 0.0
