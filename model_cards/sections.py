@@ -121,6 +121,8 @@ def _is_untouched_default(body: str) -> bool:
 
 
 def _merge_bodies(old_body: str, new_body: str) -> str:
+    if "\r\n" in old_body and "\r\n" not in new_body:
+        new_body = new_body.replace("\n", "\r\n")  # keep a card edited on Windows in one line-ending style
     new_sections = parse_sections(new_body)
     if not new_sections:
         raise ValueError("The new card has no generated sections (<!-- sorlora:begin NAME --> markers) to merge.")
@@ -164,14 +166,16 @@ def _merge_bodies(old_body: str, new_body: str) -> str:
     return "".join(pieces)
 
 
-def update_card(existing_text: str, new_card: ModelCard | str) -> str:
-    """Merge a freshly generated card into an existing card's text and return the new text.
+def update_card(existing_text: str | None, new_card: ModelCard | str) -> str:
+    """Merge a freshly generated card into an existing card's text (None: there is none yet) and return the new text.
 
     Generated sections are replaced by the new card's (sections missing from the old card are inserted next to their
     neighbours, sections the new card no longer has are dropped); metadata keys the new card sets replace the old
     values, other keys (a license or language a user added) are kept; all text outside generated sections is kept.
     """
     new = _as_card(new_card)
+    if existing_text is None:
+        return str(new)
     try:
         old = ModelCard(existing_text)
     except Exception as error:  # yaml errors and the card's own ValueError
@@ -208,8 +212,8 @@ def write_card(card_or_text: ModelCard | str, path: str | os.PathLike[str]) -> M
 def update_card_file(path: str | os.PathLike[str], new_card: ModelCard | str) -> ModelCard:
     """Write ``new_card`` to ``path``, merged into the card already there (see :func:`update_card`), and return it."""
     target = Path(path)
+    existing = None
     if target.is_file():
-        text = update_card(target.read_text(encoding="utf-8-sig"), new_card)
-    else:
-        text = str(_as_card(new_card))
-    return write_card(text, target)
+        with target.open(encoding="utf-8-sig", newline="") as handle:  # newline="": keep the file's line endings
+            existing = handle.read()
+    return write_card(update_card(existing, new_card), target)

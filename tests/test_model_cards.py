@@ -422,3 +422,18 @@ def test_card_survives_peft_resave(saved_repo, tmp_path):
     assert card.data.tags == adapter_card(info).data.tags and card.data.base_model == str(base_dir)
     assert path.read_text().count(HAND_WRITTEN) == 1
     assert path.read_text().count("<!-- sorlora:begin usage -->") == 1
+
+
+def test_update_keeps_crlf_cards_consistent(tmp_path):
+    path = tmp_path / "README.md"
+    crlf = str(adapter_card(make_info())).replace("## Notes\n", f"## Notes\n\n{HAND_WRITTEN}\n").replace("\n", "\r\n")
+    path.write_bytes(crlf.encode())
+    update_card_file(path, adapter_card(make_info(metrics={"accuracy": 0.9})))
+    raw = path.read_bytes().decode()
+    assert raw.count("\n") == raw.count("\r\n"), "mixed line endings after the update"
+    assert HAND_WRITTEN in raw and "| accuracy | 0.9 |" in raw
+
+
+def test_update_without_existing_card_is_the_new_card():
+    card = adapter_card(make_info())
+    assert update_card(None, card) == str(card)
