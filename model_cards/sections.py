@@ -121,8 +121,11 @@ def _is_untouched_default(body: str) -> bool:
 
 
 def _merge_bodies(old_body: str, new_body: str) -> str:
-    if "\r\n" in old_body and "\r\n" not in new_body:
-        new_body = new_body.replace("\n", "\r\n")  # keep a card edited on Windows in one line-ending style
+    newline = "\n"
+    if "\r\n" in old_body:  # keep a card edited on Windows in one line-ending style
+        newline = "\r\n"
+        new_body = new_body.replace("\r\n", "\n").replace("\n", newline)
+    gap = newline * 2
     new_sections = parse_sections(new_body)
     if not new_sections:
         raise ValueError("The new card has no generated sections (<!-- sorlora:begin NAME --> markers) to merge.")
@@ -131,7 +134,7 @@ def _merge_bodies(old_body: str, new_body: str) -> str:
         # A card this project never wrote: keep what is there, below the generated card.
         if not old_body.strip() or _is_untouched_default(old_body):
             return new_body
-        return new_body.rstrip("\n") + "\n\n" + old_body.lstrip("\n")
+        return new_body.rstrip("\r\n") + gap + old_body.lstrip("\r\n")
 
     new_by_name = {section.name: section for section in new_sections}
     new_order = [section.name for section in new_sections]
@@ -156,12 +159,12 @@ def _merge_bodies(old_body: str, new_body: str) -> str:
         if section.name not in new_by_name:
             continue  # a generated section the new card no longer has is stale: drop it
         if first:
-            pieces.extend(new_by_name[name].text + "\n\n" for name in missing_after(None))
+            pieces.extend(new_by_name[name].text + gap for name in missing_after(None))
             first = False
         pieces.append(new_by_name[section.name].text)
-        pieces.extend("\n\n" + new_by_name[name].text for name in missing_after(section.name))
+        pieces.extend(gap + new_by_name[name].text for name in missing_after(section.name))
     if first:  # none of the old generated sections survives: put the new ones where the first old one was
-        pieces.insert(1, "\n\n".join(section.text for section in new_sections))
+        pieces.insert(1, gap.join(section.text for section in new_sections))
     pieces.append(old_body[cursor:])
     return "".join(pieces)
 
