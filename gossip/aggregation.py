@@ -30,7 +30,7 @@ __all__ = [
 
 
 def _check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
-    """Positive finite weights, one per member (equal weights when None)."""
+    """Positive finite weights, one per member (equal weights when None), scaled so that the largest is 1."""
     if count == 0:
         raise ValueError("need at least one member to aggregate")
     if weights is None:
@@ -40,7 +40,8 @@ def _check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
         raise ValueError(f"got {len(w)} weights for {count} members")
     if not all(x > 0 and x != float("inf") for x in w):
         raise ValueError(f"weights (data sizes) must be positive and finite, got {w}")
-    return w
+    top = max(w)
+    return [x / top for x in w]  # scale-free; keeps float32 weight sums from overflowing
 
 
 def _promoted_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -97,12 +98,14 @@ def masked_average(
         dense = [_dense(layer, updates[j][layer], member_masks[j]).to(dtype) for j in range(len(updates))]
         if not all(torch.isfinite(d).all() for d in dense):
             raise ValueError(f"layer {layer!r}: updates contain NaN or Inf")
-        holders = sum(wj * mj.to(dtype) for wj, mj in zip(w, member_masks))
+        # Weights in the computation dtype, so an entry held by one member gets coefficient w_j / w_j == 1 exactly.
+        wts = [torch.tensor(wj, dtype=dtype) for wj in w]
+        zero = torch.zeros((), dtype=dtype)
+        holders = sum(torch.where(mj, wj, zero) for wj, mj in zip(wts, member_masks))
         safe = torch.where(holders > 0, holders, torch.ones((), dtype=dtype))
         total = torch.zeros(shape, dtype=dtype, device=dense[0].device)
-        for wj, mj, dj in zip(w, member_masks, dense):
-            coeff = torch.where(mj, wj / safe, torch.zeros((), dtype=dtype))
-            total = total + coeff * dj
+        for wj, mj, dj in zip(wts, member_masks, dense):
+            total = total + torch.where(mj, wj / safe, zero) * dj
         result[layer] = total
     return result
 
