@@ -1,0 +1,62 @@
+"""Hub backends for gossip: one interface (:class:`Hub`), a local folder (:class:`LocalHub`), the Hugging Face Hub or
+any Hub-compatible endpoint (:class:`HfHub`), and a server exposing a local folder over the Hub API (:class:`HubServer`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from .base import (
+    DEFAULT_BRANCH,
+    CommitEntry,
+    EntryNotFound,
+    Hub,
+    HubAuthError,
+    HubError,
+    HubUnavailable,
+    InvalidNameError,
+    PushConflictError,
+    RefExistsError,
+    Refs,
+    RepoNotFound,
+    RevisionNotFound,
+    validate_path,
+    validate_ref,
+    validate_repo_id,
+)
+from .hf import HfHub
+from .local import LocalHub
+from .server import HubServer
+
+__all__ = [
+    "DEFAULT_BRANCH",
+    "CommitEntry",
+    "EntryNotFound",
+    "HfHub",
+    "Hub",
+    "HubAuthError",
+    "HubError",
+    "HubServer",
+    "HubUnavailable",
+    "InvalidNameError",
+    "LocalHub",
+    "PushConflictError",
+    "RefExistsError",
+    "Refs",
+    "RepoNotFound",
+    "RevisionNotFound",
+    "open_hub",
+    "validate_path",
+    "validate_ref",
+    "validate_repo_id",
+]
+
+
+def open_hub(
+    location: str | os.PathLike[str], *, namespace: str | None = None, token: str | None = None, **kwargs
+) -> Hub:
+    """A hub from a location: an ``http(s)://`` endpoint gives :class:`HfHub`, anything else a :class:`LocalHub` folder."""
+    text = os.fspath(location)
+    if text.startswith(("http://", "https://")):
+        return HfHub(endpoint=text.rstrip("/"), token=token, namespace=namespace, **kwargs)
+    return LocalHub(text, namespace=namespace or "gossip", **kwargs)
