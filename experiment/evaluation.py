@@ -1,0 +1,150 @@
+"""Multiple-choice log-likelihood accuracy, as lm-evaluation-harness computes it (acc and length-normalised acc_norm).
+
+Each question's prompt runs once; its key/value cache is copied to every option, so the options' tokens are the only
+extra work. Several questions are batched together (prompts left-padded, options right-padded).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .tasks import Example, Task, context_continuation_ids, n_special_prefix, truncate_context
+
+
+def _encode_question(example: Example, tokenizer: Any, *, max_len: int, n_special: int):
+    pairs = [context_continuation_ids(tokenizer, example.prompt, option) for option in example.options]
+    # The options share the prompt; a tokenizer that merges across the boundary differently per option would break
+    # that, so the shortest context is the shared one and any leftover prompt tokens start the continuation.
+    context = min((c for c, _ in pairs), key=len)
+    continuations = [c[len(context) :] + o for c, o in pairs]
+    if any(c[: len(context)] != context for c, _ in pairs):
+        raise ValueError(f"options of one question tokenize the prompt differently: {example.prompt[-80:]!r}")
+    longest = max(len(c) for c in continuations)
+    if longest >= max_len:
+        raise ValueError(f"an option of {longest} tokens does not fit in max_len={max_len}")
+    return truncate_context(context, budget=max_len - longest, n_special=n_special), continuations
+
+
+@torch.inference_mode()
+def option_loglikelihoods(
+    model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 8, max_len: int = 256
+) -> list[list[float]]:
+    """Sum of token log-probabilities of every option given its prompt, per example (prompt cut from the left)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token to pad with")
+    n_special = n_special_prefix(tokenizer)
+    device = next(model.parameters()).device
+    results: list[list[float]] = []
+    for start in range(0, len(examples), batch_size):
+        encoded = [
+            _encode_question(e, tokenizer, max_len=max_len, n_special=n_special)
+            for e in examples[start : start + batch_size]
+        ]
+        results.extend(_score_batch(model, encoded, pad_id=pad_id, device=device))
+    return results
+
+
+def _score_batch(model, encoded, *, pad_id: int, device) -> list[list[float]]:
+    contexts = [c for c, _ in encoded]
+    width = max(len(c) for c in contexts)
+    # Prompts, left-padded so that every row's last position is its last real token.
+    input_ids = torch.tensor([[pad_id] * (width - len(c)) + c for c in contexts], device=device)
+    prompt_mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
+    )
+    first_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    # One row per (question, option): copy each question's cache to its options.
+    rows = [(q, cont) for q, (_, continuations) in enumerate(encoded) for cont in continuations]
+    index = torch.tensor([q for q, _ in rows], device=device)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache.reorder_cache(index)
+    cont_width = max(len(c) for _, c in rows)
+    cont_ids = torch.tensor([c + [pad_id] * (cont_width - len(c)) for _, c in rows], device=device)
+    cont_mask = torch.tensor([[1] * len(c) + [0] * (cont_width - len(c)) for _, c in rows], device=device)
+    lengths = torch.tensor([len(c) for c in contexts], device=device)
+    scores = first_logprobs[index].gather(1, cont_ids[:, :1]).squeeze(1)
+    if cont_width > 1:
+        cont_out = model(
+            input_ids=cont_ids[:, :-1],
+            attention_mask=torch.cat([prompt_mask[index], cont_mask[:, :-1]], dim=1),
+            position_ids=lengths[index, None] + torch.arange(cont_width - 1, device=device),
+            use_cache=True,
+            **{_cache_argument(model): cache},
+        )
+        token_logprobs = torch.log_softmax(cont_out.logits.float(), dim=-1).gather(2, cont_ids[:, 1:, None]).squeeze(2)
+        scores = scores + (token_logprobs * cont_mask[:, 1:]).sum(dim=1)
+    per_question: list[list[float]] = [[] for _ in encoded]
+    for (q, _), score in zip(rows, scores.tolist()):
+        per_question[q].append(score)
+    return per_question
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The forward keyword for a KV cache: ``cache`` in recent transformers 5.x, ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def accuracy_stderr(accuracy: float, n: int) -> float:
+    """Standard error of a mean of n 0/1 outcomes (sample standard deviation / sqrt(n), as lm-eval reports)."""
+    return math.sqrt(accuracy * (1 - accuracy) / (n - 1)) if n > 1 else float("nan")
+
+
+def evaluate(
+    model: torch.nn.Module, tokenizer: Any, task: Task, *, batch_size: int = 8, max_len: int = 256
+) -> dict[str, float]:
+    """Zero-shot multiple-choice accuracy of ``model`` on ``task.test``.
+
+    Returns accuracy (highest summed log-likelihood), acc_norm (log-likelihood per character of the option, as
+    lm-eval's acc_norm), n, n_correct, stderr (of accuracy) and seconds.
+    """
+    examples = task.test
+    if not examples:
+        raise ValueError(f"task {task.name!r} has no test examples")
+    single = [e for e in examples if len(e.options) < 2]
+    if single:
+        raise ValueError(f"task {task.name!r} is not multiple choice: {len(single)} test examples have < 2 options")
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    try:
+        loglikelihoods = option_loglikelihoods(model, tokenizer, examples, batch_size=batch_size, max_len=max_len)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - started
+    correct = norm_correct = 0
+    for example, scores in zip(examples, loglikelihoods):
+        correct += _argmax(scores) == example.label
+        normalised = [s / len(o) for s, o in zip(scores, example.options)]
+        norm_correct += _argmax(normalised) == example.label
+    n = len(examples)
+    return {
+        "accuracy": correct / n,
+        "acc_norm": norm_correct / n,
+        "n": n,
+        "n_correct": correct,
+        "stderr": accuracy_stderr(correct / n, n),
+        "seconds": seconds,
+    }
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def evaluate_many(
+    model: torch.nn.Module, tokenizer: Any, tasks: Iterable[Task], *, batch_size: int = 8, max_len: int = 256
+) -> dict[str, dict[str, float]]:
+    """:func:`evaluate` on every task's test split: {task name: result}."""
+    return {t.name: evaluate(model, tokenizer, t, batch_size=batch_size, max_len=max_len) for t in tasks}
