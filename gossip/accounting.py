@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from gossip.wireless import DEFAULT_CHANNEL, ChannelParams, channel_gains, link_delay, min_power
-from peft_sorlora import UpdateStats, update_stats
+from peft_sorlora.exchange import UpdateStats, update_stats
 
 if TYPE_CHECKING:
     from peft_sorlora import SparseUpdate
