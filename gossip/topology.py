@@ -12,7 +12,7 @@ from collections.abc import Hashable, Sequence
 import networkx as nx
 import numpy as np
 
-from gossip.wireless import DEFAULT_CHANNEL, ChannelParams, channel_gains, is_feasible
+from gossip.wireless import DEFAULT_CHANNEL, ChannelParams, channel_gains, peer_power
 from peft_sorlora.collision import collision_rate
 
 __all__ = [
@@ -76,15 +76,19 @@ def _positions_and_neighbourhood(positions_or_graph: np.ndarray | nx.Graph) -> t
     return pos, nx.complete_graph(pos.shape[0])
 
 
-def _cluster_feasible(
+def _cluster_power(
     members: Sequence[int], gains: np.ndarray, payload_bits: float, channel: ChannelParams, delay_bound_s: float | None
-) -> bool:
-    """Every member can send the payload to every other member within the delay bound and ``p_max`` (Lemma 1)."""
+) -> float:
+    """Total Lemma-1 power of a cluster in which every member sends the payload to every other member within the
+    delay bound; ``inf`` when some member would need more than ``p_max``."""
+    total = 0.0
     for i in members:
         others = [j for j in members if j != i]
-        if not is_feasible(payload_bits, gains[i, others], params=channel, delay_bound_s=delay_bound_s):
-            return False
-    return True
+        power = peer_power(payload_bits, gains[i, others], params=channel, delay_bound_s=delay_bound_s)
+        if not power <= channel.p_max_w:
+            return float("inf")
+        total += power
+    return total
 
 
 def cluster_topology(
@@ -104,7 +108,7 @@ def cluster_topology(
     Start with singletons; repeatedly merge the pair of neighbouring clusters whose union has the lowest collision
     rate S (``cluster_collision_rate``), among unions with ``S <= s_max`` in which every member can reach every
     other member with ``payload_bits`` per link within the delay bound and ``p_max`` (Lemma 1); stop when no such
-    merge is left. Two clusters neighbour when an edge of ``positions_or_graph`` joins them (all pairs when
+    merge is left. Ties in S (peers with equal budgets) go to the union needing the least total power. Two clusters neighbour when an edge of ``positions_or_graph`` joins them (all pairs when
     positions are given). ``gains`` defaults to ``channel_gains(positions, seed=seed, params=channel)``.
 
     Returns a graph with intra-cluster edges (a clique per cluster; edge attr ``gain``), node attrs ``cluster``,
@@ -133,7 +137,7 @@ def cluster_topology(
 
     groups: list[tuple[int, ...]] = [(v,) for v in range(n)]
     while len(groups) > 1:
-        best: tuple[float, tuple[int, ...], int, int] | None = None
+        best: tuple[float, float, tuple[int, ...], int, int] | None = None
         for a in range(len(groups)):
             for b in range(a + 1, len(groups)):
                 if not any(reach.has_edge(i, j) for i in groups[a] for j in groups[b]):
@@ -142,14 +146,19 @@ def cluster_topology(
                 s_union = rate(union)
                 if s_union > s_max:
                     continue
-                candidate = (s_union, union, a, b)
-                if best is not None and candidate[:2] >= best[:2]:
+                # S rounded so that float noise does not break ties between equal rates (equal budgets are common).
+                s_key = round(s_union, 12)
+                if best is not None and s_key > best[0]:
                     continue
-                if _cluster_feasible(union, gains, payload_bits, channel, delay_bound_s):
+                power = _cluster_power(union, gains, payload_bits, channel, delay_bound_s)
+                if power == float("inf"):
+                    continue
+                candidate = (s_key, power, union, a, b)
+                if best is None or candidate[:3] < best[:3]:
                     best = candidate
         if best is None:
             break
-        _, union, a, b = best
+        _, _, union, a, b = best
         groups = [g for k, g in enumerate(groups) if k not in (a, b)] + [union]
     groups.sort(key=min)
 

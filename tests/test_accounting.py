@@ -21,7 +21,7 @@ from gossip.accounting import (
     solora_round_stats,
     total_stats,
 )
-from gossip.topology import cluster_topology, ring
+from gossip.topology import cluster_topology, clusters, ring
 from gossip.wireless import ChannelParams, channel_gains, link_delay, min_power, place_peers
 from peft_sorlora import SOLoRAConfig, calibrate, get_sparse_update, update_stats
 
@@ -150,6 +150,7 @@ def test_cluster_topology_gains_are_reused_and_totals_add_up(payloads):
     payload_bits = 8.0 * update_stats(payloads["round1"]).bytes
     pos = place_peers(8, seed=1)
     g = cluster_topology(pos, np.full(8, KEPT / 4), s_max=0.05, payload_bits=payload_bits, seed=1)
+    assert any(len(c) > 1 for c in clusters(g))
     rounds = [solora_round_stats(g, {v: payloads["round1"] for v in g}) for _ in range(3)]
     assert all(r.feasible for r in rounds)  # the clustering only formed power-feasible clusters
     total = total_stats(rounds)

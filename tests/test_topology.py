@@ -115,6 +115,15 @@ def test_agnes_stops_only_when_no_merge_is_allowed():
     assert len(clusters(cluster_topology(pos, s, s_max=0.0, payload_bits=payload, seed=1))) == n
 
 
+def test_equal_collision_rates_merge_the_cheapest_pair():
+    # Equal budgets make S depend on cluster size only; the tie goes to the union needing the least power (near peers).
+    pos = np.array([[-80.0, 0.0], [60.0, 5.0], [-78.0, 2.0], [62.0, 0.0]])
+    s = np.full(4, 0.2)
+    s_max = (cluster_collision_rate(s[:2]) + cluster_collision_rate(s[:3])) / 2  # pairs allowed, triples not
+    g = cluster_topology(pos, s, s_max=s_max, payload_bits=1e5, seed=0)
+    assert clusters(g) == [{0, 2}, {1, 3}]
+
+
 def test_power_limit_splits_clusters():
     n = 8
     s = np.full(n, 0.01)
