@@ -43,10 +43,9 @@ def cluster_collision_rate(
         s = s[:, None]
     if s.ndim != 2:
         raise ValueError(f"sparsities must be (peers,) or (peers, layers), got shape {s.shape}")
-    if s.shape[0] < 2:  # no collision is possible; Eq. 19 in floating point leaves ~1e-17 otherwise
-        collision_rate(s.T)  # still validates the fractions
-        return 0.0
     per_layer = np.asarray(collision_rate(s.T), dtype=np.float64).reshape(-1)
+    if s.shape[0] < 2:  # no collision is possible; Eq. 19 in floating point leaves ~1e-17 otherwise
+        per_layer = np.zeros_like(per_layer)
     if layer_weights is None:
         return float(per_layer.mean()) if per_layer.size else 0.0
     w = np.asarray(layer_weights, dtype=np.float64)
