@@ -1,0 +1,73 @@
+"""Configuration of the implicit mixture of SO-LoRA experts (``model_type = "solora_moe"``).
+
+This module imports only transformers so that it can travel to the Hub as remote code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+__all__ = ["ImplicitMoEConfig", "ROUTING_MODES", "REFINE_MODES", "EXPERTS_FILE", "BASE_SUBFOLDER"]
+
+ROUTING_MODES = ("implicit", "sum", "average", "oracle")
+REFINE_MODES = ("task_stats", "none")
+EXPERTS_FILE = "experts.safetensors"
+BASE_SUBFOLDER = "base"
+
+
+def check_router_settings(router_top_k: Any, routing: str, refine: str) -> int | None:
+    """Validate the router options (raise ``ValueError`` naming the bad one); returns the normalised ``router_top_k``."""
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+    if refine not in REFINE_MODES:
+        raise ValueError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
+    return check_router_top_k(router_top_k)
+
+
+def check_router_top_k(value: Any) -> int | None:
+    """``None``/``"all"`` keep every component (plain sum); otherwise a positive integer; anything else raises."""
+    if value is None or value == "all":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"router_top_k must be a positive integer, None or 'all' (keep every component), got {value!r}"
+        )
+    return value
+
+
+class ImplicitMoEConfig(PreTrainedConfig):
+    """Settings of an :class:`~moe_router.ImplicitMoEForCausalLM`: which base model, which layers carry experts, router.
+
+    ``router_top_k``: components kept per token and layer, ranked by ``|A_refined x|`` over all experts (``None`` =
+    all, the plain sum). ``routing``: ``implicit`` (top-k), ``sum`` (all components), ``average`` (each expert divided by
+    the number of experts: task arithmetic), ``oracle`` (only the expert named per input). ``refine``: ``task_stats``
+    multiplies each member's A by its task gain (see :mod:`moe_router.layer`), ``none`` uses the frozen A as trained.
+    ``target_layers``: layer key -> ``[out_features, in_features, components]``. ``experts``: one description per
+    expert (name and members' projection, seed, slot, rank, alpha, source). The base weights are referenced through
+    ``base_model_name_or_path``; ``base_in_repo`` says they were saved in the ``base/`` subfolder instead.
+    """
+
+    model_type = "solora_moe"
+
+    base_model_name_or_path: str | None = None
+    base_model_type: str | None = None
+    base_in_repo: bool = False
+    target_layers: dict[str, list[int]] | None = None
+    experts: list[dict[str, Any]] | None = None
+    router_top_k: int | None = None
+    routing: str = "implicit"
+    refine: str = "none"
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self.router_top_k = check_router_settings(self.router_top_k, self.routing, self.refine)
+        for key, shape in (self.target_layers or {}).items():
+            if len(shape) != 3 or any(int(v) <= 0 for v in shape):
+                raise ValueError(f"target_layers[{key!r}] must be [out_features, in_features, components], got {shape}")
+        super().__post_init__(**kwargs)
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts (clusters) served."""
+        return len(self.experts or [])

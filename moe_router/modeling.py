@@ -1,0 +1,345 @@
+"""``ImplicitMoEForCausalLM``: a base model whose target layers serve every cluster's SO-LoRA experts at once.
+
+The expert layers are injected into the wrapped base model, so its own forward, cache and generation loop run
+unchanged. Saved as ``config.json`` + ``experts.safetensors``; the base model is referenced by id (or saved in
+``base/`` when asked). This module imports only torch, transformers and safetensors, so that it can travel to the
+Hub as remote code; the builders that read SO-LoRA adapters live in :mod:`moe_router.builders`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.utils import cached_file
+
+from .configuration import BASE_SUBFOLDER, EXPERTS_FILE, ImplicitMoEConfig, check_router_settings
+from .layer import ImplicitMoELinear, LayerExperts, RouterState
+
+__all__ = [
+    "ImplicitMoEPreTrainedModel",
+    "ImplicitMoEForCausalLM",
+    "ImplicitMoEForSequenceClassification",
+    "routing_shares",
+]
+
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
+_AUTO_KWARGS = ("_from_auto", "trust_remote_code", "adapter_kwargs", "_commit_hash", "code_revision")
+FILE_FORMAT = "solora-moe-experts/1"
+_UNCHANGED: Any = object()
+
+
+def _base_name(base_model: nn.Module) -> str | None:
+    config = getattr(base_model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(base_model, "name_or_path", None)
+    return str(name) if name else None
+
+
+class ImplicitMoEPreTrainedModel(PreTrainedModel):
+    """Shared wrapper: a base model (loaded through ``base_auto_class``) with :class:`ImplicitMoELinear` experts."""
+
+    config_class = ImplicitMoEConfig
+    base_model_prefix = "model"
+    base_auto_class = "AutoModel"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    def __init__(
+        self, config: ImplicitMoEConfig, base_model: PreTrainedModel, experts: Mapping[str, LayerExperts]
+    ) -> None:
+        """Wrap ``base_model`` (modified in place) with ``experts`` (layer key -> components) under ``config``."""
+        if base_model is None:
+            raise ValueError(
+                f"{type(self).__name__} needs its base model: use from_adapters(...) or from_pretrained(...)"
+            )
+        if not experts:
+            raise ValueError("no experts given: at least one layer must carry expert components")
+        super().__init__(config)
+        expected_type = config.base_model_type
+        base_type = getattr(getattr(base_model, "config", None), "model_type", None)
+        if expected_type and base_type and expected_type != base_type:
+            raise ValueError(f"experts were built for a {expected_type!r} base model, got a {base_type!r} model")
+        if config.target_layers and set(config.target_layers) != set(experts):
+            raise ValueError(
+                f"experts name layers {sorted(set(experts) ^ set(config.target_layers))[:5]} that the config does not "
+                "(or the reverse): config and experts file disagree"
+            )
+        num_experts = config.num_experts or 1 + max(int(e.expert.max()) for e in experts.values())
+        self.router = RouterState(
+            num_experts=num_experts,
+            top_k=config.router_top_k,
+            routing=config.routing,
+            refine=config.refine == "task_stats",
+        )
+        modules = dict(base_model.named_modules())
+        for key, layer_experts in experts.items():
+            target = modules.get(key)
+            if target is None:
+                raise ValueError(f"layer {key!r} of the experts does not exist in the base model: another base model?")
+            if not isinstance(target, nn.Linear):
+                raise ValueError(f"layer {key!r} of the base model is a {type(target).__name__}, not a Linear")
+            parent_name, _, child = key.rpartition(".")
+            parent = base_model.get_submodule(parent_name) if parent_name else base_model
+            setattr(parent, child, ImplicitMoELinear(target, layer_experts, self.router, layer_key=key))
+        config.target_layers = {key: list(e.shape) for key, e in experts.items()}
+        config.base_model_type = config.base_model_type or base_type
+        self.model = base_model
+        if getattr(base_model, "generation_config", None) is not None:
+            self.generation_config = base_model.generation_config
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """No-op: the base model is pretrained and the experts are given, nothing is initialised at random."""
+
+    def init_weights(self) -> None:
+        """No-op (see :meth:`_init_weights`); ties are the wrapped base model's business."""
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    # ----------------------------------------------------------------------------------------------------- experts
+    @property
+    def num_experts(self) -> int:
+        """Number of experts served (one per cluster)."""
+        return self.router.num_experts
+
+    def expert_layers(self) -> dict[str, ImplicitMoELinear]:
+        """Layer key -> expert layer, in module order."""
+        return {m.layer_key: m for m in self.model.modules() if isinstance(m, ImplicitMoELinear)}
+
+    def set_router(self, *, top_k: Any = _UNCHANGED, routing: str | None = None, refine: str | None = None) -> None:
+        """Change the routing (``top_k``: int, None or ``"all"``; ``routing``; ``refine``) here and in the config."""
+        top_k = self.config.router_top_k if top_k is _UNCHANGED else top_k
+        routing = routing or self.config.routing
+        refine = refine or self.config.refine
+        top_k = check_router_settings(top_k, routing, refine)
+        self.config.router_top_k, self.config.routing, self.config.refine = top_k, routing, refine
+        self.router.top_k, self.router.routing, self.router.refine = top_k, routing, refine == "task_stats"
+
+    @contextlib.contextmanager
+    def router_settings(self, *, top_k: Any = _UNCHANGED, routing: str | None = None, refine: str | None = None):
+        """:meth:`set_router` for the duration of a ``with`` block (the previous settings come back on exit)."""
+        previous = (self.config.router_top_k, self.config.routing, self.config.refine)
+        self.set_router(top_k=top_k, routing=routing, refine=refine)
+        try:
+            yield self
+        finally:
+            self.set_router(top_k=previous[0], routing=previous[1], refine=previous[2])
+
+    @contextlib.contextmanager
+    def routed(self, expert_ids: torch.Tensor | int | list[int] | None = None) -> Iterator[None]:
+        """Within this block, ``oracle`` routing uses ``expert_ids`` (an int, or one id per sample of the batch)."""
+        if expert_ids is not None and not isinstance(expert_ids, int):
+            expert_ids = torch.as_tensor(expert_ids).long().flatten()
+            bad = expert_ids[(expert_ids < 0) | (expert_ids >= self.num_experts)]
+            if bad.numel():
+                raise ValueError(f"expert ids must be in [0, {self.num_experts - 1}], got {bad.tolist()}")
+        elif isinstance(expert_ids, int) and not 0 <= expert_ids < self.num_experts:
+            raise ValueError(f"expert id must be in [0, {self.num_experts - 1}], got {expert_ids}")
+        previous = self.router.expert_ids
+        if expert_ids is not None:
+            self.router.expert_ids = expert_ids
+        try:
+            yield
+        finally:
+            self.router.expert_ids = previous
+
+    @contextlib.contextmanager
+    def recording(self, recorder) -> Iterator[None]:
+        """Call ``recorder(expert_index, keep_mask, h)`` from every expert layer during the block (for routing stats)."""
+        previous, self.router.recorder = self.router.recorder, recorder
+        try:
+            yield
+        finally:
+            self.router.recorder = previous
+
+    @contextlib.contextmanager
+    def unwrapped(self) -> Iterator[PreTrainedModel]:
+        """The wrapped base model with its original Linear layers back in place (experts restored on exit)."""
+        layers = self.expert_layers()
+        for key, layer in layers.items():
+            parent_name, _, child = key.rpartition(".")
+            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, layer.base_layer)
+        try:
+            yield self.model
+        finally:
+            for key, layer in layers.items():
+                parent_name, _, child = key.rpartition(".")
+                setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, layer)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        expert_ids: torch.Tensor | int | None = None,
+        task_ids: torch.Tensor | int | None = None,
+        **kwargs: Any,
+    ):
+        """The base model's forward through the expert layers; ``expert_ids``/``task_ids`` feed oracle routing."""
+        if expert_ids is not None and task_ids is not None:
+            raise ValueError("pass expert_ids or task_ids, not both")
+        with self.routed(expert_ids if expert_ids is not None else task_ids):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------ build
+    @classmethod
+    def from_adapters(cls, base_model: PreTrainedModel | str, adapters: Any = None, **kwargs: Any):
+        """Build from SO-LoRA adapters (dirs, Hub ids, ``SparseUpdate`` lists, PeftModels); see
+        :func:`moe_router.builders.build_moe`."""
+        # imported by name so that saving with remote code does not ship the builders (they need peft_sorlora)
+        builders = importlib.import_module("moe_router.builders")
+        return builders.build_moe(cls, base_model, adapters, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------------- storage
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        save_base: bool | None = None,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Write ``config.json`` and ``experts.safetensors`` (plus the base model under ``base/`` if ``save_base``).
+
+        ``save_base`` defaults to ``config.base_in_repo``; without it the base is referenced by
+        ``config.base_model_name_or_path`` and must be loadable from there.
+        """
+        if push_to_hub:
+            raise ValueError("use model.push_to_hub(repo_id, save_base=...) to upload")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file, expected a directory")
+        save_base = self.config.base_in_repo if save_base is None else bool(save_base)
+        if not save_base and not self.config.base_model_name_or_path:
+            raise ValueError(
+                "the base model has no name or path to reference: set config.base_model_name_or_path or save_base=True"
+            )
+        if not is_main_process:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        self.config.base_in_repo = save_base
+        tensors: dict[str, torch.Tensor] = {}
+        for key, layer in self.expert_layers().items():
+            tensors.update(layer.experts().to_tensors(key))
+        save_file(tensors, os.path.join(save_directory, EXPERTS_FILE), metadata={"format": FILE_FORMAT})
+        if self._auto_class is not None:
+            from transformers.dynamic_module_utils import custom_object_save
+
+            custom_object_save(self, save_directory, config=self.config)
+        self.config.save_pretrained(save_directory)
+        if save_base:
+            with self.unwrapped() as base:
+                base.save_pretrained(os.path.join(save_directory, BASE_SUBFOLDER))
+
+    def push_to_hub(self, repo_id: str, *, save_base: bool | None = None, **kwargs: Any) -> Any:
+        """Upload config and experts (and the base when ``save_base``) with transformers' ``push_to_hub``."""
+        previous = self.config.base_in_repo
+        self.config.base_in_repo = previous if save_base is None else bool(save_base)
+        try:
+            return super().push_to_hub(repo_id, **kwargs)
+        finally:
+            self.config.base_in_repo = previous
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        config: ImplicitMoEConfig | None = None,
+        base_model: PreTrainedModel | None = None,
+        revision: str | None = None,
+        subfolder: str = "",
+        **kwargs: Any,
+    ):
+        """Load from a local directory or a Hub repo: the config, the base model (by id, or ``base/``), the experts.
+
+        Hub keywords (``token``, ``cache_dir``, ``local_files_only``, ...) apply to every download; others (``dtype``,
+        ``device_map``, ...) go to the base model's ``from_pretrained``. ``base_model=`` supplies the base directly.
+        """
+        if model_args:
+            raise ValueError(f"unexpected positional arguments {model_args!r}")
+        for name in _AUTO_KWARGS:
+            kwargs.pop(name, None)
+        hub = {name: kwargs.pop(name) for name in _HUB_KWARGS if name in kwargs}
+        path = str(pretrained_model_name_or_path)
+        if config is None:
+            config = ImplicitMoEConfig.from_pretrained(path, revision=revision, subfolder=subfolder, **hub)
+        if not isinstance(config, ImplicitMoEConfig) and getattr(config, "model_type", None) != "solora_moe":
+            raise ValueError(f"{path!r} is not a solora_moe model (model_type {config.model_type!r})")
+        if base_model is None:
+            auto = getattr(transformers, cls.base_auto_class)
+            if config.base_in_repo:
+                base_sub = f"{subfolder}/{BASE_SUBFOLDER}" if subfolder else BASE_SUBFOLDER
+                base_model = auto.from_pretrained(path, revision=revision, subfolder=base_sub, **hub, **kwargs)
+            elif config.base_model_name_or_path:
+                base_model = auto.from_pretrained(config.base_model_name_or_path, **hub, **kwargs)
+            else:
+                raise ValueError(f"{path!r} names no base model and holds none: pass base_model=")
+        experts_path = cached_file(path, EXPERTS_FILE, revision=revision, subfolder=subfolder, **hub)
+        experts = LayerExperts.from_tensors(load_file(experts_path))
+        return cls(config, base_model=base_model, experts=experts)
+
+
+class ImplicitMoEForCausalLM(ImplicitMoEPreTrainedModel, GenerationMixin):
+    """Implicit MoE over a causal LM; ``generate`` runs the base model's generation loop through the expert layers."""
+
+    base_auto_class = "AutoModelForCausalLM"
+
+    def generate(self, *args: Any, expert_ids: torch.Tensor | int | None = None, **kwargs: Any):
+        """Generate with the wrapped model (its cache and generation config); ``expert_ids`` feed oracle routing."""
+        task_ids = kwargs.pop("task_ids", None)
+        with self.routed(expert_ids if expert_ids is not None else task_ids):
+            return self.model.generate(*args, **kwargs)
+
+
+class ImplicitMoEForSequenceClassification(ImplicitMoEPreTrainedModel):
+    """Implicit MoE over a sequence classifier (the head is the base model's: save it with ``save_base=True``)."""
+
+    base_auto_class = "AutoModelForSequenceClassification"
+
+
+@torch.no_grad()
+def routing_shares(
+    model: ImplicitMoEPreTrainedModel, batch: Mapping[str, torch.Tensor], *, by: str = "count"
+) -> torch.Tensor:
+    """Share of the kept activations that go to each expert (tensor[E], sums to 1) over ``batch``'s real tokens.
+
+    ``by="count"`` counts kept components per token (the router's choices); ``"magnitude"`` weighs them by ``|h|``.
+    """
+    if by not in ("count", "magnitude"):
+        raise ValueError(f"by must be 'count' or 'magnitude', got {by!r}")
+    totals = torch.zeros(model.num_experts, dtype=torch.float64)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    token_mask = inputs.get("attention_mask")
+
+    def record(expert: torch.Tensor, keep: torch.Tensor, h: torch.Tensor) -> None:
+        weight = keep.double() if by == "count" else (h.abs() * keep).double()
+        if token_mask is not None and tuple(weight.shape[:-1]) == tuple(token_mask.shape):
+            weight = weight * token_mask.to(weight.device).unsqueeze(-1).double()
+        per_component = weight.reshape(-1, weight.shape[-1]).sum(0).cpu()
+        totals.index_add_(0, expert.cpu(), per_component)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with model.recording(record):
+            model(**inputs)
+    finally:
+        model.train(was_training)
+    total = totals.sum()
+    if total <= 0:
+        raise ValueError("no activations were kept: empty batch or all-zero inputs")
+    return (totals / total).float()
