@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import ast
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import peft
 import pytest
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_sorlora
@@ -437,3 +443,59 @@ def test_update_keeps_crlf_cards_consistent(tmp_path):
 def test_update_without_existing_card_is_the_new_card():
     card = adapter_card(make_info())
     assert update_card(None, card) == str(card)
+
+
+SNIPPET_CHECK = """
+import torch
+from safetensors.torch import save_file
+
+with torch.no_grad():
+    save_file({"logits": model(input_ids=torch.arange(1, 17).reshape(2, 8)).logits.contiguous()}, OUT)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=HfHubHTTPError,
+    reason="gossip.hub.server has no POST /api/validate-yaml, which HfApi.create_commit calls before committing a "
+    "README.md (404). Remove this marker once the route exists; the rest of the test passed with the route stubbed.",
+)
+def test_snippet_loads_adapter_pushed_to_hub(saved_repo, hub_server, tmp_path):
+    """Push base model and adapter (with its card) to a Hub server, then run the card's snippet in a fresh process."""
+    base_dir, adapter_dir, model, logits = saved_repo
+    api = HfApi(endpoint=hub_server.endpoint)
+    base_id, repo_id = "gossip/tiny-llama", "gossip/sorlora-peer-3"
+    staged = tmp_path / "staged"
+    shutil.copytree(adapter_dir, staged)
+    update_card_file(staged / "README.md", adapter_card(card_info_for(model, repo_id, base_id)))
+    for rid, folder in ((base_id, base_dir), (repo_id, staged)):
+        api.create_repo(rid, exist_ok=True)
+        # one commit of all files, as the gossip push does (upload_folder would also ask the server to validate YAML)
+        files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+        operations = [
+            CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=p) for p in files
+        ]
+        api.create_commit(rid, operations=operations, commit_message="upload")
+
+    card_path = hf_hub_download(repo_id, "README.md", endpoint=hub_server.endpoint, cache_dir=tmp_path / "cache")
+    card = check_card(ModelCard.load(card_path), kind="adapter")
+    assert card.data.base_model == base_id
+    (snippet,) = extract_python_snippets(card.text)
+    assert f'"{repo_id}"' in snippet and f'"{base_id}"' in snippet
+
+    out = tmp_path / "logits.safetensors"
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub_server.endpoint,  # read at import, so it is set before the process starts
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+    code = f"OUT = {str(out)!r}\n" + snippet + SNIPPET_CHECK
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(load_file(out)["logits"], logits, atol=1e-6, rtol=1e-5)
+    assert any(path.startswith(f"/{repo_id}/resolve/") for _, path in hub_server.requests), (
+        "snippet did not use the Hub"
+    )
