@@ -348,7 +348,9 @@ class HubServer:
 
     def start(self) -> HubServer:
         """Serve in a background thread."""
-        self._thread = threading.Thread(target=self._server.serve_forever, name="hub-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-server", daemon=True
+        )
         self._thread.start()
         return self
 
