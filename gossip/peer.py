@@ -131,7 +131,8 @@ class Peer:
     """One participant of a gossip run on a :class:`~gossip.hub.base.Hub` (repo ``hub.repo_id(peer_id)``).
 
     ``base_model``/``config_hash`` are what neighbours' payloads must match (default: taken from this peer's own
-    round-0 update, or from its last pushed ``peer.json`` when resuming).
+    round-0 update, or from its last pushed ``peer.json`` when resuming). ``payload_cls`` parses pulled payloads:
+    :class:`~peft_sorlora.SparseUpdate` (default) or :class:`gossip.dense.DenseUpdate` for the dense LoRA baseline.
     """
 
     def __init__(
@@ -144,8 +145,10 @@ class Peer:
         base_model: str | None = None,
         config_hash: str | None = None,
         max_push_attempts: int = 8,
+        payload_cls: type = SparseUpdate,
     ) -> None:
         self.hub = hub
+        self.payload_cls = payload_cls
         self.peer_id = peer_id
         self.repo_id = hub.repo_id(peer_id)
         self.task, self.cluster = task, cluster
@@ -347,7 +350,7 @@ class Peer:
                 "corrupted or truncated"
             )
         masks = None if round == 0 else self._neighbour_masks(peer, repo_id)
-        update = SparseUpdate.from_bytes(
+        update = self.payload_cls.from_bytes(
             data, expected_base_model=self.base_model, expected_config_hash=self.config_hash, masks=masks
         )
         if update.round != round:
