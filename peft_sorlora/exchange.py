@@ -145,7 +145,7 @@ class SparseUpdate:
         a base model or config hash other than expected, NaN/Inf values, values whose count does not match the mask
         (the payload's own, or ``masks`` from the peer's round-0 payload for value-only payloads).
         """
-        metadata = _read_header_metadata(data)
+        metadata = read_payload_metadata(data)
         if metadata.get("format") != FORMAT:
             raise PayloadError(f"foreign payload: format tag {metadata.get('format')!r}, expected {FORMAT!r}")
         missing = [k for k in _REQUIRED if k not in metadata]
@@ -237,7 +237,8 @@ class SparseUpdate:
         return dense
 
 
-def _read_header_metadata(data: bytes) -> dict[str, str]:
+def read_payload_metadata(data: bytes) -> dict[str, str]:
+    """The string header (``__metadata__``) of a safetensors payload, read as JSON without loading tensors."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
     if len(data) < 8:
