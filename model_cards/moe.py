@@ -52,7 +52,7 @@ class MoECardInfo:
     repo_id: str
     base_model: str
     experts: Sequence[ExpertInfo]
-    router_top_k: int
+    router_top_k: int | None  # components kept per token; None keeps all
     refinement: bool | str
     results: Mapping[str, Mapping[str, float]]
     method: str = "proposed"
@@ -62,6 +62,7 @@ class MoECardInfo:
     router_settings: Mapping[str, Any] = field(default_factory=dict)  # further routing settings to show
     dataset_ids: Mapping[str, str] = field(default_factory=dict)  # task -> dataset id for model-index (default: task)
     task_type: str = "multiple-choice"  # Hub task id used in model-index
+    base_in_repo: bool = False  # True when the repo also holds the base model's weights
     license: str | None = None
 
     def __post_init__(self) -> None:
@@ -74,8 +75,8 @@ class MoECardInfo:
         clusters = [expert.cluster for expert in self.experts]
         if len(set(clusters)) != len(clusters):
             raise ValueError(f"MoECardInfo.experts repeats a cluster: {clusters}.")
-        if not isinstance(self.router_top_k, int) or self.router_top_k < 1:
-            raise ValueError(f"MoECardInfo.router_top_k must be a positive integer, got {self.router_top_k!r}.")
+        if self.router_top_k is not None and (not isinstance(self.router_top_k, int) or self.router_top_k < 1):
+            raise ValueError(f"MoECardInfo.router_top_k must be a positive integer or None, got {self.router_top_k!r}.")
         if not self.results:
             raise ValueError("MoECardInfo.results is empty.")
         for task, row in self.results.items():
@@ -128,8 +129,8 @@ def moe_card(info: MoECardInfo) -> ModelCard:
     model_name = info.repo_id.rstrip("/").rsplit("/", 1)[-1]
     card_data = ModelCardData(
         base_model=info.base_model,
-        # The repo holds the base model with the experts built in, loaded with transformers: a fine-tune of the base.
-        base_model_relation="finetune",
+        # Experts over a base the repo references by id: an adapter of it; with the base weights inside, a fine-tune.
+        base_model_relation="finetune" if info.base_in_repo else "adapter",
         library_name="transformers",
         pipeline_tag="text-generation",
         license=info.license,
@@ -158,7 +159,8 @@ def moe_card(info: MoECardInfo) -> ModelCard:
         {"method": method, "cells": [_count_cell(totals[c]) if c in totals else "" for c in communication_columns]}
         for method, totals in info.communication.items()
     ]
-    router_rows = [("`router_top_k`", info.router_top_k), ("Task-aware refinement of A", format_value(info.refinement))]
+    top_k = "all components" if info.router_top_k is None else info.router_top_k
+    router_rows = [("`router_top_k`", top_k), ("Task-aware refinement of A", format_value(info.refinement))]
     router_rows += [(f"`{name}`", format_value(value)) for name, value in info.router_settings.items()]
     return ModelCard.from_template(
         card_data,
@@ -166,6 +168,7 @@ def moe_card(info: MoECardInfo) -> ModelCard:
         repo_literal=python_literal(info.repo_id),
         arxiv_id=ARXIV_ID,
         router_top_k=info.router_top_k,
+        refined=info.refinement not in (False, None, "", "none"),
         peer_count=len(unique(peer for expert in info.experts for peer in expert.peers)),
         tasks_text=", ".join(info.tasks) or "not reported",
         experts_rows=[

@@ -201,6 +201,8 @@ def test_moe_card_model_index_and_round_trip(tmp_path):
     assert loaded.data.to_dict() == card.data.to_dict()
     assert loaded.data.base_model == info.base_model
     assert loaded.data.library_name == "transformers"
+    assert loaded.data.get("base_model_relation") == "adapter"
+    assert moe_card(make_moe_info(base_in_repo=True)).data.get("base_model_relation") == "finetune"
     assert {"solora", "mixture-of-experts", "arxiv:2602.20492"} <= set(loaded.data.tags)
     assert "lora" not in loaded.data.tags
     results = {r.dataset_name: r.metric_value for r in loaded.data.eval_results}
@@ -218,6 +220,10 @@ def test_moe_card_model_index_and_round_trip(tmp_path):
         "| `0` | `peer-0`, `peer-1` | strategyqa |" in experts and "| `1` | `peer-2` | intent_recognition |" in experts
     )
     assert "| `router_top_k` | 3 |" in section_body(text, "router")
+    header = section_body(text, "header")
+    assert "refined with its task's input statistics" in header and "the 3 largest components" in header
+    plain = section_body(str(moe_card(make_moe_info(refinement="none", router_top_k=None))), "header")
+    assert "refined" not in plain and "keeping all components" in plain
     comm = section_body(text, "communication")
     assert "| proposed | 300,000 | 1,200,000 |" in comm
     assert "2602.20492" in section_body(text, "citation")
@@ -498,4 +504,24 @@ def test_snippet_loads_adapter_pushed_to_hub(saved_repo, hub_server, tmp_path):
     torch.testing.assert_close(load_file(out)["logits"], logits, atol=1e-6, rtol=1e-5)
     assert any(path.startswith(f"/{repo_id}/resolve/") for _, path in hub_server.requests), (
         "snippet did not use the Hub"
+    )
+
+
+def test_moe_snippet_loads_saved_moe(saved_repo, tmp_path):
+    """The MoE card's snippet, run verbatim, loads a merged model saved by moe_router and reproduces its output."""
+    import moe_router  # the card's snippet imports it too; imported here to build the model under test
+
+    base_dir, adapter_dir, _, _ = saved_repo
+    moe = moe_router.ImplicitMoEForCausalLM.from_adapters(str(base_dir), adapters=[str(adapter_dir)]).eval()
+    moe_dir = tmp_path / "moe"
+    moe.save_pretrained(moe_dir)
+    write_card(moe_card(make_moe_info(repo_id=str(moe_dir), base_model=str(base_dir))), moe_dir / "README.md")
+    loaded = run_snippet(moe_dir / "README.md")["model"]
+    assert type(loaded) is type(moe)
+    with torch.no_grad():
+        expected = moe(input_ids=INPUT_IDS).logits
+        base = LlamaForCausalLM.from_pretrained(base_dir)(input_ids=INPUT_IDS).logits
+        torch.testing.assert_close(loaded(input_ids=INPUT_IDS).logits, expected)
+    assert not torch.allclose(expected, base, atol=1e-4), (
+        "the experts must change the output, or loading proves nothing"
     )
