@@ -180,6 +180,9 @@ def calibrate(
         raise ValueError(f"the masks of adapter {name!r} are already frozen (layer_sparsity is set)")
     steps = max_steps or config.mask_calibration_steps
     was_training = model.training
+    requires = [layer.solora_B[name].requires_grad for layer in layers]
+    for layer in layers:  # an inactive adapter is frozen; observing needs its gradient (B itself does not move)
+        layer.solora_B[name].requires_grad_(True)
     model.eval()
     seen = 0
     try:
@@ -195,6 +198,8 @@ def calibrate(
                     break
     finally:
         model.train(was_training)
+        for layer, flag in zip(layers, requires):
+            layer.solora_B[name].requires_grad_(flag)
     if seen == 0:
         raise ValueError("calibrate needs at least one batch")
     fractions = finalize_masks(model, name, config)

@@ -1,0 +1,124 @@
+"""The experiment's settings: one frozen, JSON-serialisable dataclass, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ExperimentConfig", "METHODS", "PRESETS", "preset"]
+
+# The methods compared in one run (method.md §5). See experiment/methods.py for what each one does.
+METHODS = ("lora", "lori", "solora-single", "solora", "local", "oracle")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that determines a run's results: same data, seed, rounds and steps for every method.
+
+    ``peers`` peers each hold one task (peer i gets ``tasks[i % len(tasks)]``); each of ``rounds`` rounds is
+    ``local_steps`` AdamW steps of batch ``batch_size`` then one exchange through the hub. ``lr`` gives each method
+    its learning rate (chosen on validation, never test).
+    """
+
+    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct; else an HF id or local path
+    tasks: tuple[str, ...] = ("intent_recognition", "strategyqa", "vitaminc_fact_verification", "elementary_math_qa")
+    methods: tuple[str, ...] = METHODS
+    peers: int = 4
+    rounds: int = 3
+    local_steps: int = 8
+    batch_size: int = 8
+    max_len: int = 96
+    n_train: int = 256
+    n_test: int = 40
+    n_curve: int = 8  # test questions per task for the accuracy-vs-round curve (a subset of the test split)
+    rank: int = 8
+    lora_alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    sparsity: float = 0.5
+    sparsity_allocation: str = "spectral_entropy"
+    payload_dtype: str = "float32"
+    lr: dict[str, float] = field(
+        default_factory=lambda: {
+            "lora": 3e-3,
+            "lori": 3e-3,
+            "solora-single": 3e-3,
+            "solora": 3e-3,
+            "local": 3e-3,
+            "oracle": 3e-3,
+        }
+    )
+    degree: int = 2  # neighbours per peer in the random topology of the lora/lori baselines
+    s_max: float = 0.15  # collision-rate bound of the cluster topology
+    router_top_k: int | None = None  # None: keep r entries per expert-set component (see moe_router)
+    seed: int = 0
+    eval_batch_size: int = 16
+    hub: str | None = None  # None: a LocalHub under the run directory; else a Hub endpoint URL
+    hub_namespace: str = "sorlora"
+    engine: str = "local"  # "local" (in-process peers sharing one base model) or "ray"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+        for name in ("peers", "rounds", "local_steps", "batch_size", "max_len", "n_test", "rank"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.tasks:
+            raise ValueError("tasks must name at least one task")
+        if not 0 < self.sparsity <= 1:
+            raise ValueError(f"sparsity must be in (0, 1], got {self.sparsity}")
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"engine must be 'local' or 'ray', got {self.engine!r}")
+        missing = [m for m in self.methods if m not in self.lr]
+        if missing:
+            raise ValueError(f"lr has no entry for methods {missing}")
+
+    def task_of(self, peer: int) -> str:
+        """The task of peer ``peer``."""
+        return self.tasks[peer % len(self.tasks)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ExperimentConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that determine results (engine and hub location excluded)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in ("engine", "hub", "threads")}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, ExperimentConfig] = {
+    # `make demo`: the default comparison on the real SmolLM2, sized for 2 CPU cores in about 15 minutes.
+    "demo": ExperimentConfig(),
+    # A quick smoke run of the whole pipeline on the real model (a couple of minutes).
+    "smoke": ExperimentConfig(
+        peers=2, rounds=1, local_steps=2, n_test=8, n_curve=4, n_train=32, tasks=("intent_recognition", "strategyqa")
+    ),
+}
+
+
+def preset(name: str) -> ExperimentConfig:
+    """A named preset (see ``PRESETS``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,104 @@
+"""Results of a run as the paper's Table I (markdown) and PNG plots, written into the run directory."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["results_table", "write_report"]
+
+
+def _fmt_int(n: float) -> str:
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    """Markdown table: method x task accuracy (%), average, params updated/transmitted, bytes, collision rate."""
+    methods = summary["methods"]
+    tasks = list(summary["config"]["tasks"])
+    base_params = summary.get("base_params") or 0
+    header = ["method", *tasks, "average", "params updated / peer", "params sent / link / round", "bytes sent (total)",
+              "collision rate"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, res in methods.items():
+        acc = res["accuracy"]
+        pct = f" ({100 * res['params_updated'] / base_params:.2f}%)" if base_params else ""
+        cr = res.get("collision_rate")
+        row = [
+            name,
+            *[f"{100 * acc[t]:.1f}" for t in tasks],
+            f"**{100 * res['average']:.1f}**",
+            _fmt_int(res["params_updated"]) + pct,
+            _fmt_int(res["params_transmitted_per_round"]),
+            _fmt_bytes(res["bytes_transmitted"]),
+            "—" if cr is None else f"{cr:.3f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    n_test = next(iter(methods.values()))["n_test"] if methods else {}
+    n_total = sum(n_test.values())
+    noise = 100 * math.sqrt(0.25 / n_total) if n_total else float("nan")
+    cfg = summary["config"]
+    lines.append("")
+    lines.append(
+        f"Accuracy in % (multiple-choice log-likelihood, mean over peers' models), {n_total} test questions "
+        f"({', '.join(f'{t}: {n}' for t, n in n_test.items())}); the average carries about ±{noise:.1f} points of "
+        f"sampling noise (1 s.e. at 50%). Base model {summary.get('base_model')}; {cfg['peers']} peers, "
+        f"{cfg['rounds']} rounds × {cfg['local_steps']} steps, batch {cfg['batch_size']}, rank {cfg['rank']}, "
+        f"sparsity {cfg['sparsity']}, seed {cfg['seed']}."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(path: Path, title: str, ylabel: str, series: dict[str, list[float]], *, cumulative: bool = False) -> None:
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, values in series.items():
+        ys = list(values)
+        if cumulative:
+            ys = [sum(ys[: i + 1]) for i in range(len(ys))]
+        ax.plot(range(1, len(ys) + 1), ys, marker="o", label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_report(summary: dict[str, Any], run_dir: str | Path) -> dict[str, Path]:
+    """Write results.md, accuracy_vs_round.png, bytes_vs_round.png and topology.png; return their paths."""
+    run_dir = Path(run_dir)
+    paths = {"table": run_dir / "results.md"}
+    paths["table"].write_text("# Results\n\n" + results_table(summary))
+    methods = summary["methods"]
+    curves = {m: [sum(c.values()) / len(c) for c in r["curve"]] for m, r in methods.items()}
+    paths["accuracy"] = run_dir / "accuracy_vs_round.png"
+    n_curve = summary["config"].get("n_curve")
+    _plot(paths["accuracy"], f"Accuracy vs round ({n_curve} questions per task, peer 0's model)", "accuracy", curves)
+    paths["bytes"] = run_dir / "bytes_vs_round.png"
+    _plot(paths["bytes"], "Cumulative bytes sent (all links)", "bytes", {m: r["bytes_by_round"] for m, r in methods.items()},
+          cumulative=True)  # fmt: skip
+    for method in ("solora", *methods):
+        source = run_dir / "methods" / method / "topology.png"
+        if source.exists():
+            paths["topology"] = run_dir / "topology.png"
+            shutil.copyfile(source, paths["topology"])
+            break
+    return paths

@@ -1,0 +1,117 @@
+"""The experiment end to end on a tiny random model and generated tasks: every method, resumption after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiment.config import METHODS, ExperimentConfig
+from experiment.runner import CRASH_ENV, run_experiment
+
+TINY = ExperimentConfig(
+    model="tiny-random",
+    tasks=("synthetic-alpha", "synthetic-beta"),
+    peers=4,
+    rounds=2,
+    local_steps=2,
+    batch_size=4,
+    max_len=48,
+    n_train=16,
+    n_test=6,
+    n_curve=3,
+    rank=4,
+    sparsity=0.5,
+    s_max=0.5,
+    eval_batch_size=8,
+    threads=1,
+)
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("unbroken")
+    return run_dir, run_experiment(TINY, run_dir, progress=False)
+
+
+def test_every_method_runs_and_reports(unbroken):
+    run_dir, summary = unbroken
+    assert list(summary["methods"]) == list(METHODS)
+    for name, res in summary["methods"].items():
+        assert set(res["accuracy"]) == set(TINY.tasks)
+        assert all(0.0 <= a <= 1.0 for a in res["accuracy"].values())
+        assert len(res["curve"]) == TINY.rounds
+        assert len(res["train_loss"]) == TINY.rounds
+    for name in ("results.json", "results.md", "accuracy_vs_round.png", "bytes_vs_round.png", "topology.png"):
+        assert (run_dir / name).stat().st_size > 0
+    table = (run_dir / "results.md").read_text()
+    for method in METHODS:
+        assert f"| {method} |" in table
+
+
+def test_communication_accounting_is_consistent(unbroken):
+    _, summary = unbroken
+    methods = summary["methods"]
+    assert methods["local"]["bytes_transmitted"] == 0
+    # SO-LoRA sends only masked B values; dense LoRA sends A and B: far fewer parameters per link and round
+    assert methods["lori"]["params_transmitted_per_round"] < methods["lora"]["params_transmitted_per_round"]
+    assert methods["solora"]["params_updated"] < methods["lora"]["params_updated"]
+    assert methods["solora-single"]["collision_rate"] >= methods["solora"]["collision_rate"]
+    assert methods["lora"]["collision_rate"] is None
+
+
+def test_every_round_of_every_peer_is_on_the_hub_once(unbroken):
+    run_dir, _ = unbroken
+    from gossip import LocalHub, Peer
+
+    hub = LocalHub(run_dir / "hub", namespace=TINY.hub_namespace)
+    for method in ("solora", "lora"):
+        for p in range(TINY.peers):
+            peer = Peer(hub, f"{method}-peer{p:02d}")
+            assert peer.last_pushed_round() == TINY.rounds - 1
+            commits = hub.list_commits(peer.repo_id)
+            pushes = [c for c in commits if "round-" in c.message]
+            assert len(pushes) == TINY.rounds
+
+
+def test_killed_run_resumes_to_the_same_table(unbroken, tmp_path):
+    unbroken_dir, expected = unbroken
+    run_dir = tmp_path / "killed"
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY.to_dict()))
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiment",
+        "run",
+        "--config",
+        str(config),
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+    ]
+    env = dict(os.environ, **{CRASH_ENV: "solora:1:peer02"})
+    crashed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert crashed.returncode == 137, crashed.stderr[-2000:]
+    assert not (run_dir / "results.json").exists()
+    assert (run_dir / "methods" / "solora" / "round-0000.json").exists()
+    assert not (run_dir / "methods" / "solora" / "round-0001.json").exists()
+    env.pop(CRASH_ENV)
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((run_dir / "results.json").read_text())
+    for method, res in expected["methods"].items():
+        got = summary["methods"][method]
+        assert got["accuracy"] == res["accuracy"], method
+        assert got["bytes_transmitted"] == res["bytes_transmitted"], method
+        assert got["train_loss"] == res["train_loss"], method
+    assert (run_dir / "results.md").read_text() == (unbroken_dir / "results.md").read_text()
+
+
+def test_other_settings_in_the_same_run_dir_are_refused(unbroken):
+    run_dir, _ = unbroken
+    with pytest.raises(ValueError, match="other settings"):
+        run_experiment(TINY.replace(rounds=3), run_dir, progress=False)
