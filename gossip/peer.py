@@ -80,11 +80,12 @@ def parse_peer_info(data: bytes, *, peer_id: str, round: int | None = None) -> d
 
 @dataclass(frozen=True)
 class PushResult:
-    """What :meth:`Peer.push_round` did: the commit of that round, its payload size, and whether it was new."""
+    """What :meth:`Peer.push_round` did: the round's commit, its payload size and SHA-256, and whether it was new."""
 
     round: int
     sha: str
     bytes: int
+    sha256: str
     created: bool
 
 
@@ -217,7 +218,7 @@ class Peer:
         if self._last_round is not None and round <= self._last_round:
             sha = self.hub.resolve(self.repo_id, tag)
             info = parse_peer_info(self.hub.read_bytes(self.repo_id, INFO_FILE, revision=sha), peer_id=self.peer_id)
-            return PushResult(round=round, sha=sha, bytes=int(info["bytes"]), created=False)
+            return PushResult(round=round, sha=sha, bytes=int(info["bytes"]), sha256=info["sha256"], created=False)
         expected = 0 if self._last_round is None else self._last_round + 1
         if round != expected:
             raise ValueError(f"peer {self.peer_id!r}: cannot push round {round}, the next round is {expected}")
@@ -227,7 +228,7 @@ class Peer:
         sha = self._commit(round, files, info["sha256"])
         self.hub.create_tag(self.repo_id, tag, revision=sha, exist_ok=True)
         self._head, self._last_round = sha, round
-        return PushResult(round=round, sha=sha, bytes=len(data), created=True)
+        return PushResult(round=round, sha=sha, bytes=len(data), sha256=info["sha256"], created=True)
 
     def _check_identity(self, update: SparseUpdate) -> None:
         for name, ours, theirs in (

@@ -10,17 +10,17 @@ from peft_sorlora.layer import SOLoRALayer
 
 from .solora_models import ToyMLP
 
-BASE_MODEL = "toy/mlp-16"
+BASE_MODEL = "toy/mlp-32"
 
 
 def calibrated_mlp(*, slot: int = 0, seed: int = 0, base_model: str = BASE_MODEL, r: int = 4) -> PeftModel:
     """A ToyMLP with an SO-LoRA adapter whose masks are frozen (one calibration batch)."""
     torch.manual_seed(seed)
-    base = ToyMLP(16)
+    base = ToyMLP(32)
     base.name_or_path = base_model
     config = SOLoRAConfig(r=r, target_modules=["lin0", "lin1"], init_weights=False, sparsity=0.5, slot=slot)
     model = get_peft_model(base, config)
-    batch = {"x": torch.randn(8, 16, generator=torch.Generator().manual_seed(seed))}
+    batch = {"x": torch.randn(8, 32, generator=torch.Generator().manual_seed(seed))}
     calibrate(model, [batch], loss_fn=lambda out, b: out.pow(2).mean())
     return model
 
