@@ -77,6 +77,7 @@ def _error_for(exc: HubError) -> _HTTPError:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: avoid the 40 ms delayed-ACK stall
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         logger.debug("%s %s", self.address_string(), format % args)  # request line only: never headers/tokens
@@ -143,6 +144,8 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server.hub
         if parts[:2] == ["api", "repos"] and parts[2:] == ["create"] and method == "POST":
             return self._create_repo(json.loads(body or b"{}"))
+        if parts == ["api", "validate-yaml"] and method == "POST":  # model cards (README.md): accepted as is
+            return self._json(200, {"errors": [], "warnings": []})
         if parts[:2] == ["api", "models"] and len(parts) == 2 and method == "GET":
             author = query.get("author", [hub.namespace])[0]
             return self._json(200, [{"id": r, "modelId": r} for r in hub.list_repos(author)])
@@ -345,6 +348,11 @@ class HubServer:
         with self._server._fault_lock:
             self._server.faults.append(fault)
         return fault
+
+    def clear_faults(self) -> None:
+        """Drop every pending injected fault."""
+        with self._server._fault_lock:
+            self._server.faults.clear()
 
     def start(self) -> HubServer:
         """Serve in a background thread."""
