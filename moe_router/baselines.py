@@ -18,6 +18,7 @@ from peft import ArrowConfig, LoraConfig, create_arrow_model
 from safetensors.torch import save_file
 from torch import nn
 
+from .layer import ImplicitMoELinear
 from .modeling import ImplicitMoEPreTrainedModel
 
 __all__ = ["COMPARISON_MODES", "comparison_mode", "export_lora", "export_loras", "arrow_model"]
@@ -118,7 +119,9 @@ def arrow_model(
     base_model: nn.Module, lora_paths: Sequence[str | os.PathLike], *, top_k: int = 1, router_temperature: float = 1.0
 ) -> nn.Module:
     """PEFT's Arrow (training-free routing over LoRA experts by their top singular directions) on a fresh base."""
-    if any(isinstance(m, type(None)) for m in [base_model]) or hasattr(base_model, "expert_layers"):
+    if isinstance(base_model, ImplicitMoEPreTrainedModel) or any(
+        isinstance(m, ImplicitMoELinear) for m in base_model.modules()
+    ):
         raise ValueError("arrow_model needs a plain base model, not an implicit-MoE model")
     return create_arrow_model(
         base_model,

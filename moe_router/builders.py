@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import transformers
-from huggingface_hub import hf_hub_download
+from huggingface_hub import snapshot_download
 from peft import PeftConfig
 from safetensors.torch import load_file
 from torch import nn
@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -100,18 +101,26 @@ def member_from_update(update: SparseUpdate, source: str | None = None) -> Membe
     )
 
 
-def read_adapter(path_or_id: str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> Member:
+def read_adapter(
+    path_or_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> Member:
     """A member from a saved SO-LoRA adapter (local directory or Hub repo id): JSON config + safetensors weights."""
-    path = str(path_or_id)
-    config = PeftConfig.from_pretrained(path, revision=revision, token=token)
+    source = str(path_or_id)
+    path = source
+    if not os.path.isdir(source):
+        path = snapshot_download(
+            source, revision=revision, token=token, endpoint=endpoint, allow_patterns=[CONFIG_NAME, ADAPTER_WEIGHTS]
+        )
+    config = PeftConfig.from_pretrained(path)
     if config.peft_type != SOLORA:
-        raise ValueError(f"{path!r} holds a {config.peft_type} adapter, not an SO-LoRA one")
-    if os.path.isdir(path):
-        weights = os.path.join(path, ADAPTER_WEIGHTS)
-        if not os.path.isfile(weights):
-            raise ValueError(f"{path!r} has no {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
-    else:
-        weights = hf_hub_download(path, ADAPTER_WEIGHTS, revision=revision, token=token)
+        raise ValueError(f"{source!r} holds a {config.peft_type} adapter, not an SO-LoRA one")
+    weights = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise ValueError(f"{source!r} has no {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
     tensors = load_file(weights)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
@@ -145,18 +154,20 @@ def read_adapter(path_or_id: str | os.PathLike, *, revision: str | None = None, 
             config.slot,
             config.r,
             config.lora_alpha,
-            path,
+            source,
             config.base_model_name_or_path,
         ),
     )
 
 
-def load_members(source: Any, *, revision: str | None = None, token: str | None = None) -> list[Member]:
+def load_members(
+    source: Any, *, revision: str | None = None, token: str | None = None, endpoint: str | None = None
+) -> list[Member]:
     """The members one source yields: an adapter path/id or SparseUpdate gives one; a PeftModel one per adapter."""
     if isinstance(source, SparseUpdate):
         return [member_from_update(source)]
     if isinstance(source, (str, os.PathLike)):
-        return [read_adapter(source, revision=revision, token=token)]
+        return [read_adapter(source, revision=revision, token=token, endpoint=endpoint)]
     configs = getattr(source, "peft_config", None)
     if isinstance(source, nn.Module) and isinstance(configs, Mapping):
         names = [name for name, cfg in configs.items() if cfg.peft_type == SOLORA]
@@ -345,6 +356,7 @@ def build_moe(
     check_base_model: bool = True,
     revision: str | None = None,
     token: str | None = None,
+    endpoint: str | None = None,
 ):
     """Build ``cls`` (an implicit-MoE model class) over ``base_model`` from SO-LoRA adapters; one expert per group.
 
@@ -354,13 +366,14 @@ def build_moe(
     ``input_ids``/``attention_mask``) or precomputed h0 (layer key -> tensor); a list aligned with the experts also
     works. ``refine`` defaults to ``"task_stats"`` when calibration is given, else ``"none"``. ``router_top_k``:
     ``"rank"`` (default) keeps as many components per token as one member's rank, an int that many, None/``"all"``
-    every component.
+    every component. ``revision``/``token``/``endpoint`` apply to adapters given as Hub ids.
     """
     if isinstance(base_model, (str, os.PathLike)):
         base_model = getattr(transformers, cls.base_auto_class).from_pretrained(str(base_model))
     sources, names = _groups_from(adapters, experts)
     groups = [
-        [m for source in group for m in load_members(source, revision=revision, token=token)] for group in sources
+        [m for source in group for m in load_members(source, revision=revision, token=token, endpoint=endpoint)]
+        for group in sources
     ]
     base_name = getattr(base_model.config, "_name_or_path", None) or None
     if check_base_model and base_name:

@@ -54,7 +54,10 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
 
     def __init__(
-        self, config: ImplicitMoEConfig, base_model: PreTrainedModel, experts: Mapping[str, LayerExperts]
+        self,
+        config: ImplicitMoEConfig,
+        base_model: PreTrainedModel | None = None,
+        experts: Mapping[str, LayerExperts] | None = None,
     ) -> None:
         """Wrap ``base_model`` (modified in place) with ``experts`` (layer key -> components) under ``config``."""
         if base_model is None:
