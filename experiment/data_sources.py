@@ -62,7 +62,10 @@ def fetch_distribution(requirement: str, *, cache: Path | None = None) -> Path:
     def find() -> Path | None:
         for path in sorted(cache.iterdir()):
             normalised = path.name.replace("-", "_").lower()
-            if normalised.startswith(stem.replace("-", "_")) and path.name.endswith((".tar.gz", ".whl", ".zip")):
+            prefix = stem.replace("-", "_")
+            if normalised.startswith((prefix + "_", prefix + ".tar.gz", prefix + ".zip")) and path.name.endswith(
+                (".tar.gz", ".whl", ".zip")
+            ):
                 return path
         return None
 
