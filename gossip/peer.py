@@ -196,14 +196,21 @@ class Peer:
 
     # -- push --------------------------------------------------------------------------------------------------
 
-    def push_round(self, round: int, update: SparseUpdate, *, metrics: Mapping[str, float] | None = None) -> PushResult:
+    def push_round(
+        self, round: int, update: SparseUpdate | bytes, *, metrics: Mapping[str, float] | None = None
+    ) -> PushResult:
         """Publish ``update`` as this peer's revision for ``round`` (one commit, tagged ``round-N``).
+
+        ``update`` is a :class:`SparseUpdate` or its serialised bytes (validated, then pushed byte for byte).
 
         Rounds go in order from 0; round 0 must carry the structure (masks, seed), later rounds values only.
         Pushing a round already on the hub returns its existing commit (``created=False``): no duplicates.
         A concurrent commit to the repo (stale parent) is answered by re-reading the head and retrying.
         """
         tag = round_tag(round)
+        data = bytes(update) if isinstance(update, (bytes, bytearray, memoryview)) else None
+        if data is not None:
+            update = SparseUpdate.from_bytes(data)
         if update.round != round:
             raise ValueError(f"update is for round {update.round}, not {round}: use get_sparse_update(..., round=N)")
         if (round == 0) != update.has_structure:
@@ -222,7 +229,7 @@ class Peer:
         expected = 0 if self._last_round is None else self._last_round + 1
         if round != expected:
             raise ValueError(f"peer {self.peer_id!r}: cannot push round {round}, the next round is {expected}")
-        data = update.to_bytes()
+        data = data if data is not None else update.to_bytes()
         info = self._info(round, data, metrics)
         files = {UPDATE_FILE: data, INFO_FILE: json.dumps(info, indent=1, sort_keys=True, allow_nan=False).encode()}
         sha = self._commit(round, files, info["sha256"])

@@ -148,3 +148,41 @@ def test_pull_is_reproducible_and_recorded_in_the_next_push(hub):
         "skipped": {},
         "rejected": {},
     }
+
+
+def test_cli_push_pull_status_on_both_backends(hub, tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from gossip.cli import add_gossip_commands
+
+    parser = argparse.ArgumentParser(prog="sorlora")
+    add_gossip_commands(parser.add_subparsers(dest="command", required=True))
+    location = str(hub.root) if hasattr(hub, "root") else hub.endpoint
+    if not hasattr(hub, "root"):
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cli-cache"))
+
+    def run(*argv: str) -> str:
+        args = parser.parse_args([argv[0], "--hub", location, "--namespace", "gossip", *argv[1:]])
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+
+    models = {p: calibrated_mlp(slot=i, seed=i) for i, p in enumerate(["a", "b"])}
+    for r in range(2):
+        for i, p in enumerate(models):
+            payload = tmp_path / f"{p}-{r}.safetensors"
+            payload.write_bytes(update_for_round(models[p], r, seed=i).to_bytes())
+            out = run("push", "--peer", p, "--round", str(r), "--payload", str(payload), "--task", f"t{i}",
+                      "--metric", "loss=0.5")  # fmt: skip
+            assert f"{p} round {r}: pushed as {hub.resolve(hub.repo_id(p), round_tag(r))}" in out
+    out = run(
+        "pull", "--peer", "a", "--round", "1", "--neighbours", "b", "--timeout", "5", "--out", str(tmp_path / "in")
+    )
+    assert f"b: {hub.resolve(hub.repo_id('b'), round_tag(1))}" in out
+    pulled = (tmp_path / "in" / "b.round-0001.safetensors").read_bytes()
+    assert pulled == (tmp_path / "b-1.safetensors").read_bytes(), "pulled bytes equal pushed bytes"
+    pushed_a = (tmp_path / "a-1.safetensors").read_bytes()
+    status = run("status")
+    rows = {line.split()[0]: line.split() for line in status.splitlines()[1:-1]}
+    assert rows["a"][:5] == ["a", hub.resolve(hub.repo_id("a"))[:12], "1", "2", str(len(pushed_a))]
+    assert rows["b"][4] == str(len(pulled)) and rows["b"][5] == "t1"
+    assert "2 peer(s)" in status.splitlines()[-1]
