@@ -76,6 +76,7 @@ class HfHub(Hub):
     """The hub interface over ``HfApi(endpoint=..., token=...)``.
 
     ``namespace``: the user or organisation owning the peers' repos (default: the token's user, via ``whoami``).
+    ``private``: visibility of the repos this hub creates (``None``: the namespace's default).
     ``max_retries``/``backoff``/``max_backoff``: bounded retry of 429/5xx, waiting ``backoff * 2**attempt`` seconds
     (capped, with jitter, or the server's ``Retry-After`` if shorter than ``max_backoff``).
     """
@@ -90,6 +91,7 @@ class HfHub(Hub):
         max_retries: int = 5,
         backoff: float = 0.5,
         max_backoff: float = 8.0,
+        private: bool | None = None,
     ) -> None:
         self._api = HfApi(endpoint=endpoint, token=token)
         self._token = token
@@ -97,6 +99,7 @@ class HfHub(Hub):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
         self._namespace = namespace
+        self.private = private
         if namespace is not None:
             validate_repo_id(f"{namespace}/x")
 
@@ -166,7 +169,7 @@ class HfHub(Hub):
         """Create the model repo ``repo_id`` (idempotent with ``exist_ok``)."""
         validate_repo_id(repo_id)
         try:
-            self._api.create_repo(repo_id, exist_ok=False)
+            self._api.create_repo(repo_id, exist_ok=False, private=self.private)
         except HfHubHTTPError as exc:
             if _status(exc) == 409:
                 if exist_ok:
@@ -175,7 +178,7 @@ class HfHub(Hub):
             if not _transient(exc):
                 raise self._map(f"create_repo {repo_id}", exc) from exc
             # a transient failure: the repo may or may not have been created; retry idempotently
-            self._call(f"create_repo {repo_id}", self._api.create_repo, repo_id, exist_ok=True)
+            self._call(f"create_repo {repo_id}", self._api.create_repo, repo_id, exist_ok=True, private=self.private)
 
     def list_repos(self, namespace: str | None = None) -> list[str]:
         """Model repo ids owned by ``namespace`` (default: this hub's)."""
