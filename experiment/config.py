@@ -58,6 +58,7 @@ class ExperimentConfig:
     eval_batch_size: int = 16
     hub: str | None = None  # None: a LocalHub under the run directory; else a Hub endpoint URL
     hub_namespace: str = "sorlora"
+    pull_timeout: float = 60.0  # seconds a peer waits for a neighbour's revision before skipping it
     engine: str = "local"  # "local" (in-process peers sharing one base model) or "ray"
     threads: int | None = None
 
@@ -100,7 +101,7 @@ class ExperimentConfig:
 
     def fingerprint(self) -> str:
         """Hash of the settings that determine results (engine and hub location excluded)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in ("engine", "hub", "threads")}
+        data = {k: v for k, v in self.to_dict().items() if k not in ("engine", "hub", "threads", "pull_timeout")}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> ExperimentConfig:

@@ -47,7 +47,6 @@ def build_moe(
 
 
 def evaluate_moe(
-    base: torch.nn.Module,
     ws: Workspace,
     experts: Sequence[Sequence[SparseUpdate]],
     tasks: Mapping[str, Task],

@@ -21,7 +21,7 @@ from peft_sorlora.projection import derive_seed
 from .config import ExperimentConfig
 from .methods import MethodSpec
 
-__all__ = ["Workspace", "adapter_name", "dense_fingerprint"]
+__all__ = ["Workspace", "adapter_name", "peer_of", "dense_fingerprint"]
 
 View = dict[str, object]  # adapter name -> SparseUpdate (SO-LoRA) or DenseUpdate (LoRA)
 
@@ -29,6 +29,13 @@ View = dict[str, object]  # adapter name -> SparseUpdate (SO-LoRA) or DenseUpdat
 def adapter_name(peer: int) -> str:
     """The adapter (and hub repo) name of a peer."""
     return f"peer{peer:02d}"
+
+
+def peer_of(name: str) -> int:
+    """The peer index of an adapter name made by :func:`adapter_name`."""
+    if not name.startswith("peer") or not name[4:].isdigit():
+        raise ValueError(f"not a peer adapter name: {name!r}")
+    return int(name[4:])
 
 
 def dense_fingerprint(state: Mapping[str, torch.Tensor], *, r: int, lora_alpha: float) -> str:
@@ -113,8 +120,13 @@ class Workspace:
         return get_sparse_update(self.model, name, round=round)
 
     def load_view(self, view: Mapping[str, object]) -> None:
-        """Write a peer's view (adapter name -> values) into the workspace."""
+        """Write a peer's view (adapter name -> values) into the workspace, adding adapters it lacks.
+
+        An added adapter gets its peer's deterministic config (same A); the masks come from the view's payloads.
+        """
         for name, state in view.items():
+            if self.model is None or name not in self.model.peft_config:
+                self.add_peer(peer_of(name))
             if self.spec.adapter == "lora":
                 set_peft_model_state_dict(self.model, state.values, adapter_name=name)
             else:

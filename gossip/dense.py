@@ -14,7 +14,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from peft_sorlora import PayloadError
-from peft_sorlora.exchange import read_payload_metadata
+from peft_sorlora.exchange import canonical_safetensors, read_payload_metadata
 
 __all__ = ["DENSE_FORMAT", "DenseUpdate"]
 
@@ -52,7 +52,7 @@ class DenseUpdate:
 
     def to_bytes(self) -> bytes:
         tensors = {k: v.detach().contiguous() for k, v in self.values.items()}
-        return save_safetensors(tensors, metadata=dict(self.metadata, format=DENSE_FORMAT))
+        return canonical_safetensors(save_safetensors(tensors, metadata=dict(self.metadata, format=DENSE_FORMAT)))
 
     @classmethod
     def from_bytes(
@@ -84,4 +84,4 @@ class DenseUpdate:
         bad = [k for k, v in values.items() if not torch.isfinite(v).all()]
         if bad:
             raise PayloadError(f"values of {bad[:3]} contain NaN or Inf")
-        return cls(values=values, metadata={k: v for k, v in metadata.items() if k != "format"})
+        return cls(values=dict(sorted(values.items())), metadata={k: v for k, v in metadata.items() if k != "format"})

@@ -32,6 +32,8 @@ __all__ = [
     "apply_sparse_update",
     "config_fingerprint",
     "update_stats",
+    "canonical_safetensors",
+    "read_payload_metadata",
 ]
 
 FORMAT = "solora-sparse-update/1"
@@ -128,7 +130,7 @@ class SparseUpdate:
                 tensors[f"mask::{key}"] = mask.to(torch.bool).contiguous()
                 tensors[f"shape::{key}"] = torch.tensor(self.shapes[key], dtype=torch.int64)
         metadata = dict(self.metadata, has_structure=str(self.has_structure).lower())
-        return save_safetensors(tensors, metadata=metadata)
+        return canonical_safetensors(save_safetensors(tensors, metadata=metadata))
 
     @classmethod
     def from_bytes(
@@ -171,7 +173,7 @@ class SparseUpdate:
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise PayloadError(f"payload is not valid safetensors: {exc}") from exc
         values, own_masks, shapes = {}, {}, {}
-        for name, tensor in tensors.items():
+        for name, tensor in sorted(tensors.items()):  # layer order must not depend on the file's order
             kind, _, key = name.partition("::")
             if kind == "values":
                 values[key] = tensor
@@ -235,6 +237,18 @@ class SparseUpdate:
             b[mask] = self.values[key].float()
             dense[key] = b
         return dense
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors bytes with the JSON header's keys sorted, so equal content gives equal bytes.
+
+    safetensors writes its header (tensor index and metadata) from hash maps, whose order varies between processes;
+    the tensor data and offsets are untouched, and the header stays padded to 8 bytes.
+    """
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + data[8 + length :]
 
 
 def read_payload_metadata(data: bytes) -> dict[str, str]:
