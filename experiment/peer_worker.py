@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gossip import Hub, Peer
-from gossip.peer import UPDATE_FILE
 from gossip.accounting import dense_payload_stats
 from gossip.aggregation import fedavg, masked_average, member_views
 from gossip.dense import DenseUpdate
+from gossip.peer import UPDATE_FILE
 from peft_sorlora import SparseUpdate, update_stats
 from peft_sorlora.projection import derive_seed
 

@@ -2,8 +2,22 @@
 
 Hub layer (:mod:`gossip.hub`): one interface, a local folder backend and a Hugging Face Hub backend.
 Peer layer (:mod:`gossip.peer`): one revision per peer per round, pinned pulls of the neighbours' revisions.
+Who talks to whom (:mod:`gossip.wireless`, :mod:`gossip.topology`) and how received updates combine
+(:mod:`gossip.aggregation`), what it costs (:mod:`gossip.accounting`), and a picture (:mod:`gossip.plot`):
+plain functions over networkx graphs and tensors, usable without any model.
 """
 
+from .accounting import (
+    CommStats,
+    LinkStats,
+    dense_payload_stats,
+    lora_round_stats,
+    round_stats,
+    solora_round_stats,
+    total_stats,
+)
+from .aggregation import cluster_experts, fedavg, masked_average, masked_average_updates, member_views, restrict_to_mask
+from .dense import DenseUpdate
 from .hub import (
     EntryNotFound,
     HfHub,
@@ -18,6 +32,27 @@ from .hub import (
     open_hub,
 )
 from .peer import Peer, PushResult, Rejection, RoundPull, round_tag
+from .plot import plot_topology
+from .topology import (
+    cluster_collision_rate,
+    cluster_topology,
+    clusters,
+    fully_connected,
+    neighbours,
+    random_topology,
+    ring,
+    single_cluster,
+)
+from .wireless import (
+    ChannelParams,
+    channel_gains,
+    is_feasible,
+    link_delay,
+    link_rate,
+    min_power,
+    peer_power,
+    place_peers,
+)
 
 __all__ = [
     # hub
@@ -38,4 +73,38 @@ __all__ = [
     "Rejection",
     "RoundPull",
     "round_tag",
+    "DenseUpdate",
+    # topology and channel
+    "ChannelParams",
+    "place_peers",
+    "channel_gains",
+    "link_rate",
+    "link_delay",
+    "min_power",
+    "peer_power",
+    "is_feasible",
+    "cluster_topology",
+    "cluster_collision_rate",
+    "random_topology",
+    "single_cluster",
+    "ring",
+    "fully_connected",
+    "clusters",
+    "neighbours",
+    # aggregation
+    "masked_average",
+    "fedavg",
+    "restrict_to_mask",
+    "masked_average_updates",
+    "member_views",
+    "cluster_experts",
+    # accounting and plots
+    "CommStats",
+    "LinkStats",
+    "dense_payload_stats",
+    "round_stats",
+    "solora_round_stats",
+    "lora_round_stats",
+    "total_stats",
+    "plot_topology",
 ]

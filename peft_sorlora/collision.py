@@ -27,7 +27,7 @@ def collision_rate(sparsities: Sequence[float] | np.ndarray) -> float | np.ndarr
         raise ValueError(f"sparsities must lie in [0, 1], got {s.tolist()}")
     if s.ndim == 0:
         s = s[None]
-    if s.shape[-1] == 0:
+    if s.shape[-1] < 2:  # no collision is possible (the formula below leaves ~1e-17 in floating point)
         zero = np.zeros(s.shape[:-1])
         return float(zero) if zero.ndim == 0 else zero
     q = 1.0 - s

@@ -44,8 +44,14 @@ def test_solora_trains_and_round_trips_on_smollm2(smollm2, tmp_path):
     torch.manual_seed(0)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    config = SOLoRAConfig(r=8, lora_alpha=16, sparsity=0.5, sparsity_allocation="spectral_entropy",
-                          task_type="CAUSAL_LM", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    config = SOLoRAConfig(
+        r=8,
+        lora_alpha=16,
+        sparsity=0.5,
+        sparsity_allocation="spectral_entropy",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
+    )
     model = get_peft_model(base, config)
     batch = _batch(tokenizer)
     calibrate(model, [batch])
