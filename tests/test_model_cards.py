@@ -13,7 +13,6 @@ import peft
 import pytest
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -460,12 +459,6 @@ with torch.no_grad():
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=HfHubHTTPError,
-    reason="gossip.hub.server has no POST /api/validate-yaml, which HfApi.create_commit calls before committing a "
-    "README.md (404). Remove this marker once the route exists; the rest of the test passed with the route stubbed.",
-)
 def test_snippet_loads_adapter_pushed_to_hub(saved_repo, hub_server, tmp_path):
     """Push base model and adapter (with its card) to a Hub server, then run the card's snippet in a fresh process."""
     base_dir, adapter_dir, model, logits = saved_repo
