@@ -25,7 +25,7 @@ class ExperimentConfig:
     """
 
     model: str | None = None  # None: the bundled SmolLM2-135M-Instruct; else an HF id or local path
-    tasks: tuple[str, ...] = ("intent_recognition", "strategyqa", "vitaminc_fact_verification", "elementary_math_qa")
+    tasks: tuple[str, ...] = ("intent_recognition", "strategyqa", "bbc_news", "vitaminc_fact_verification")
     methods: tuple[str, ...] = METHODS
     peers: int = 4
     rounds: int = 3
@@ -38,7 +38,7 @@ class ExperimentConfig:
     rank: int = 8
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    sparsity: float = 0.5
+    sparsity: float = 0.25
     sparsity_allocation: str = "spectral_entropy"
     payload_dtype: str = "float32"
     lr: dict[str, float] = field(
@@ -52,7 +52,7 @@ class ExperimentConfig:
         }
     )
     degree: int = 2  # neighbours per peer in the random topology of the lora/lori baselines
-    s_max: float = 0.15  # collision-rate bound of the cluster topology
+    s_max: float = 0.1  # collision-rate bound of the cluster topology (pairs at sparsity 0.25 collide at ~0.06)
     router_top_k: int | None = None  # None: keep r entries per expert-set component (see moe_router)
     seed: int = 0
     eval_batch_size: int = 16
@@ -61,6 +61,13 @@ class ExperimentConfig:
     pull_timeout: float = 60.0  # seconds a peer waits for a neighbour's revision before skipping it
     engine: str = "local"  # "local" (in-process peers sharing one base model) or "ray"
     threads: int | None = None
+    # Ray engine only (experiment/ray_engine.py); like engine, these never change results (not in the fingerprint).
+    ray_address: str | None = None  # None: start a local Ray; "auto" or "ray://host:10001": join a running cluster
+    ray_cpus_per_peer: float = 1.0  # CPUs each peer actor reserves (fractional: several peers share a core)
+    ray_gpus_per_peer: float = 0.0  # GPUs each peer actor reserves (0: none)
+    ray_resources: dict[str, float] = field(default_factory=dict)  # custom resources per actor, e.g. {"big": 1}
+    ray_max_restarts: int = 3  # times a dead peer actor is restarted (it then resumes from its last round)
+    ray_timeout: float = 3600.0  # seconds the driver waits for one phase of one peer (ray.get timeout)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -75,6 +82,13 @@ class ExperimentConfig:
             raise ValueError(f"sparsity must be in (0, 1], got {self.sparsity}")
         if self.engine not in ("local", "ray"):
             raise ValueError(f"engine must be 'local' or 'ray', got {self.engine!r}")
+        if self.ray_cpus_per_peer <= 0 or self.ray_gpus_per_peer < 0 or self.ray_timeout <= 0:
+            raise ValueError(
+                "ray_cpus_per_peer and ray_timeout must be > 0 and ray_gpus_per_peer >= 0, got "
+                f"{self.ray_cpus_per_peer}, {self.ray_timeout}, {self.ray_gpus_per_peer}"
+            )
+        if self.ray_max_restarts < 0:
+            raise ValueError(f"ray_max_restarts must be >= 0, got {self.ray_max_restarts}")
         missing = [m for m in self.methods if m not in self.lr]
         if missing:
             raise ValueError(f"lr has no entry for methods {missing}")
@@ -100,8 +114,12 @@ class ExperimentConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def fingerprint(self) -> str:
-        """Hash of the settings that determine results (engine and hub location excluded)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in ("engine", "hub", "threads", "pull_timeout")}
+        """Hash of the settings that determine results (engine, Ray placement and hub location excluded)."""
+        data = {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in ("engine", "hub", "threads", "pull_timeout") and not k.startswith("ray_")
+        }
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> ExperimentConfig:

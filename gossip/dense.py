@@ -14,7 +14,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from peft_sorlora import PayloadError
-from peft_sorlora.exchange import canonical_safetensors, read_payload_metadata
+from peft_sorlora.exchange import canonical_safetensors, check_payload_header
 
 __all__ = ["DENSE_FORMAT", "DenseUpdate"]
 
@@ -64,19 +64,13 @@ class DenseUpdate:
         masks: None = None,
     ) -> DenseUpdate:
         """Parse and validate (format, base model, config hash, NaN/Inf); raise :class:`PayloadError`."""
-        metadata = read_payload_metadata(data)
-        if metadata.get("format") != DENSE_FORMAT:
-            raise PayloadError(f"foreign payload: format tag {metadata.get('format')!r}, expected {DENSE_FORMAT!r}")
-        if "round" not in metadata:
-            raise PayloadError("payload header lacks 'round'")
-        if expected_base_model is not None and metadata.get("base_model") != expected_base_model:
-            raise PayloadError(
-                f"payload is for base model {metadata.get('base_model')!r}, expected {expected_base_model!r}"
-            )
-        if expected_config_hash is not None and metadata.get("config_hash") != expected_config_hash:
-            raise PayloadError(
-                f"payload config hash {metadata.get('config_hash')!r} differs from {expected_config_hash!r}"
-            )
+        metadata = check_payload_header(
+            data,
+            format=DENSE_FORMAT,
+            required=("round",),
+            expected_base_model=expected_base_model,
+            expected_config_hash=expected_config_hash,
+        )
         try:
             values = load_safetensors(data)
         except (SafetensorError, ValueError, RuntimeError) as exc:

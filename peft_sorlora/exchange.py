@@ -34,6 +34,7 @@ __all__ = [
     "update_stats",
     "canonical_safetensors",
     "read_payload_metadata",
+    "check_payload_header",
 ]
 
 FORMAT = "solora-sparse-update/1"
@@ -147,21 +148,13 @@ class SparseUpdate:
         a base model or config hash other than expected, NaN/Inf values, values whose count does not match the mask
         (the payload's own, or ``masks`` from the peer's round-0 payload for value-only payloads).
         """
-        metadata = read_payload_metadata(data)
-        if metadata.get("format") != FORMAT:
-            raise PayloadError(f"foreign payload: format tag {metadata.get('format')!r}, expected {FORMAT!r}")
-        missing = [k for k in _REQUIRED if k not in metadata]
-        if missing:
-            raise PayloadError(f"payload header lacks {missing}")
-        if expected_base_model is not None and metadata["base_model"] != expected_base_model:
-            raise PayloadError(
-                f"payload is for base model {metadata['base_model']!r}, expected {expected_base_model!r}"
-            )
-        if expected_config_hash is not None and metadata["config_hash"] != expected_config_hash:
-            raise PayloadError(
-                f"payload config hash {metadata['config_hash']!r} differs from ours {expected_config_hash!r} "
-                "(rank, alpha, projection mode/seed or adapted layers differ)"
-            )
+        metadata = check_payload_header(
+            data,
+            format=FORMAT,
+            required=_REQUIRED,
+            expected_base_model=expected_base_model,
+            expected_config_hash=expected_config_hash,
+        )
         if metadata["dtype"] not in PAYLOAD_DTYPES:
             raise PayloadError(f"payload dtype {metadata['dtype']!r} is not one of {PAYLOAD_DTYPES}")
         try:
@@ -249,6 +242,33 @@ def canonical_safetensors(data: bytes) -> bytes:
     header = json.dumps(json.loads(data[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
     return struct.pack("<Q", len(header)) + header + data[8 + length :]
+
+
+def check_payload_header(
+    data: bytes,
+    *,
+    format: str,
+    required: tuple[str, ...] = (),
+    expected_base_model: str | None = None,
+    expected_config_hash: str | None = None,
+) -> dict[str, str]:
+    """Read a payload's header and refuse a foreign format, missing fields, or another base model / config hash."""
+    metadata = read_payload_metadata(data)
+    if metadata.get("format") != format:
+        raise PayloadError(f"foreign payload: format tag {metadata.get('format')!r}, expected {format!r}")
+    missing = [k for k in required if k not in metadata]
+    if missing:
+        raise PayloadError(f"payload header lacks {missing}")
+    if expected_base_model is not None and metadata.get("base_model") != expected_base_model:
+        raise PayloadError(
+            f"payload is for base model {metadata.get('base_model')!r}, expected {expected_base_model!r}"
+        )
+    if expected_config_hash is not None and metadata.get("config_hash") != expected_config_hash:
+        raise PayloadError(
+            f"payload config hash {metadata.get('config_hash')!r} differs from ours {expected_config_hash!r} "
+            "(rank, alpha, projection mode/seed or adapted layers differ)"
+        )
+    return metadata
 
 
 def read_payload_metadata(data: bytes) -> dict[str, str]:
