@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,8 +42,21 @@ def _config_from_args(args: argparse.Namespace):
     return cfg.replace(**changes)
 
 
+def _quiet_library_warnings() -> None:
+    """Hide warnings the run triggers by design (adapters share one base model; GGUF weights are dequantized)."""
+    for pattern in (
+        ".*base_model_name_or_path.*was renamed.*",
+        ".*is_gradient_checkpointing.*",
+        ".*Could not find a config file.*",
+        ".*Already unmerged.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_experiment
+
+    _quiet_library_warnings()
 
     cfg = _config_from_args(args)
     run_dir = Path(args.run_dir)
