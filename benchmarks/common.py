@@ -175,21 +175,25 @@ def rows_against(
     unit: str,
     anchor_label: str | None = None,
     notes: Mapping[str, str] | None = None,
+    worse_notes: Mapping[str, str] | None = None,
     params: Mapping[str, object] | None = None,
     group: str | None = None,
 ) -> list[dict]:
     """Result rows for one comparison: every figure with its ratio to the median of ``figures[anchor]``.
 
     Row keys: entry, group, name, anchor, anchor_label, median, min, max, unit, samples, ratio, worse, note, params.
-    ``worse`` is True when the ratio exceeds 1 (every figure is lower-is-better).
+    ``worse`` is True when the ratio exceeds 1 (every figure is lower-is-better); such a row's note is
+    ``worse_notes[name]`` (why it is worse), any other row's ``notes[name]``.
     """
     if anchor not in figures:
         raise ValueError(f"anchor {anchor!r} is not among the figures {sorted(figures)}")
     base = figures[anchor].median
-    notes = notes or {}
+    notes, worse_notes = notes or {}, worse_notes or {}
     rows = []
     for name, m in figures.items():
         ratio = m.median / base if base else float("nan")
+        worse = name != anchor and ratio > 1.0
+        note = (worse_notes.get(name) if worse else None) or notes.get(name, "")
         rows.append(
             {
                 "entry": entry,
@@ -203,8 +207,8 @@ def rows_against(
                 "unit": unit,
                 "samples": list(m.samples),
                 "ratio": ratio,
-                "worse": name != anchor and ratio > 1.0,
-                "note": notes.get(name, ""),
+                "worse": worse,
+                "note": note,
                 "params": dict(params or {}),
             }
         )

@@ -104,7 +104,7 @@ def _case(label: str, updates: list, n: int, repeats: int, tmp: Path) -> list[di
     }
     rows = rows_against(
         ENTRY, times, anchor=ANCHOR, unit="s/round", anchor_label="copying the same bytes",
-        notes={"local_hub": HUB_NOTE, "hub_server_http": HTTP_NOTE}, params=params, group=f"{ENTRY}/{label}/{n}",
+        worse_notes={"local_hub": HUB_NOTE, "hub_server_http": HTTP_NOTE}, params=params, group=f"{ENTRY}/{label}/{n}",
     )  # fmt: skip
     for row in rows:
         row["name"] = f"{label} {n} peers {row['name']}"

@@ -1,27 +1,46 @@
-"""Forward latency of the implicit MoE with E = 1, 2, 4 experts against one merged SO-LoRA adapter on the same model.
+"""Forward latency per token of the implicit MoE with E = 1, 2, 4 experts, prefill and decode, against one merged
+SO-LoRA adapter (the anchor: a single-task deployment, i.e. a plain base forward) on the same model.
 
-The anchor is the cost a single-task deployment pays: one adapter merged into W0 (a plain base forward). The MoE
-rows add, per target layer, ``A_all x`` (E·r components), the top-k selection and ``B_all h``. Run directly
+The MoE rows add, per target layer, ``A_all x`` (E·r components), the top-k selection and ``B_all h``. For context:
+one unmerged SO-LoRA adapter, and PEFT's training-free Arrow router over the same E = 4 experts exported as exact
+LoRA adapters (:func:`moe_router.export_loras`); X-LoRA when PEFT can build it on these exports (its router is an
+untrained classifier here: latency only). Prefill: a ``batch x length`` prompt, seconds per prompt token. Decode: one
+new token per sequence with the prompt's KV cache, seconds per generated token. Run directly
 (``python -m benchmarks.moe_latency``) or call :func:`run`.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
+import copy
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_sorlora
-from moe_router import ImplicitMoEForCausalLM
+from moe_router import ImplicitMoEForCausalLM, arrow_model, export_loras
 
-__all__ = ["run"]
+from .common import measure_interleaved, rows_against
 
+__all__ = ["run", "ENTRY"]
+
+ENTRY = "moe_latency"
 ANCHOR = "merged_adapter"
 _RANK = 8
 _BATCH, _LENGTH = 4, 64
+WORSE_NOTES = {
+    "solora_unmerged": "unmerged adapter: two extra small matmuls per target layer (merge for single-task serving)",
+    "moe_E1": "the router's extra work per target layer: A_all x (E·r components), top-k, B_all h",
+    "moe_E2": "the router's extra work per target layer: A_all x (E·r components), top-k, B_all h",
+    "moe_E4": "the router's extra work per target layer: A_all x (E·r components), top-k, B_all h",
+}
+NOTES = {
+    "arrow_E4": "PEFT Arrow over the same 4 experts as LoRA exports (training-free router, top-1)",
+    "xlora_E4": "PEFT X-LoRA over the same exports: a scaling pass (an extra base forward) before every forward",
+}
 
 
 def _config() -> LlamaConfig:
@@ -52,23 +71,51 @@ def _expert(state: dict[str, torch.Tensor], slot: int, batch: dict[str, torch.Te
     return model.eval()
 
 
-@torch.no_grad()
-def _time(models: dict[str, torch.nn.Module], input_ids: torch.Tensor, repeats: int) -> dict[str, list[float]]:
-    """Seconds per forward for each model; models take turns within each repeat so that load drifts hit all alike."""
-    for model in models.values():
-        model(input_ids=input_ids)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(input_ids=input_ids)
-            times[name].append(time.perf_counter() - start)
-    return times
+def _xlora(state: dict[str, torch.Tensor], paths: list[Path]) -> torch.nn.Module | None:
+    """X-LoRA over the exported experts, or None when this PEFT cannot build it on this model."""
+    try:
+        from peft import XLoraConfig  # noqa: PLC0415
+
+        config = XLoraConfig(
+            task_type="CAUSAL_LM",
+            hidden_size=_config().hidden_size,
+            adapters={str(i): str(p) for i, p in enumerate(paths)},
+        )
+        base = _base(state)
+        base.config.use_cache = False
+        return get_peft_model(base, config).eval()
+    except Exception:  # noqa: BLE001 - X-LoRA is optional context; its absence is reported, not fatal
+        return None
 
 
-def run(repeats: int = 5) -> list[dict]:
-    """Rows ``{name, median_s, min_s, max_s, ratio_to_anchor, anchor}``: the merged adapter (anchor), one unmerged
-    SO-LoRA adapter (for context), then the MoE with E = 1, 2, 4 experts (rank 8 each, top-k = 8)."""
+def _prefill(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    @torch.no_grad()
+    def call() -> None:
+        model(input_ids=ids, use_cache=False)
+
+    return call
+
+
+def _decode(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None] | None:
+    """One-token forward on top of the prompt's KV cache (the cache is copied so every call sees the same length)."""
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        return None
+    nxt = ids[:, -1:]
+    mask = torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.long)
+
+    @torch.no_grad()
+    def call() -> None:
+        model(input_ids=nxt, attention_mask=mask, past_key_values=copy.deepcopy(cache), use_cache=True)
+
+    return call
+
+
+def run(repeats: int = 5, quick: bool = False) -> list[dict]:
+    """Rows per token for prefill and decode: merged adapter (anchor), unmerged SO-LoRA, MoE with E = 1, 2, 4
+    (rank 8 each, top-k = 8), Arrow and (if available) X-LoRA over the same 4 experts. ``quick`` skips X-LoRA."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     torch.manual_seed(0)
@@ -77,26 +124,36 @@ def run(repeats: int = 5) -> list[dict]:
     batch = {"input_ids": input_ids, "labels": input_ids}
     peers = [_expert(state, slot, batch) for slot in range(4)]
     updates = [peft_sorlora.get_sparse_update(p, round=0) for p in peers]
-    models = {ANCHOR: peers[0].merge_and_unload(), "solora_unmerged": peers[1]}
+    models: dict[str, torch.nn.Module] = {ANCHOR: peers[0].merge_and_unload(), "solora_unmerged": peers[1]}
     for count in (1, 2, 4):
         models[f"moe_E{count}"] = ImplicitMoEForCausalLM.from_adapters(
             _base(state), adapters=updates[:count], router_top_k=_RANK
         ).eval()
-    timings = _time(models, input_ids, repeats)
-    anchor = statistics.median(timings[ANCHOR])
-    return [
-        {
-            "name": name,
-            "median_s": statistics.median(t),
-            "min_s": min(t),
-            "max_s": max(t),
-            "ratio_to_anchor": statistics.median(t) / anchor,
-            "anchor": ANCHOR,
-        }
-        for name, t in timings.items()
-    ]
+    with tempfile.TemporaryDirectory(prefix="bench-moe-") as tmp:
+        paths = export_loras(models["moe_E4"], tmp)
+        models["arrow_E4"] = arrow_model(_base(state), paths, top_k=1).eval()
+        xlora = None if quick else _xlora(state, paths)
+        if xlora is not None:
+            models["xlora_E4"] = xlora
+        prefill = measure_interleaved({n: _prefill(m, input_ids) for n, m in models.items()}, repeats=repeats)
+        decoders = {n: _decode(m, input_ids) for n, m in models.items()}
+    decode = measure_interleaved({n: f for n, f in decoders.items() if f is not None}, repeats=repeats)
+    params = {"model": "tiny-llama (hidden 256, 4 layers)", "batch": _BATCH, "prompt_len": _LENGTH, "rank": _RANK,
+              "top_k": _RANK, "targets": ["q_proj", "v_proj"], "xlora": xlora is not None}  # fmt: skip
+    prefill_tokens, decode_tokens = _BATCH * _LENGTH, _BATCH
+    rows = rows_against(
+        ENTRY, {n: m.scaled(1 / prefill_tokens) for n, m in prefill.items()}, anchor=ANCHOR, unit="s/token",
+        anchor_label="merged adapter", notes=NOTES, worse_notes=WORSE_NOTES, params=params, group=f"{ENTRY}/prefill",
+    )  # fmt: skip
+    rows += rows_against(
+        ENTRY, {n: m.scaled(1 / decode_tokens) for n, m in decode.items()}, anchor=ANCHOR, unit="s/token",
+        anchor_label="merged adapter", notes=NOTES, worse_notes=WORSE_NOTES, params=params, group=f"{ENTRY}/decode",
+    )  # fmt: skip
+    for row in rows:
+        row["name"] = f"{row['group'].rsplit('/', 1)[1]} {row['name']}"
+    return rows
 
 
 if __name__ == "__main__":
     for row in run():
-        print(f"{row['name']:>15}  median {row['median_s'] * 1e3:7.2f} ms  ratio {row['ratio_to_anchor']:.2f}")
+        print(f"{row['name']:>24}  median {row['median'] * 1e6:9.2f} µs/token  ratio {row['ratio']:.2f}")

@@ -152,7 +152,7 @@ def run(repeats: int = 5, quick: bool = False, counts: tuple[int, ...] | None = 
     }
     rows += rows_against(
         ENTRY, per_peer_time, anchor=first, unit="s/round/peer", anchor_label=f"{counts[0]} peers (linear scaling)",
-        notes=time_note, params=params, group=f"{ENTRY}/{label}/round_time",
+        worse_notes=time_note, params=params, group=f"{ENTRY}/{label}/round_time",
     )  # fmt: skip
     for row in rows:
         row["name"] = f"{label} {row['name']}"
