@@ -107,12 +107,15 @@ class AdapterCardInfo:
     params_updated: int | None = None  # number of trained (masked) B entries
     metrics: Mapping[str, float] = field(default_factory=dict)
     license: str | None = None
+    revision: str | None = None  # the branch/tag the loading snippet names (e.g. "final"); None: the default branch
 
     def __post_init__(self) -> None:
         for name in ("repo_id", "base_model", "peer_id", "task"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"AdapterCardInfo.{name} must be a non-empty string, got {value!r}.")
+        if self.revision is not None and (not isinstance(self.revision, str) or not self.revision.strip()):
+            raise ValueError(f"AdapterCardInfo.revision must be None or a non-empty string, got {self.revision!r}.")
         if isinstance(self.neighbours, str):
             raise ValueError("AdapterCardInfo.neighbours must be a sequence of peer ids, not a string.")
         for record in self.rounds:
@@ -174,6 +177,7 @@ def adapter_card(info: AdapterCardInfo, *, lora_export: bool = False) -> ModelCa
         lora_export=lora_export,
         repo_id=info.repo_id,
         repo_literal=python_literal(info.repo_id),
+        revision_literal=None if info.revision is None else python_literal(info.revision),
         base_model_literal=python_literal(info.base_model),
         peer_id=info.peer_id,
         task=info.task,

@@ -46,7 +46,8 @@ class MoECardInfo:
     """Everything the merged-model card shows, as plain data.
 
     ``results`` maps task -> method -> metric value (the experiment's table); ``method`` names the column that is this
-    model, which becomes the card's ``model-index``. ``communication`` maps method -> quantity -> total.
+    model, which becomes the card's ``model-index``. Empty ``results`` (a model saved before evaluation) give a card
+    without ``model-index`` whose results section says so. ``communication`` maps method -> quantity -> total.
     """
 
     repo_id: str
@@ -77,13 +78,11 @@ class MoECardInfo:
             raise ValueError(f"MoECardInfo.experts repeats a cluster: {clusters}.")
         if self.router_top_k is not None and (not isinstance(self.router_top_k, int) or self.router_top_k < 1):
             raise ValueError(f"MoECardInfo.router_top_k must be a positive integer or None, got {self.router_top_k!r}.")
-        if not self.results:
-            raise ValueError("MoECardInfo.results is empty.")
         for task, row in self.results.items():
             for method, value in row.items():
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise ValueError(f"Result for task {task!r}, method {method!r} must be a finite number: {value!r}.")
-        if not any(self.method in row for row in self.results.values()):
+        if self.results and not any(self.method in row for row in self.results.values()):
             raise ValueError(f"MoECardInfo.method {self.method!r} has no result for any task.")
         unknown = set(self.test_size) - set(self.results)
         if unknown:
@@ -135,9 +134,9 @@ def moe_card(info: MoECardInfo) -> ModelCard:
         pipeline_tag="text-generation",
         license=info.license,
         tags=unique(["mixture-of-experts", *BASE_TAGS, *(tag_slug(task) for task in info.tasks)]),
-        metrics=[info.metric],
+        metrics=[info.metric] if info.results else None,
         model_name=model_name,
-        eval_results=_eval_results(info),
+        eval_results=_eval_results(info) or None,
     )
     results_rows = [
         {

@@ -105,19 +105,32 @@ def _normalized_lines(text: str) -> list[str]:
     return [line.rstrip() for line in text.strip().splitlines()]
 
 
-def _is_untouched_default(body: str) -> bool:
-    """True when ``body`` is huggingface_hub's empty default template, as PEFT's ``save_pretrained`` writes it.
+# The descriptions libraries fill into huggingface_hub's default template on their own: none (PEFT's save_pretrained)
+# and the sentence transformers' push_to_hub writes into a repo that has no card yet.
+AUTO_DESCRIPTIONS: tuple[str, ...] = (
+    "",
+    "This is the model card of a 🤗 transformers model that has been pushed on the Hub. This model card has been "
+    "automatically generated.",
+)
 
-    PEFT creates README.md from that template and appends a "Framework versions" block; such a body holds nothing a
-    user wrote, so a regenerated card replaces it instead of keeping 200 lines of placeholders.
+
+def _is_untouched_default(body: str) -> bool:
+    """True when ``body`` is huggingface_hub's default template as a library wrote it, with nothing a user added.
+
+    PEFT's ``save_pretrained`` writes that template and appends a "Framework versions" block; transformers'
+    ``push_to_hub`` fills in a generated one-line description. A regenerated card replaces such a body instead of
+    keeping 200 lines of placeholders; any other description counts as the user's and is kept.
     """
-    default = _normalized_lines(ModelCard.from_template(ModelCardData()).text)
     lines = [line for line in _normalized_lines(body) if not line.startswith("- PEFT ")]
     while lines and lines[-1] in ("", "### Framework versions"):
         lines.pop()
-    while default and default[-1] == "":
-        default.pop()
-    return lines == default
+    for description in AUTO_DESCRIPTIONS:
+        default = _normalized_lines(ModelCard.from_template(ModelCardData(), model_description=description).text)
+        while default and default[-1] == "":
+            default.pop()
+        if lines == default:
+            return True
+    return False
 
 
 def _merge_bodies(old_body: str, new_body: str) -> str:

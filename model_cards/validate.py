@@ -57,8 +57,6 @@ def check_card(card_or_text: ModelCard | str, *, kind: Literal["adapter", "moe"]
         problems.append("`tags` must be a list of strings")
     elif "solora" not in tags:
         problems.append("tags lack 'solora'")
-    if kind == "moe" and not data.eval_results:
-        problems.append("metadata lacks `model-index` eval results")
 
     try:
         sections = {section.name: section for section in parse_sections(card.text)}
@@ -69,6 +67,14 @@ def check_card(card_or_text: ModelCard | str, *, kind: Literal["adapter", "moe"]
         missing = [name for name in REQUIRED_SECTIONS[kind] if name not in sections]
         if missing:
             problems.append(f"missing generated section(s): {', '.join(missing)}")
+    if kind == "moe":
+        # A results table must be mirrored in model-index; a card saved before evaluation has neither.
+        results = sections.get("results")
+        has_table = results is None or any(line.lstrip().startswith("|") for line in results.body.splitlines())
+        if has_table and not data.eval_results:
+            problems.append("metadata lacks `model-index` eval results")
+        if not has_table and data.eval_results:
+            problems.append("`model-index` has eval results but the results section shows no table")
     if "usage" in sections:
         snippets = extract_python_snippets(sections["usage"].body)
         if not snippets:
