@@ -31,7 +31,7 @@ def build_moe(
     ``calibration[e][m]`` is member m of expert e's calibration batch: its task's input statistics refine that
     member's A (Eq. 26), so the frozen projections route tokens without a trained router.
     """
-    base = copy.deepcopy(ws.model).unload()
+    base = copy.deepcopy(ws.base) if ws.model is None else copy.deepcopy(ws.model).unload()  # no adapter yet
     batches = {
         (e, m): [{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}]
         for e, members in enumerate(calibration)
