@@ -2,14 +2,18 @@
 
 The expert layers are injected into the wrapped base model, so its own forward, cache and generation loop run
 unchanged. Saved as ``config.json`` + ``experts.safetensors``; the base model is referenced by id (or saved in
-``base/`` when asked). This module imports only torch, transformers and safetensors, so that it can travel to the
-Hub as remote code; the builders that read SO-LoRA adapters live in :mod:`moe_router.builders`.
+``base/`` when asked), with a ``README.md`` model card (:mod:`model_cards`) whose generated sections are refreshed
+on every save and push while user text is kept. This module imports only torch, transformers and safetensors, so that
+it can travel to the Hub as remote code; the builders that read SO-LoRA adapters live in :mod:`moe_router.builders`,
+and ``model_cards`` is imported only when a card is written (no card, with a warning, where it is not installed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -35,6 +39,9 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "to
 _AUTO_KWARGS = ("_from_auto", "trust_remote_code", "adapter_kwargs", "_commit_hash", "code_revision")
 FILE_FORMAT = "solora-moe-experts/1"
 _UNCHANGED: Any = object()
+CARD_FILE = "README.md"
+
+logger = logging.getLogger(__name__)
 
 
 def _base_name(base_model: nn.Module) -> str | None:
@@ -214,12 +221,16 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
         save_base: bool | None = None,
         is_main_process: bool = True,
         push_to_hub: bool = False,
+        card_info: Any = None,
         **kwargs: Any,
     ) -> None:
-        """Write ``config.json`` and ``experts.safetensors`` (plus the base model under ``base/`` if ``save_base``).
+        """Write ``config.json``, ``experts.safetensors`` and the ``README.md`` card (plus the base under ``base/`` if
+        ``save_base``).
 
         ``save_base`` defaults to ``config.base_in_repo``; without it the base is referenced by
-        ``config.base_model_name_or_path`` and must be loadable from there.
+        ``config.base_model_name_or_path`` and must be loadable from there. ``card_info``: a
+        :class:`model_cards.MoECardInfo` or a mapping of its fields (``results``, ``method``, ``communication``,
+        ``test_size``, ...) that override what the model knows; an existing README.md there is updated, not replaced.
         """
         if push_to_hub:
             raise ValueError("use model.push_to_hub(repo_id, save_base=...) to upload")
@@ -246,15 +257,81 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
         if save_base:
             with self.unwrapped() as base:
                 base.save_pretrained(os.path.join(save_directory, BASE_SUBFOLDER))
+        if getattr(self, "_pending_card", None) is None:  # push_to_hub writes the card just before its upload
+            card = self.model_card(str(save_directory), card_info)
+            if card is not None:
+                importlib.import_module("model_cards").update_card_file(os.path.join(save_directory, CARD_FILE), card)
 
-    def push_to_hub(self, repo_id: str, *, save_base: bool | None = None, **kwargs: Any) -> Any:
-        """Upload config and experts (and the base when ``save_base``) with transformers' ``push_to_hub``."""
+    def push_to_hub(self, repo_id: str, *, save_base: bool | None = None, card_info: Any = None, **kwargs: Any) -> Any:
+        """Upload config, experts and card (and the base when ``save_base``) with transformers' ``push_to_hub``.
+
+        The card is merged into the README.md already in the repo (user text kept); ``card_info`` as in
+        :meth:`save_pretrained`. Tags accumulate as transformers does it: the repo's, ``model_tags``, ``tags=``, ours.
+        """
         previous = self.config.base_in_repo
         self.config.base_in_repo = previous if save_base is None else bool(save_base)
+        self._pending_card = {"card_info": card_info}
         try:
             return super().push_to_hub(repo_id, **kwargs)
         finally:
             self.config.base_in_repo = previous
+            self._pending_card = None
+
+    def _upload_modified_files(self, working_dir: str | os.PathLike, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        """transformers' upload step of ``push_to_hub``: first merge our card into the README.md it prepared there
+        (the repo's existing card with the push's tags, or its placeholder for a new repo)."""
+        pending = getattr(self, "_pending_card", None)
+        card = None if pending is None else self.model_card(repo_id, pending["card_info"])
+        path = os.path.join(working_dir, CARD_FILE)
+        if card is not None:
+            if os.path.isfile(path):
+                prepared = type(card).load(path)
+                card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *(prepared.data.tags or [])]))
+            importlib.import_module("model_cards").update_card_file(path, card)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+
+    def model_card(self, repo_id: str, card_info: Any = None) -> Any:
+        """The MoE card (:func:`model_cards.moe_card`) for this model as repo ``repo_id``: base model, experts with
+        their members' peers and tasks (where the expert descriptions carry them), router settings, and whatever
+        ``card_info`` adds (see :meth:`save_pretrained`). None, with a warning, without ``model_cards`` or a base name.
+        """
+        try:
+            cards = importlib.import_module("model_cards")
+        except ImportError as exc:
+            logger.warning("no model card written: model_cards is not importable (%s); install peft-sorlora", exc)
+            return None
+        if dataclasses.is_dataclass(card_info) and not isinstance(card_info, type):
+            card_info = {f.name: getattr(card_info, f.name) for f in dataclasses.fields(card_info)}
+        elif card_info is not None and not isinstance(card_info, Mapping):
+            raise ValueError(f"card_info must be a MoECardInfo or a mapping of its fields, got {type(card_info)}")
+        config = self.config
+        base = config.base_model_name_or_path or _base_name(self.model)
+        if not base and not (card_info or {}).get("base_model"):
+            logger.warning("no model card written: the base model has no name (config.base_model_name_or_path)")
+            return None
+        experts = []
+        for e, expert in enumerate(config.experts or []):
+            members = expert.get("members") or []
+            experts.append(
+                cards.ExpertInfo(
+                    cluster=expert.get("name", e),
+                    peers=[m.get("peer") or m.get("source") or f"member-{i}" for i, m in enumerate(members)]
+                    or [f"expert-{e}"],
+                    tasks=[m["task"] for m in members if m.get("task")],
+                )
+            )
+        fields: dict[str, Any] = {
+            "repo_id": repo_id,
+            "base_model": base,
+            "experts": experts,
+            "router_top_k": config.router_top_k,
+            "refinement": config.refine,
+            "router_settings": {"routing": config.routing},
+            "results": {},
+            "base_in_repo": bool(config.base_in_repo),
+        }
+        fields.update(card_info or {})
+        return cards.moe_card(cards.MoECardInfo(**fields))
 
     @classmethod
     def from_pretrained(
