@@ -19,7 +19,7 @@ from typing import Any
 
 try:
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 except ImportError as exc:  # the optional extra is missing
     raise ValueError("--engine ray needs the optional extra: pip install 'peft-sorlora[ray]'") from exc
 import torch
@@ -200,19 +200,25 @@ class RayEngine:
 
     # ------------------------------------------------------------------ recovery
     def _recover(self, peer: int, phase: str, args: tuple, error: Exception) -> Any:
-        """Wait for Ray to restart ``peer``'s actor, rebuild its state from the hub and its checkpoints, retry."""
+        """Wait for Ray to restart ``peer``'s actor, rebuild its state from the hub and its checkpoints, retry.
+
+        An actor that is only unreachable for a while (same process when it answers again) keeps its state and
+        just retries; phases are idempotent (a repeated push returns the revision already on the hub).
+        """
         configure, restored, pushed = _replay_for(phase, args)
         actor = self.actors[peer]
         for attempt in range(self.cfg.ray_max_restarts + 1):
-            self.restarts[peer] = self.restarts.get(peer, 0) + 1
             logger.warning(
-                "%s: peer %d died during %s%s (%s); restarting it (attempt %d) and replaying its set-up",
+                "%s: peer %d died during %s%s (%s); waiting for its restart (attempt %d), then replaying its set-up",
                 self.spec.name, peer, phase, args, type(error).__name__, attempt + 1,
             )  # fmt: skip
             try:
-                self.pids[peer] = ray.get(actor.arm.remote(None), timeout=self.cfg.ray_timeout)
-                plan = self.plans.get(peer) if configure else None
-                ray.get(actor.rebuild.remote(plan, restored, pushed), timeout=self.cfg.ray_timeout)
+                pid = self._wait_alive(peer)
+                if pid != self.pids[peer]:  # a new process: its state is gone, rebuild it
+                    self.pids[peer] = pid
+                    self.restarts[peer] = self.restarts.get(peer, 0) + 1
+                    plan = self.plans.get(peer) if configure else None
+                    ray.get(actor.rebuild.remote(plan, restored, pushed), timeout=self.cfg.ray_timeout)
                 return ray.get(actor.call.remote(phase, *args), timeout=self.cfg.ray_timeout)
             except RayActorError as exc:
                 error = exc
@@ -220,3 +226,19 @@ class RayEngine:
             f"{self.spec.name}: peer {peer} kept dying during {phase}{args} "
             f"(ray_max_restarts={self.cfg.ray_max_restarts})"
         ) from error
+
+    def _wait_alive(self, peer: int) -> int:
+        """The pid of ``peer``'s actor once it answers (Ray reports it unavailable while it restarts)."""
+        deadline = time.monotonic() + self.cfg.ray_timeout
+        while True:
+            try:
+                left = max(0.0, deadline - time.monotonic())
+                return ray.get(self.actors[peer].arm.remote(None), timeout=left)
+            except ActorUnavailableError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+            except GetTimeoutError as exc:
+                raise TimeoutError(
+                    f"{self.spec.name}: peer {peer} did not come back within {self.cfg.ray_timeout} s"
+                ) from exc
