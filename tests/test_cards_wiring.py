@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -287,3 +288,37 @@ def test_moe_push_to_hub_card_keeps_hub_edits(moe, tmp_path, hub_server):
     assert {r.dataset_name for r in card.data.eval_results} == {"strategyqa", "intent"}
     (snippet,) = extract_python_snippets(sections(text)["usage"])
     assert f'from_pretrained("{repo_id}")' in snippet
+
+
+# ------------------------------------------------------------------------------------------ model_cards additions
+
+
+def test_card_info_revision_and_moe_card_before_evaluation():
+    from model_cards import AdapterCardInfo, ExpertInfo, MoECardInfo, adapter_card, moe_card
+
+    fields = dict(
+        repo_id="a/b",
+        base_model="base/m",
+        peer_id="p",
+        task="t",
+        config=calibrated_mlp().peft_config["default"].to_dict(),
+    )
+    (snippet,) = extract_python_snippets(str(adapter_card(AdapterCardInfo(**fields))))
+    assert "revision" not in snippet
+    (snippet,) = extract_python_snippets(str(adapter_card(AdapterCardInfo(**fields, revision="v1"), lora_export=True)))
+    assert 'PeftModel.from_pretrained(base_model, "a/b", revision="v1")' in snippet
+    with pytest.raises(ValueError, match="revision"):
+        AdapterCardInfo(**fields, revision=" ")
+
+    info = MoECardInfo(repo_id="a/moe", base_model="base/m", experts=[ExpertInfo(0, ["p"], ["t"])], router_top_k=None,
+                       refinement="none", results={})  # fmt: skip
+    text = str(moe_card(info))
+    check_card(text, kind="moe")
+    assert "model-index" not in text and "No evaluation results reported yet." in sections(text)["results"]
+    with_results = str(moe_card(dataclasses.replace(info, results={"t": {"proposed": 0.5}})))
+    # metadata and table must agree: a results table without model-index (or the reverse) is reported
+    meta, body = with_results.split("\n---\n", 1)
+    with pytest.raises(ValueError, match="model-index"):
+        check_card(text.split("\n---\n", 1)[0] + "\n---\n" + body, kind="moe")
+    with pytest.raises(ValueError, match="no table"):
+        check_card(meta + "\n---\n" + text.split("\n---\n", 1)[1], kind="moe")
