@@ -47,6 +47,7 @@ def normalize_row(entry: str, row: dict) -> dict:
     out.setdefault("group", entry)
     out.setdefault("anchor_label", out.get("anchor"))
     out.setdefault("note", "")
+    out.setdefault("is_anchor", out["name"] == out.get("anchor"))
     out.setdefault("params", {})
     ratio = out["ratio"]
     out.setdefault("worse", ratio is not None and out["name"] != out.get("anchor") and ratio > 1.0)
@@ -87,18 +88,22 @@ def _fmt_value(value: float, unit: str) -> str:
         if abs(value) < 1:
             return f"{value * 1e3:.2f} ms{rest}"
         return f"{value:.3f} s{rest}"
-    return f"{value:.3g} {unit}"
+    return f"{value:,.1f} {unit}"
 
 
 def _fmt_ratio(row: dict) -> str:
-    if row["name"] == row.get("anchor"):
+    if row.get("is_anchor"):
         return "anchor"
     ratio = row["ratio"]
     if ratio is None or (isinstance(ratio, float) and math.isnan(ratio)):
         return "n/a"
     shown = f"{ratio:.2g}" if ratio < 0.1 else f"{ratio:.2f}"
     text = f"{shown}× {row.get('anchor_label') or row.get('anchor')}"
-    return f"**{text} (worse)**" if row.get("worse") else text
+    text = f"**{text} (worse)**" if row.get("worse") else text
+    best = row.get("ratio_of_min")
+    if len(row.get("samples") or ()) > 1 and best is not None and not math.isnan(best):
+        text += f" (best runs: {best:.2f}×)"
+    return text
 
 
 def markdown_table(results: list[dict], info: dict) -> str:
@@ -109,7 +114,8 @@ def markdown_table(results: list[dict], info: dict) -> str:
         "",
         f"Command: `{info['command']}` (seed {info['seed']}, {info['repeats']} repeats after warm-up; median, "
         "min–max). Ratios are value / anchor median, measured in the same run; lower is better everywhere, and "
-        "ratios above 1 are marked **worse** with a note.",
+        "ratios above 1 are marked **worse** with a note; 'best runs' compares the minimums, the runs least disturbed "
+        "by other load on the machine.",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), {info['ram_gib']} "
         f"GiB RAM, load average at start {info['load_average_at_start']}; {info['os']}; Python {info['python']}; "

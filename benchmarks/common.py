@@ -181,13 +181,14 @@ def rows_against(
 ) -> list[dict]:
     """Result rows for one comparison: every figure with its ratio to the median of ``figures[anchor]``.
 
-    Row keys: entry, group, name, anchor, anchor_label, median, min, max, unit, samples, ratio, worse, note, params.
+    Row keys: entry, group, name, anchor, anchor_label, median, min, max, unit, samples, ratio, ratio_of_min (the
+    best runs compared: least disturbed by other load on the machine), worse, note, params.
     ``worse`` is True when the ratio exceeds 1 (every figure is lower-is-better); such a row's note is
     ``worse_notes[name]`` (why it is worse), any other row's ``notes[name]``.
     """
     if anchor not in figures:
         raise ValueError(f"anchor {anchor!r} is not among the figures {sorted(figures)}")
-    base = figures[anchor].median
+    base, base_min = figures[anchor].median, figures[anchor].min
     notes, worse_notes = notes or {}, worse_notes or {}
     rows = []
     for name, m in figures.items():
@@ -200,6 +201,7 @@ def rows_against(
                 "group": group or entry,
                 "name": name,
                 "anchor": anchor,
+                "is_anchor": name == anchor,
                 "anchor_label": anchor_label or anchor,
                 "median": m.median,
                 "min": m.min,
@@ -207,6 +209,7 @@ def rows_against(
                 "unit": unit,
                 "samples": list(m.samples),
                 "ratio": ratio,
+                "ratio_of_min": m.min / base_min if base_min else float("nan"),
                 "worse": worse,
                 "note": note,
                 "params": dict(params or {}),

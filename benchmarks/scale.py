@@ -10,7 +10,6 @@ writes their values into their adapters in the shared model), per peer, against 
 
 from __future__ import annotations
 
-import gc
 import itertools
 import tempfile
 from collections.abc import Callable
@@ -23,7 +22,16 @@ import peft_sorlora
 from gossip import LocalHub, Peer
 from peft_sorlora.calibration import solora_layers
 
-from .common import constant, measure, rows_against, rss_bytes, seed_everything, smollm2, tiny_llama
+from .common import (
+    constant,
+    measure,
+    release_free_memory,
+    rows_against,
+    rss_bytes,
+    seed_everything,
+    smollm2,
+    tiny_llama,
+)
 
 __all__ = ["run", "ENTRY"]
 
@@ -108,16 +116,16 @@ def run(repeats: int = 5, quick: bool = False, counts: tuple[int, ...] | None = 
     label, make_base = ("tiny-llama", tiny_llama) if quick else ("smollm2-135m", lambda: smollm2()[0])
     base = make_base()
     anchor_bytes = _model_bytes(base)
-    gc.collect()
     memory: dict[str, object] = {}
     per_peer_time: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        release_free_memory()  # earlier entries' freed heap would otherwise absorb the adapters unseen
         before = rss_bytes()
         population = _Population(base)
         for n in counts:
             population.grow(n)
             population.connect(Path(tmp) / f"hub-{n}")
-            gc.collect()
+            release_free_memory()
             memory[f"{n}_peers"] = constant((rss_bytes() - before) / n)
             step: Callable[[], None] = lambda n=n: population.gossip_round(n)  # noqa: E731
             per_peer_time[f"{n}_peers"] = measure(step, repeats=repeats, warmup=1).scaled(1.0 / n)
