@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,6 +45,23 @@ def ray_cluster():
 def local_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("local")
     return run_dir, run_experiment(CFG, run_dir, progress=False)
+
+
+def test_cli_starts_its_own_ray_and_shuts_it_down(tmp_path):
+    """``sorlora run --engine ray`` with Ray not running: the engine starts a local Ray sized for the peers."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(CFG.replace(peers=2, rounds=1, methods=("lora",)).to_dict()))
+    run_dir = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "experiment", "run", "--config", str(config), "--run-dir", str(run_dir)]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    done = subprocess.run(
+        [*cmd, "--engine", "ray", "--no-progress"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Started a local Ray instance" in done.stderr
+    summary = json.loads((run_dir / "results.json").read_text())
+    assert summary["config"]["engine"] == "ray"
+    assert sorted(_checkpoints(run_dir, "lora")) == ["peer00/round-0000.safetensors", "peer01/round-0000.safetensors"]
 
 
 def _comparable(summary: dict) -> dict:
