@@ -29,11 +29,10 @@ from .config import ExperimentConfig
 from .methods import MethodSpec
 from .peer_worker import CRASH_ENV, PeerPlan, PeerWorker
 
-__all__ = ["RayEngine", "PeerActor", "PHASES"]
+__all__ = ["RayEngine", "PeerActor", "is_phase"]
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("setup", "configure", "restore", "train_and_push", "pull_and_aggregate")  # PeerWorker methods
 ACTOR_TITLE = "PeerActor"  # Ray names actor processes ``ray::PeerActor...`` (benchmarks find them by it)
 
 
@@ -41,7 +40,7 @@ class PeerActor:
     """One peer of one method in its own process: loads the base model, tasks and hub from the config, then runs
     :class:`~experiment.peer_worker.PeerWorker` phases for the driver."""
 
-    def __init__(self, cfg: dict[str, Any], method: str, peer: int, run_dir: str) -> None:
+    def __init__(self, cfg: dict[str, Any], method: str, peer: int, run_dir: str, method_dir: str) -> None:
         from .methods import METHOD_SPECS
         from .runner import Runner
         from .workspace import Workspace
@@ -56,19 +55,19 @@ class PeerActor:
         self.worker = PeerWorker(
             cfg=config, spec=spec, peer=peer, workspace=Workspace(loaded.base, loaded.base_id, config, spec),
             hub=loaded.hub, shard=loaded.shards[peer], tokenizer=loaded.tokenizer,
-            method_dir=Path(run_dir) / "methods" / method,
+            method_dir=method_dir,
         )  # fmt: skip
 
     def arm(self, crash_at: str | None) -> int:
-        """Ready check; ``crash_at`` arms :data:`~experiment.peer_worker.CRASH_ENV` in this life only. Returns the pid."""
+        """Ready check returning the pid; ``crash_at`` sets ``CRASH_ENV`` (a simulated kill) for this life only."""
         if crash_at:
             os.environ[CRASH_ENV] = crash_at
         return os.getpid()
 
     def call(self, phase: str, *args: Any) -> Any:
-        """Run one PeerWorker phase (see :data:`PHASES`)."""
-        if phase not in PHASES:
-            raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
+        """Run one PeerWorker phase (a public method of :class:`~experiment.peer_worker.PeerWorker`)."""
+        if not is_phase(phase):
+            raise ValueError(f"{phase!r} is not a public PeerWorker method")
         return getattr(self.worker, phase)(*args)
 
     def rebuild(self, plan: PeerPlan | None, restored: int | None, pushed: int | None) -> None:
@@ -83,14 +82,9 @@ class PeerActor:
             self.worker.train_and_push(pushed)
 
 
-def _replay_for(phase: str, args: tuple) -> tuple[bool, int | None, int | None]:
-    """What a fresh actor must redo before ``phase(*args)``: (configure?, round to restore, round to re-push)."""
-    if phase == "setup":
-        return False, None, None
-    if phase in ("configure", "restore"):
-        return phase == "restore", None, None
-    round = int(args[0])
-    return True, round - 1, round if phase == "pull_and_aggregate" else None
+def is_phase(name: str) -> bool:
+    """Whether ``name`` is a phase an engine may run: a public method of PeerWorker."""
+    return not name.startswith("_") and callable(getattr(PeerWorker, name, None))
 
 
 def _needs(cfg: ExperimentConfig) -> dict[str, float]:
@@ -118,26 +112,29 @@ class RayEngine:
         self.started_ray = False
         self.plans: dict[int, PeerPlan] = {}
         self.restarts: dict[int, int] = {}
+        self.completed_round: int | None = None  # the last round every peer has checkpointed (or restored)
         self._start_ray()
         self._check_resources()
         actor_cls = ray.remote(PeerActor).options(
             num_cpus=cfg.ray_cpus_per_peer, num_gpus=cfg.ray_gpus_per_peer, resources=dict(cfg.ray_resources) or None,
             max_restarts=cfg.ray_max_restarts, max_task_retries=0,  # the engine retries after replaying set-up
         )  # fmt: skip
-        cfg_dict = cfg.to_dict()
-        self.actors = {
-            p: actor_cls.remote(cfg_dict, spec.name, p, str(self.run_dir)) for p in range(cfg.peers)
-        }  # fmt: skip
-        crash_at = os.environ.get(CRASH_ENV)
+        cfg_dict, mdir = cfg.to_dict(), str(Path(method_dir).resolve())
+        self.actors = {p: actor_cls.remote(cfg_dict, spec.name, p, str(self.run_dir), mdir) for p in range(cfg.peers)}
+        crash_at = os.environ.get(CRASH_ENV)  # the local engine's simulated kill, forwarded to the actors
         try:
             refs = [a.arm.remote(crash_at) for a in self.actors.values()]
             self.pids = dict(zip(self.actors, ray.get(refs, timeout=cfg.ray_timeout)))
         except GetTimeoutError as exc:
-            self.close()
-            raise TimeoutError(
+            message = (
                 f"peer actors did not start within {cfg.ray_timeout} s: each needs {_needs(cfg)}; "
                 f"the cluster has {ray.available_resources()} free"
-            ) from exc
+            )
+            self.close()
+            raise TimeoutError(message) from exc
+        except BaseException:  # an actor failed to load: leave no actors (or a Ray we started) behind
+            self.close()
+            raise
 
     def _start_ray(self) -> None:
         if ray.is_initialized():
@@ -168,6 +165,8 @@ class RayEngine:
     # ------------------------------------------------------------------ the Engine interface
     def map(self, phase: str, args: Mapping[int, tuple], *, desc: str | None = None) -> dict[int, Any]:
         """Run ``phase`` on every peer in ``args`` at once; a peer whose actor died is restarted, rebuilt and retried."""
+        if not is_phase(phase):
+            raise ValueError(f"{phase!r} is not a public PeerWorker method")
         if phase == "configure":
             self.plans.update({p: a[0] for p, a in args.items()})
         pending = {self.actors[p].call.remote(phase, *args[p]): p for p in sorted(args)}
@@ -187,6 +186,8 @@ class RayEngine:
                 except RayActorError as exc:
                     out[peer] = self._recover(peer, phase, args[peer], exc)
                 bar.update()
+        if phase in ("restore", "pull_and_aggregate"):  # every peer's view now stands after this round
+            self.completed_round = max(int(a[0]) for a in args.values())
         return out
 
     def close(self) -> None:
@@ -205,7 +206,7 @@ class RayEngine:
         An actor that is only unreachable for a while (same process when it answers again) keeps its state and
         just retries; phases are idempotent (a repeated push returns the revision already on the hub).
         """
-        configure, restored, pushed = _replay_for(phase, args)
+        configure, restored, pushed = self._replay_for(phase, args)
         actor = self.actors[peer]
         for attempt in range(self.cfg.ray_max_restarts + 1):
             logger.warning(
@@ -226,6 +227,17 @@ class RayEngine:
             f"{self.spec.name}: peer {peer} kept dying during {phase}{args} "
             f"(ray_max_restarts={self.cfg.ray_max_restarts})"
         ) from error
+
+    def _replay_for(self, phase: str, args: tuple) -> tuple[bool, int | None, int | None]:
+        """What a fresh actor must redo before ``phase(*args)``: (configure?, round to restore, round to re-push)."""
+        if phase == "setup":
+            return False, None, None
+        if phase in ("configure", "restore"):
+            return phase == "restore", None, None
+        if phase in ("train_and_push", "pull_and_aggregate"):
+            round = int(args[0])
+            return True, round - 1, round if phase == "pull_and_aggregate" else None
+        return True, self.completed_round, None  # after the rounds (e.g. publish): the view after the last one
 
     def _wait_alive(self, peer: int) -> int:
         """The pid of ``peer``'s actor once it answers (Ray reports it unavailable while it restarts)."""
