@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from gossip import Hub, Peer
 from gossip.accounting import dense_payload_stats
 from gossip.aggregation import fedavg, masked_average, member_views
 from gossip.dense import DenseUpdate
+from gossip.hub import RevisionNotFound
 from gossip.peer import UPDATE_FILE
 from peft_sorlora import SparseUpdate, update_stats
 from peft_sorlora.projection import derive_seed
@@ -127,13 +129,18 @@ class PeerWorker:
         self.ws, self.shard, self.tokenizer = workspace, list(shard), tokenizer
         self.method_dir = Path(method_dir)
         self.name = adapter_name(peer)
-        self.hub_peer = Peer(
-            hub, peer_id(spec.name, peer), task=cfg.task_of(peer), base_model=workspace.base_model_id,
-            payload_cls=_payload_cls(spec),
-        )  # fmt: skip
+        self.hub = hub
+        self.hub_peer = self._hub_peer(None)
         self.structure: dict[int, Any] = {}
         self.view: dict[str, Any] = {}
         self.plan: PeerPlan | None = None
+
+    def _hub_peer(self, adapter_config: Mapping[str, Any] | None) -> Peer:
+        """This peer on the hub; with the SO-LoRA config every revision also carries the adapter card."""
+        return Peer(
+            self.hub, peer_id(self.spec.name, self.peer), task=self.cfg.task_of(self.peer),
+            base_model=self.ws.base_model_id, payload_cls=_payload_cls(self.spec), adapter_config=adapter_config,
+        )  # fmt: skip
 
     def batches(self, round: int) -> list[dict[str, torch.Tensor]]:
         return peer_batches(self.cfg, self.shard, self.tokenizer, self.peer, round)
@@ -150,8 +157,28 @@ class PeerWorker:
         own = self.ws.own_state(self.peer, round=0)
         self.structure[self.peer] = own
         self.view = {self.name: own}
+        if self.spec.adapter == "solora":  # the dense LoRA baseline's repos carry no SO-LoRA card
+            self.hub_peer = self._hub_peer(self.ws.model.peft_config[self.name].to_dict())
         self.hub_peer.config_hash = own.config_hash
         return own.to_bytes()
+
+    def publish(self, metrics: Mapping[str, float] | None = None) -> str | None:
+        """Commit this peer's final adapter in PEFT format (tag ``final``) so its card's snippet loads it.
+
+        Idempotent: an existing ``final`` tag is kept. The dense LoRA baseline publishes nothing.
+        """
+        if self.spec.adapter != "solora":
+            return None
+        try:
+            return self.hub.resolve(self.hub_peer.repo_id, "final")
+        except RevisionNotFound:
+            pass
+        self.ws.load_view({self.name: self.view[self.name]})
+        with tempfile.TemporaryDirectory() as tmp:
+            self.ws.model.save_pretrained(tmp, selected_adapters=[self.name])
+            folder = Path(tmp) / self.name if (Path(tmp) / self.name).is_dir() else Path(tmp)
+            files = {f.name: f.read_bytes() for f in folder.iterdir() if f.suffix in (".json", ".safetensors")}
+        return self.hub_peer.publish_adapter(files, metrics=metrics)
 
     def configure(self, plan: PeerPlan) -> None:
         self.plan = plan

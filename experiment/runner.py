@@ -30,13 +30,14 @@ from gossip.hub import HfHub
 from gossip.plot import plot_topology
 from gossip.topology import cluster_collision_rate, cluster_topology, random_topology, single_cluster
 from gossip.wireless import place_peers
+from model_cards import ExpertInfo, MoECardInfo
 from peft_sorlora import SparseUpdate, update_stats
 from peft_sorlora.exchange import UpdateStats
 
 from .config import ExperimentConfig
 from .engines import make_engine
 from .evaluation import evaluate
-from .final_models import evaluate_moe
+from .final_models import build_moe, evaluate_moe
 from .methods import METHOD_SPECS, MethodSpec
 from .model_loading import load_base_model, tiny_random_model
 from .peer_worker import (
@@ -50,7 +51,7 @@ from .peer_worker import (
     write_json,
 )
 from .tasks import Task, load_task, synthetic_task
-from .workspace import Workspace
+from .workspace import Workspace, adapter_name
 
 __all__ = ["Runner", "run_experiment", "load_tasks", "CRASH_ENV"]
 
@@ -92,6 +93,12 @@ def task_shards(cfg: ExperimentConfig, tasks: Mapping[str, Task]) -> dict[int, l
     if empty:
         raise ValueError(f"peers {empty} have no training data: raise n_train or lower peers")
     return shards
+
+
+def cluster_lists(graph: nx.Graph) -> list[list[int]]:
+    """The clusters of a topology as sorted member lists, ordered by cluster id."""
+    ids = sorted({graph.nodes[p]["cluster"] for p in graph.nodes})
+    return [sorted(p for p in graph.nodes if graph.nodes[p]["cluster"] == c) for c in ids]
 
 
 def layer_sparsities(update: SparseUpdate) -> list[float]:
@@ -152,6 +159,8 @@ class Runner:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         results = {method: self.run_method(method) for method in self.cfg.methods}
+        if "solora" in results and not (self.run_dir / "moe" / "config.json").exists():
+            self.save_moe(results)
         summary = {
             "config": self.cfg.to_dict(),
             "base_model": self.base_id,
@@ -220,9 +229,11 @@ class Runner:
                 history.append(record)
                 rounds.set_postfix(loss=f"{np.mean(list(record['train_loss'].values())):.3f}")
             rounds.close()
+            final = self._evaluate(spec, self._views(mdir, spec, cfg.rounds - 1), ws, graph, curve=False)
+            metrics = {f"accuracy/{t}": acc for t, acc in final.items()}
+            engine.map("publish", {p: (metrics,) for p in range(n)}, desc=f"{spec.name}: publish")
         finally:
             engine.close()
-        final = self._evaluate(spec, self._views(mdir, spec, cfg.rounds - 1), ws, graph, curve=False)
         return {
             "method": spec.name,
             "accuracy": final,
@@ -230,7 +241,7 @@ class Runner:
             "curve": [h["curve"] for h in history],
             "train_loss": [float(np.mean(list(h["train_loss"].values()))) for h in history],
             "bytes_by_round": [int(h["comm"]["bytes_sent"]) for h in history],
-            "clusters": [list(m) for m in sorted(set(members.values()))],
+            "clusters": cluster_lists(graph),
             "collision_rate": self._collision_rate(spec, graph, structure),
             "n_test": {t: len(task.test) for t, task in self.tasks.items()},
             **self._comm_totals(spec, history, structure),
@@ -313,8 +324,9 @@ class Runner:
             tasks = {t: dataclasses.replace(task, test=task.test[: self.cfg.n_curve]) for t, task in tasks.items()}
         kw = dict(batch_size=self.cfg.eval_batch_size, max_len=self.cfg.max_len)
         if spec.final == "moe":
-            return evaluate_moe(ws, self._experts(graph, views), tasks, self.tokenizer,
-                                calibration=self._moe_calibration(graph), router_top_k=self.cfg.router_top_k,
+            clusters = cluster_lists(graph)
+            return evaluate_moe(ws, self._experts(clusters, views), tasks, self.tokenizer,
+                                calibration=self._moe_calibration(clusters), router_top_k=self.cfg.router_top_k,
                                 progress=self.progress and not curve, **kw)  # fmt: skip
         if spec.final == "oracle":  # each task with the cluster of the peers that hold it (true task id)
             out = {}
@@ -335,20 +347,58 @@ class Runner:
         ws.activate(list(view))
         return {t: evaluate(ws.network, self.tokenizer, task, **kw)["accuracy"] for t, task in tasks.items()}
 
-    def _experts(self, graph: nx.Graph, views) -> list[list[SparseUpdate]]:
+    def _experts(self, clusters: list[list[int]], views) -> list[list[SparseUpdate]]:
         """Inter-cluster exchange: one expert per cluster (its members' parts), never averaged across clusters."""
-        experts = []
-        for c in sorted({graph.nodes[p]["cluster"] for p in graph.nodes}):
-            first = min(p for p in graph.nodes if graph.nodes[p]["cluster"] == c)
-            experts.append([views[first][name] for name in sorted(views[first])])
-        return experts
+        return [[views[members[0]][adapter_name(q)] for q in members] for members in clusters]
 
-    def _moe_calibration(self, graph: nx.Graph) -> list[list[dict[str, torch.Tensor]]]:
+    def _moe_calibration(self, clusters: list[list[int]]) -> list[list[dict[str, torch.Tensor]]]:
         """Per expert, per member: the member's calibration batch (its task's input statistics, Eq. 26)."""
-        out = []
-        for c in sorted({graph.nodes[p]["cluster"] for p in graph.nodes}):
-            members = sorted(q for q in graph.nodes if graph.nodes[q]["cluster"] == c)
-            out.append([peer_batches(self.cfg, self.shards[p], self.tokenizer, p, CALIBRATION)[0] for p in members])
+        return [
+            [peer_batches(self.cfg, self.shards[p], self.tokenizer, p, CALIBRATION)[0] for p in members]
+            for members in clusters
+        ]
+
+    # ------------------------------------------------------------------ the merged model
+    def save_moe(self, results: Mapping[str, Any]) -> Path:
+        """Save the ``solora`` run's implicit MoE (one expert per cluster) with its card, and commit it to the hub.
+
+        The card carries the run's results table (``model-index``) and communication totals; the base model is
+        referenced by id, not uploaded.
+        """
+        spec = METHOD_SPECS["solora"]
+        clusters = results["solora"]["clusters"]
+        views = self._views(self.run_dir / "methods" / "solora", spec, self.cfg.rounds - 1)
+        ws = Workspace(self.base, self.base_id, self.cfg, spec)
+        try:
+            for members in clusters:
+                ws.load_view(views[members[0]])
+            moe = build_moe(ws, self._experts(clusters, views), calibration=self._moe_calibration(clusters),
+                            router_top_k=self.cfg.router_top_k)  # fmt: skip
+        finally:
+            self.base = ws.release()
+        repo_id = self.hub.repo_id("solora-moe")
+        card = MoECardInfo(
+            repo_id=repo_id,
+            base_model=self.base_id,
+            experts=[
+                ExpertInfo(cluster=c, peers=[adapter_name(p) for p in m], tasks=[self.cfg.task_of(p) for p in m])
+                for c, m in enumerate(clusters)
+            ],
+            router_top_k=moe.config.router_top_k,
+            refinement=moe.config.refine,
+            results={t: {m: r["accuracy"][t] for m, r in results.items()} for t in self.cfg.tasks},
+            method="solora",
+            test_size=results["solora"]["n_test"],
+            communication={
+                m: {"bytes transmitted": r["bytes_transmitted"], "params updated per peer": r["params_updated"]}
+                for m, r in results.items()
+            },
+        )
+        out = self.run_dir / "moe"
+        moe.save_pretrained(out, card_info=card)
+        self.hub.create_repo(repo_id, exist_ok=True)
+        files = {f.name: f for f in sorted(out.iterdir()) if f.is_file()}
+        self.hub.create_commit(repo_id, files, commit_message="implicit MoE of the run's clusters")
         return out
 
 

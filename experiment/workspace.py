@@ -110,7 +110,12 @@ class Workspace:
         """``peer``'s own adapter as it travels: a ``SparseUpdate`` (SO-LoRA) or a dense state dict (LoRA)."""
         name = adapter_name(peer)
         if self.spec.adapter == "lora":
-            state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=name, save_embedding_layers=False).items()}
+            state = {
+                k: v.detach().clone()
+                for k, v in get_peft_model_state_dict(
+                    self.model, adapter_name=name, save_embedding_layers=False
+                ).items()
+            }
             metadata = {
                 "base_model": self.base_model_id,
                 "config_hash": dense_fingerprint(state, r=self.cfg.rank, lora_alpha=self.cfg.lora_alpha),

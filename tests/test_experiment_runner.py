@@ -115,3 +115,35 @@ def test_other_settings_in_the_same_run_dir_are_refused(unbroken):
     run_dir, _ = unbroken
     with pytest.raises(ValueError, match="other settings"):
         run_experiment(TINY.replace(rounds=3), run_dir, progress=False)
+
+
+def test_run_publishes_peer_cards_final_adapters_and_the_moe(unbroken, tmp_path):
+    from huggingface_hub import ModelCard
+    from peft import PeftModel
+
+    from experiment.runner import load_model
+    from gossip import LocalHub
+    from model_cards import check_card
+
+    run_dir, summary = unbroken
+    hub = LocalHub(run_dir / "hub", namespace=TINY.hub_namespace)
+    repo = hub.repo_id("solora-peer01")
+    files = set(hub.list_files(repo, revision="final"))
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "update.safetensors"} <= files
+    card = check_card(ModelCard.load(hub.download(repo, "README.md", revision="final")), kind="adapter")
+    assert card.data.base_model == "tiny-random-llama"
+    # the published adapter is a real PEFT adapter that loads onto the base model
+    import peft_sorlora  # noqa: F401  (registers the method before from_pretrained)
+
+    base, _, _ = load_model(TINY)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / name).write_bytes(hub.read_bytes(repo, name, revision="final"))
+    loaded = PeftModel.from_pretrained(base, tmp_path)
+    assert loaded.peft_config["default"].layer_sparsity
+    # the merged implicit MoE: saved with its card (results as model-index) and committed to the hub
+    moe_card = check_card(ModelCard.load(run_dir / "moe" / "README.md"), kind="moe")
+    assert moe_card.data.eval_results, "the run's results appear as model-index eval results"
+    assert "experts.safetensors" in hub.list_files(hub.repo_id("solora-moe"))
+    assert not hub.repo_exists(hub.repo_id("lora-peer00")) or "README.md" not in hub.list_files(
+        hub.repo_id("lora-peer00")
+    ), "dense LoRA baseline repos carry no SO-LoRA card"
