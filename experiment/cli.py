@@ -67,20 +67,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if summary["methods"] else 1
 
 
+def _cmd_tune_lr(args: argparse.Namespace) -> int:
+    from .tuning import tune_learning_rates
+
+    _quiet_library_warnings()
+    cfg = _config_from_args(args)
+    grid = [float(x) for x in args.grid.split(",")]
+    result = tune_learning_rates(cfg, args.run_dir, grid=grid, methods=args.methods, progress=not args.no_progress)
+    print("validation accuracy (mean over tasks) per method and learning rate:")
+    for method, scores in result["scores"].items():
+        cells = "  ".join(f"lr={lr}: {100 * acc:.1f}" for lr, acc in scores.items())
+        print(f"  {method:14s} {cells}   -> best {result['best'][method]:g}")
+    print("use them with:  --set lr='" + json.dumps({**cfg.lr, **result["best"]}) + "'")
+    return 0
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, default_dir: str) -> None:
+    parser.add_argument("--preset", default="demo", help="named settings: demo (default) or smoke")
+    parser.add_argument("--config", help="a JSON file of ExperimentConfig fields (instead of --preset)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (JSON value)")
+    parser.add_argument("--run-dir", default=default_dir, help="where checkpoints, hub and results go")
+    parser.add_argument("--engine", choices=["local", "ray"], help="run peers in-process (local) or as Ray actors")
+    parser.add_argument("--hub", help="a Hub endpoint URL instead of the embedded LocalHub")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``sorlora`` (subcommands: run, and the gossip commands)."""
     parser = argparse.ArgumentParser(prog="sorlora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) the decentralized multi-task experiment")
-    run.add_argument("--preset", default="demo", help="named settings: demo (default) or smoke")
-    run.add_argument("--config", help="a JSON file of ExperimentConfig fields (instead of --preset)")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (JSON value)")
-    run.add_argument("--run-dir", default="runs/demo", help="where checkpoints, hub and results go")
-    run.add_argument("--engine", choices=["local", "ray"], help="run peers in-process (local) or as Ray actors")
-    run.add_argument("--hub", help="a Hub endpoint URL instead of the embedded LocalHub")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_arguments(run, "runs/demo")
     run.set_defaults(func=_cmd_run)
+    tune = sub.add_parser("tune-lr", help="choose each method's learning rate on a validation split")
+    _add_config_arguments(tune, "runs/tune-lr")
+    tune.add_argument("--grid", default="1e-3,3e-3,1e-2", help="comma-separated learning rates to try")
+    tune.add_argument("--methods", nargs="+", help="methods to tune (default: the config's)")
+    tune.set_defaults(func=_cmd_tune_lr)
     from gossip.cli import add_gossip_commands
 
     add_gossip_commands(sub)

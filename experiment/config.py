@@ -34,6 +34,7 @@ class ExperimentConfig:
     max_len: int = 96
     n_train: int = 256
     n_test: int = 40
+    n_validation: int = 0  # held-out questions per task for choosing learning rates (`sorlora tune-lr`)
     n_curve: int = 8  # test questions per task for the accuracy-vs-round curve (a subset of the test split)
     rank: int = 8
     lora_alpha: float = 16.0

@@ -60,10 +60,9 @@ def load_tasks(cfg: ExperimentConfig) -> dict[str, Task]:
     """The run's tasks with fixed splits; names starting with ``synthetic-`` are generated (tests)."""
     tasks = {}
     for name in cfg.tasks:
-        if name.startswith("synthetic-"):
-            tasks[name] = synthetic_task(name, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed)
-        else:
-            tasks[name] = load_task(name, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed)
+        sizes = dict(n_train=cfg.n_train, n_test=cfg.n_test, n_validation=cfg.n_validation, seed=cfg.seed)
+        loader = synthetic_task if name.startswith("synthetic-") else load_task
+        tasks[name] = loader(name, **sizes)
     return tasks
 
 
