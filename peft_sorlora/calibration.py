@@ -28,8 +28,20 @@ __all__ = [
 
 
 def solora_layers(model: nn.Module, adapter_name: str) -> list[SOLoRALayer]:
-    """The SO-LoRA layers of ``model`` that carry ``adapter_name``, in module order."""
-    return [m for m in model.modules() if isinstance(m, SOLoRALayer) and adapter_name in m.solora_B]
+    """The SO-LoRA layers of ``model`` that carry ``adapter_name``, in module order.
+
+    The walk does not descend into SO-LoRA layers (they hold per-adapter dropouts, one per adapter), so its cost
+    does not grow with the number of adapters a model holds (100 peers in one process).
+    """
+    found, stack = [], [model]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, SOLoRALayer):
+            if adapter_name in module.solora_B:
+                found.append(module)
+            continue
+        stack.extend(reversed(list(module.children())))
+    return found
 
 
 def pending_adapters(model: nn.Module) -> set[str]:
