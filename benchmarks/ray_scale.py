@@ -22,7 +22,7 @@ from experiment.config import ExperimentConfig
 from experiment.ray_engine import ACTOR_TITLE
 from experiment.runner import run_experiment
 
-from .common import Measure, rows_against
+from .common import Measure, release_free_memory, rows_against
 
 __all__ = ["run", "ENTRY", "bench_config"]
 
@@ -85,6 +85,7 @@ class _TreePeak:
 def _one_run(cfg: ExperimentConfig, tmp: Path) -> tuple[float, int, int]:
     """(wall seconds, peak driver + actors RSS, peak RSS with Ray's processes) of one run in a fresh directory."""
     run_dir = Path(tempfile.mkdtemp(dir=tmp, prefix=f"{cfg.engine}-{cfg.peers}-"))
+    release_free_memory()  # the driver's RSS then starts from what it holds, not what earlier runs left cached
     with _TreePeak() as peak:
         start = time.perf_counter()
         run_experiment(cfg, run_dir, progress=False)
