@@ -29,7 +29,7 @@ class ExperimentConfig:
     methods: tuple[str, ...] = METHODS
     peers: int = 4
     rounds: int = 3
-    local_steps: int = 8
+    local_steps: int = 6
     batch_size: int = 8
     max_len: int = 96
     n_train: int = 256
