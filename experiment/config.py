@@ -34,7 +34,7 @@ class ExperimentConfig:
     max_len: int = 96
     n_train: int = 256
     n_test: int = 40
-    n_validation: int = 0  # held-out questions per task for choosing learning rates (`sorlora tune-lr`)
+    n_validation: int = 24  # held-out questions per task: router settings, learning rates (`sorlora tune-lr`)
     n_curve: int = 8  # test questions per task for the accuracy-vs-round curve (a subset of the test split)
     rank: int = 8
     lora_alpha: float = 16.0
@@ -54,7 +54,9 @@ class ExperimentConfig:
     )
     degree: int = 2  # neighbours per peer in the random topology of the lora/lori baselines
     s_max: float = 0.1  # collision-rate bound of the cluster topology (pairs at sparsity 0.25 collide at ~0.06)
-    router_top_k: int | None = None  # None: keep r entries per expert-set component (see moe_router)
+    router_top_k: int | None = None  # None: the paper's k = r components kept per token (see moe_router)
+    router_refine: str = "task_stats"  # "task_stats" (Eq. 26 literally), "routing" (selection only) or "none"
+    # with validation questions, the implicit MoE's k and refinement are chosen on them (experiment/final_models.py)
     seed: int = 0
     eval_batch_size: int = 16
     hub: str | None = None  # None: a LocalHub under the run directory; else a Hub endpoint URL

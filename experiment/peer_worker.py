@@ -35,14 +35,18 @@ from .tasks import Example, collate_for_training, encode_for_training
 from .workspace import Workspace, adapter_name, peer_of
 
 __all__ = [
+    "CALIBRATION",
+    "CRASH_ENV",
     "PeerPlan",
     "PeerWorker",
-    "CRASH_ENV",
-    "CALIBRATION",
+    "checkpoint_path",
+    "load_view",
     "peer_batches",
     "peer_id",
-    "load_view",
-    "checkpoint_path",
+    "peer_index",
+    "round_record",
+    "save_view",
+    "write_json",
 ]
 
 CRASH_ENV = "SORLORA_CRASH_AT"  # e.g. "solora:1:peer02": the process dies (os._exit) right after that push
@@ -57,6 +61,11 @@ def _crash_point(tag: str) -> None:
 def peer_id(method: str, peer: int) -> str:
     """The hub identity (repo name) of ``peer`` in ``method``."""
     return f"{method}-{adapter_name(peer)}"
+
+
+def peer_index(pid: str) -> int:
+    """The peer number in a hub identity made by :func:`peer_id`."""
+    return peer_of(pid.rsplit("-", 1)[1])
 
 
 def checkpoint_path(method_dir: Path, peer: int, round: int) -> Path:
@@ -190,7 +199,7 @@ class PeerWorker:
         if self.plan.neighbours:
             pull = self.hub_peer.pull_round(0, [peer_id(self.spec.name, q) for q in self.plan.neighbours], timeout=5.0)
             for pid, update in pull.updates.items():
-                self.structure[int(pid.rsplit("peer", 1)[1])] = update
+                self.structure[peer_index(pid)] = update
 
     # ------------------------------------------------------------------ a round
     def train_and_push(self, round: int) -> dict[str, Any]:
@@ -220,7 +229,7 @@ class PeerWorker:
         """Pull the neighbours' revisions of ``round`` (pinned to their tags), aggregate, checkpoint the view."""
         names = [peer_id(self.spec.name, q) for q in self.plan.neighbours]
         pull = self.hub_peer.pull_round(round, names, timeout=self.cfg.pull_timeout)
-        received = {int(pid.rsplit("peer", 1)[1]): u for pid, u in pull.updates.items()}
+        received = {peer_index(pid): u for pid, u in pull.updates.items()}
         if round == 0:
             for q, update in received.items():
                 self.structure[q] = update
@@ -272,6 +281,3 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
-
-
-__all__ += ["round_record", "write_json", "save_view", "peer_of"]

@@ -37,7 +37,7 @@ from peft_sorlora.exchange import UpdateStats
 from .config import ExperimentConfig
 from .engines import make_engine
 from .evaluation import evaluate
-from .final_models import build_moe, evaluate_moe
+from .final_models import build_moe, choose_router, evaluate_moe
 from .methods import METHOD_SPECS, MethodSpec
 from .model_loading import load_base_model, tiny_random_model
 from .peer_worker import (
@@ -228,6 +228,7 @@ class Runner:
                 history.append(record)
                 rounds.set_postfix(loss=f"{np.mean(list(record['train_loss'].values())):.3f}")
             rounds.close()
+            self.router_choice = None
             final = self._evaluate(spec, self._views(mdir, spec, cfg.rounds - 1), ws, graph, curve=False)
             metrics = {f"accuracy/{t}": acc for t, acc in final.items()}
             engine.map("publish", {p: (metrics,) for p in range(n)}, desc=f"{spec.name}: publish")
@@ -242,6 +243,7 @@ class Runner:
             "bytes_by_round": [int(h["comm"]["bytes_sent"]) for h in history],
             "clusters": cluster_lists(graph),
             "collision_rate": self._collision_rate(spec, graph, structure),
+            "router": self.router_choice,
             "n_test": {t: len(task.test) for t, task in self.tasks.items()},
             **self._comm_totals(spec, history, structure),
         }
@@ -323,10 +325,13 @@ class Runner:
             tasks = {t: dataclasses.replace(task, test=task.test[: self.cfg.n_curve]) for t, task in tasks.items()}
         kw = dict(batch_size=self.cfg.eval_batch_size, max_len=self.cfg.max_len)
         if spec.final == "moe":
-            clusters = cluster_lists(graph)
-            return evaluate_moe(ws, self._experts(clusters, views), tasks, self.tokenizer,
-                                calibration=self._moe_calibration(clusters), router_top_k=self.cfg.router_top_k,
-                                progress=self.progress and not curve, **kw)  # fmt: skip
+            moe = self._moe(ws, cluster_lists(graph), views)
+            if not curve and self.cfg.n_validation > 0:
+                validation = {
+                    t: dataclasses.replace(task, test=task.validation, validation=[]) for t, task in self.tasks.items()
+                }
+                self.router_choice = choose_router(moe, validation, self.tokenizer, rank=self.cfg.rank, **kw)
+            return evaluate_moe(moe, tasks, self.tokenizer, progress=self.progress and not curve, **kw)
         if spec.final == "oracle":  # each task with the cluster of the peers that hold it (true task id)
             out = {}
             for t, task in tasks.items():
@@ -350,6 +355,11 @@ class Runner:
         """Inter-cluster exchange: one expert per cluster (its members' parts), never averaged across clusters."""
         return [[views[members[0]][adapter_name(q)] for q in members] for members in clusters]
 
+    def _moe(self, ws: Workspace, clusters: list[list[int]], views, **router: Any) -> Any:
+        """The implicit MoE of the clusters' experts with the configured (or given) router settings."""
+        settings = {"router_top_k": self.cfg.router_top_k, "refine": self.cfg.router_refine, **router}
+        return build_moe(ws, self._experts(clusters, views), calibration=self._moe_calibration(clusters), **settings)
+
     def _moe_calibration(self, clusters: list[list[int]]) -> list[list[dict[str, torch.Tensor]]]:
         """Per expert, per member: the member's calibration batch (its task's input statistics, Eq. 26)."""
         return [
@@ -371,8 +381,8 @@ class Runner:
         try:
             for members in clusters:
                 ws.load_view(views[members[0]])
-            moe = build_moe(ws, self._experts(clusters, views), calibration=self._moe_calibration(clusters),
-                            router_top_k=self.cfg.router_top_k)  # fmt: skip
+            chosen = results["solora"].get("router") or {}
+            moe = self._moe(ws, clusters, views, **{k: chosen[k] for k in ("router_top_k", "refine") if k in chosen})
         finally:
             self.base = ws.release()
         repo_id = self.hub.repo_id("solora-moe")

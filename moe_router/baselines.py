@@ -78,7 +78,7 @@ def export_lora(
 
     ``refined`` (default: the model's current refinement) folds the task gain into ``lora_A``.
     """
-    refined = model.router.refine if refined is None else refined
+    refined = model.router.refine == "task_stats" if refined is None else refined
     factors = _expert_delta_factors(model, expert, refined)
     needed = max(a.shape[0] for a, _ in factors.values())
     rank = needed if rank is None else rank

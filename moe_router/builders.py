@@ -385,13 +385,13 @@ def build_moe(
                         f"{member.base_model!r}, not {base_name!r} (pass check_base_model=False if they are the same)"
                     )
     refine = refine or ("task_stats" if calibration is not None else "none")
-    if refine == "task_stats" and calibration is None:
-        raise ValueError("refine='task_stats' needs calibration= (task batches or h0 per expert)")
+    if refine in ("task_stats", "routing") and calibration is None:
+        raise ValueError(f"refine={refine!r} needs calibration= (task batches or h0 per expert)")
     stats = _member_stats(calibration, groups, base_model) if calibration is not None else {}
-    if refine == "task_stats":
+    if refine in ("task_stats", "routing"):
         missing = [(e, m) for e, group in enumerate(groups) for m in range(len(group)) if (e, m) not in stats]
         if missing:
-            raise ValueError(f"refine='task_stats' but no calibration for (expert, member) {missing[:5]}")
+            raise ValueError(f"refine={refine!r} but no calibration for (expert, member) {missing[:5]}")
     if router_top_k == "rank":
         router_top_k = max(member.r for group in groups for member in group)
     if expert_names is not None and len(expert_names) != len(groups):

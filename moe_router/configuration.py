@@ -12,7 +12,7 @@ from transformers import PreTrainedConfig
 __all__ = ["ImplicitMoEConfig", "ROUTING_MODES", "REFINE_MODES", "EXPERTS_FILE", "BASE_SUBFOLDER"]
 
 ROUTING_MODES = ("implicit", "sum", "average", "oracle")
-REFINE_MODES = ("task_stats", "none")
+REFINE_MODES = ("task_stats", "routing", "none")
 EXPERTS_FILE = "experts.safetensors"
 BASE_SUBFOLDER = "base"
 
@@ -43,7 +43,9 @@ class ImplicitMoEConfig(PreTrainedConfig):
     ``router_top_k``: components kept per token and layer, ranked by ``|A_refined x|`` over all experts (``None`` =
     all, the plain sum). ``routing``: ``implicit`` (top-k), ``sum`` (all components), ``average`` (each expert divided by
     the number of experts: task arithmetic), ``oracle`` (only the expert named per input). ``refine``: ``task_stats``
-    multiplies each member's A by its task gain (see :mod:`moe_router.layer`), ``none`` uses the frozen A as trained.
+    multiplies each member's A by its task gain (see :mod:`moe_router.layer`; Eq. 26 read literally), ``routing``
+    ranks components by the refined projection but keeps the kept components' trained values ``A x`` (the task
+    statistics only route), ``none`` uses the frozen A as trained for both.
     ``target_layers``: layer key -> ``[out_features, in_features, components]``. ``experts``: one description per
     expert (name and members' projection, seed, slot, rank, alpha, source). The base weights are referenced through
     ``base_model_name_or_path``; ``base_in_repo`` says they were saved in the ``base/`` subfolder instead.

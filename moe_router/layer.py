@@ -103,7 +103,7 @@ class RouterState:
     num_experts: int
     top_k: int | None = None
     routing: str = "implicit"
-    refine: bool = False
+    refine: str = "none"  # "none", "task_stats" (values refined, Eq. 26 literally) or "routing" (selection only)
     expert_ids: torch.Tensor | int | None = None
     recorder: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = field(default=None, repr=False)
 
@@ -149,9 +149,10 @@ class ImplicitMoELinear(nn.Module):
         """This layer's components as a :class:`LayerExperts` (CPU copies, for saving)."""
         return LayerExperts(*(getattr(self, n).detach().cpu().clone() for n in TENSOR_NAMES))
 
-    def projection(self) -> torch.Tensor:
-        """``A_refined`` (R x in) when refinement is on, else the frozen A."""
-        return self.A * self.gain[self.member] if self.router.refine else self.A
+    def projection(self, refined: bool | None = None) -> torch.Tensor:
+        """``A_refined`` (R x in) when the outputs are refined (``task_stats``), else the frozen A."""
+        refined = self.router.refine == "task_stats" if refined is None else refined
+        return self.A * self.gain[self.member] if refined else self.A
 
     def keep_mask(self, h: torch.Tensor) -> torch.Tensor | None:
         """Boolean mask over the components of ``h`` (..., R) that the current routing keeps; None = all."""
@@ -179,7 +180,9 @@ class ImplicitMoELinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         a = self.projection()
         h = F.linear(x.to(a.dtype), a)
-        keep = self.keep_mask(h)
+        # "routing": the task statistics only choose the kept components; their values stay those B was trained on
+        router_h = F.linear(x.to(a.dtype), self.projection(refined=True)) if self.router.refine == "routing" else h
+        keep = self.keep_mask(router_h)
         if keep is not None:
             h = h * keep
         if self.router.recorder is not None:

@@ -88,7 +88,7 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
             num_experts=num_experts,
             top_k=config.router_top_k,
             routing=config.routing,
-            refine=config.refine == "task_stats",
+            refine=config.refine,
         )
         modules = dict(base_model.named_modules())
         for key, layer_experts in experts.items():
@@ -136,7 +136,7 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
         refine = refine or self.config.refine
         top_k = check_router_settings(top_k, routing, refine)
         self.config.router_top_k, self.config.routing, self.config.refine = top_k, routing, refine
-        self.router.top_k, self.router.routing, self.router.refine = top_k, routing, refine == "task_stats"
+        self.router.top_k, self.router.routing, self.router.refine = top_k, routing, refine
 
     @contextlib.contextmanager
     def router_settings(self, *, top_k: Any = _UNCHANGED, routing: str | None = None, refine: str | None = None):

@@ -63,6 +63,15 @@ def test_communication_accounting_is_consistent(unbroken):
     assert methods["lora"]["collision_rate"] is None
 
 
+def test_moe_router_settings_are_chosen_on_validation_questions(unbroken):
+    _, summary = unbroken
+    router = summary["methods"]["solora"]["router"]
+    assert len(router["validation"]) == 9, "k in {r, 2r, all} x refinement in {task_stats, routing, none}"
+    assert router["validation"][router["chosen"]] == max(router["validation"].values())
+    assert router["router_top_k"] in (TINY.rank, 2 * TINY.rank, "all")
+    assert summary["methods"]["lora"]["router"] is None
+
+
 def test_every_round_of_every_peer_is_on_the_hub_once(unbroken):
     run_dir, _ = unbroken
     from gossip import LocalHub, Peer

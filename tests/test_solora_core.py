@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import save as save_safetensors
+from safetensors.torch import save_file
 
 import peft_sorlora
 from peft_sorlora import (
@@ -283,3 +284,60 @@ def test_auto_peft_model_and_transformers_load_adapter(tmp_path):
         plain = AutoModelForCausalLM.from_pretrained(base_dir).eval()
         plain.load_adapter(str(adapter_dir), adapter_name="solora")
         torch.testing.assert_close(plain(input_ids=batch["input_ids"]).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_load_adapter_adds_a_second_saved_adapter_and_switches(tmp_path):
+    first = calibrated_llama(slot=0)
+    second = calibrated_llama(slot=1, projection_seed=0)
+    first.save_pretrained(tmp_path / "a")
+    second.save_pretrained(tmp_path / "b")
+    batch = lm_batch(11)
+    with torch.no_grad():
+        expect_a = first(input_ids=batch["input_ids"]).logits
+        expect_b = second(input_ids=batch["input_ids"]).logits
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a").eval()
+    model.load_adapter(tmp_path / "b", adapter_name="b")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=batch["input_ids"]).logits, expect_a, atol=0, rtol=0)
+        model.set_adapter("b")
+        torch.testing.assert_close(model(input_ids=batch["input_ids"]).logits, expect_b, atol=0, rtol=0)
+
+
+_PUSH_AND_LOAD = """
+import sys, torch
+from safetensors.torch import load_file
+import peft_sorlora
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base_dir, adapter_dir, repo_id, expected = sys.argv[1:5]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+model.push_to_hub(repo_id, commit_message="SO-LoRA adapter")
+loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), repo_id).eval()
+ids = torch.arange(12).unsqueeze(0)
+torch.testing.assert_close(loaded(input_ids=ids).logits, load_file(expected)["logits"], atol=0, rtol=0)
+print("ok")
+"""
+
+
+def test_push_to_hub_and_load_from_a_hub_endpoint(tmp_path, hub_server):
+    """PeftModel.push_to_hub / from_pretrained(repo id) over real HTTP (HF_ENDPOINT is read at import: subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_llama().save_pretrained(base_dir)
+    model = calibrated_llama()
+    model.save_pretrained(adapter_dir)
+    with torch.no_grad():
+        expected = model(input_ids=torch.arange(12).unsqueeze(0)).logits
+    save_file({"logits": expected.contiguous()}, str(tmp_path / "expected.safetensors"))
+    repo_id = f"{hub_server.hub.namespace}/solora-push"
+    env = dict(os.environ, HF_ENDPOINT=hub_server.endpoint, HF_HUB_DISABLE_XET="1", HF_TOKEN="test-token")
+    done = subprocess.run(
+        [sys.executable, "-c", _PUSH_AND_LOAD, str(base_dir), str(adapter_dir), repo_id, str(tmp_path / "expected.safetensors")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
+    assert any("/commit/" in request for request in map(str, hub_server.requests)), "the push went over HTTP"

@@ -32,7 +32,7 @@ def test_tune_lr_scores_every_candidate_on_validation_only(tmp_path):
 
 def test_tune_lr_without_validation_questions_is_refused(tmp_path):
     with pytest.raises(ValueError, match="n_validation"):
-        tune_learning_rates(TINY, tmp_path, grid=[1e-3])
+        tune_learning_rates(TINY.replace(n_validation=0), tmp_path, grid=[1e-3])
 
 
 def test_cli_tune_lr(tmp_path, capsys):
