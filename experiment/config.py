@@ -55,7 +55,7 @@ class ExperimentConfig:
     degree: int = 2  # neighbours per peer in the random topology of the lora/lori baselines
     s_max: float = 0.1  # collision-rate bound of the cluster topology (pairs at sparsity 0.25 collide at ~0.06)
     router_top_k: int | None = None  # None: the paper's k = r components kept per token (see moe_router)
-    router_refine: str = "task_stats"  # "task_stats" (Eq. 26 literally), "routing" (selection only) or "none"
+    router_refine: str = "routing"  # "routing" (task statistics only select), "task_stats" (Eq. 26 literally), "none"
     # with validation questions, the implicit MoE's k and refinement are chosen on them (experiment/final_models.py)
     seed: int = 0
     eval_batch_size: int = 16
