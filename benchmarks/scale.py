@@ -153,8 +153,8 @@ def run(repeats: int = 5, quick: bool = False, counts: tuple[int, ...] | None = 
     )  # fmt: skip
     first = f"{counts[0]}_peers"
     time_note = {
-        k: "per-peer time grows with N: peft_sorlora's solora_layers() walks model.modules(), which holds one "
-        "dropout module per adapter per layer, so each get/apply_sparse_update costs O(N) (fix reported)"
+        k: "within noise of linear scaling: peft_sorlora's solora_layers() stops at SO-LoRA layers, so finding an "
+        "adapter's layers no longer grows with the number of adapters in the model"
         for k in per_peer_time
         if k != first
     }
