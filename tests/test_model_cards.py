@@ -15,7 +15,7 @@ import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import peft_sorlora
 from model_cards import (
@@ -32,6 +32,8 @@ from model_cards import (
     update_card_file,
     write_card,
 )
+
+from .solora_models import tiny_llama
 
 CONFIG = {
     "r": 4,
@@ -336,19 +338,6 @@ def test_check_card_reports_problems():
 
 # --------------------------------------------------------------------------------------------------------------------
 # The loading snippets run against real saved repos
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 INPUT_IDS = torch.arange(1, 17).reshape(2, 8)
