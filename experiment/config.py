@@ -62,6 +62,7 @@ class ExperimentConfig:
     hub: str | None = None  # None: a LocalHub under the run directory; else a Hub endpoint URL
     hub_namespace: str = "sorlora"
     pull_timeout: float = 60.0  # seconds a peer waits for a neighbour's revision before skipping it
+    device: str = "auto"  # "auto": CUDA when available (e.g. a Ray actor given a GPU), else CPU; or "cpu", "cuda:0"
     engine: str = "local"  # "local" (in-process peers sharing one base model) or "ray"
     threads: int | None = None
     # Ray engine only (experiment/ray_engine.py); like engine, these never change results (not in the fingerprint).
@@ -121,7 +122,7 @@ class ExperimentConfig:
         data = {
             k: v
             for k, v in self.to_dict().items()
-            if k not in ("engine", "hub", "threads", "pull_timeout") and not k.startswith("ray_")
+            if k not in ("engine", "hub", "threads", "pull_timeout", "device") and not k.startswith("ray_")
         }
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

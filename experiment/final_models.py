@@ -35,7 +35,7 @@ def build_moe(
     """
     base = copy.deepcopy(ws.base) if ws.model is None else copy.deepcopy(ws.model).unload()  # no adapter yet
     batches = {
-        (e, m): [{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}]
+        (e, m): [ws.on_device({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})]
         for e, members in enumerate(calibration)
         for m, batch in enumerate(members)
     }

@@ -66,6 +66,13 @@ def load_tasks(cfg: ExperimentConfig) -> dict[str, Task]:
     return tasks
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when a GPU is visible (e.g. to a Ray actor given one), else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def load_model(cfg: ExperimentConfig) -> tuple[torch.nn.Module, Any, str]:
     """(base model, tokenizer, base model id) for ``cfg.model`` (``tiny-random``: a tiny Llama for tests)."""
     if cfg.model == "tiny-random":
@@ -141,6 +148,7 @@ class Runner:
 
     def _load(self) -> None:
         self.base, self.tokenizer, self.base_id = self._base or load_model(self.cfg)
+        self.base.to(resolve_device(self.cfg.device))
         self.base.config._name_or_path = self.base_id  # recorded by PEFT as every adapter's base model
         for p in self.base.parameters():
             p.requires_grad_(False)

@@ -103,7 +103,12 @@ class Workspace:
         """Freeze ``peer``'s masks from its own data (SO-LoRA methods); returns the per-layer sparsity."""
         name = adapter_name(peer)
         self.activate([name])
-        return calibrate(self.model, batches, adapter_name=name, max_steps=len(batches))
+        return calibrate(self.model, [self.on_device(b) for b in batches], adapter_name=name, max_steps=len(batches))
+
+    def on_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` on the device of the base model (a GPU when the peer has one)."""
+        device = next(self.base.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
 
     # ------------------------------------------------------------------ views
     def own_state(self, peer: int, round: int):
@@ -164,7 +169,7 @@ class Workspace:
         network.train()
         losses = []
         for batch in batches:
-            loss = network(**batch).loss
+            loss = network(**self.on_device(batch)).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
