@@ -260,7 +260,7 @@ def _git_commit() -> str | None:
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "benchmarks", "peft_sorlora", "gossip", "moe_router"],
+            ["git", "status", "--porcelain", "--", "benchmarks", "peft_sorlora", "sorlora_gossip", "moe_router"],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
@@ -297,10 +297,10 @@ def machine_info(*, seed: int = SEED, argv: list[str] | None = None) -> dict[str
 
 @functools.cache
 def _smollm2_cached() -> tuple[torch.nn.Module, str]:
-    from experiment.model_loading import load_base_model  # noqa: PLC0415 - heavy, only when the real model is used
+    from peft_sorlora.base_model import load_base_model  # noqa: PLC0415 - heavy, only when the real model is used
 
-    model, _, base_id = load_base_model()
-    return model, base_id
+    model, _ = load_base_model()
+    return model, model.name_or_path
 
 
 def smollm2() -> tuple[torch.nn.Module, str]:
@@ -311,7 +311,7 @@ def smollm2() -> tuple[torch.nn.Module, str]:
 
 def tiny_llama(seed: int = SEED) -> torch.nn.Module:
     """A tiny random Llama (hidden 256, 4 layers): the same code paths as SmolLM2 in milliseconds."""
-    from experiment.model_loading import tiny_random_model  # noqa: PLC0415
+    from sorlora.model_loading import tiny_random_model  # noqa: PLC0415
 
     model, _ = tiny_random_model(hidden_size=256, num_hidden_layers=4, seed=seed)
     return model

@@ -3,8 +3,8 @@ the same bytes through the file system (the anchor: what moving the payloads cos
 
 A round = every peer pushes its payload (one commit holding ``update.safetensors`` + ``peer.json``, tagged
 ``round-N``), then every peer pulls its two neighbours' revisions of that round (tag resolve, checksum, safetensors
-parse and validation against the round-0 masks). Backends: :class:`gossip.LocalHub` (a folder) and
-:class:`gossip.HfHub` (the real ``huggingface_hub`` client) over HTTP to a :class:`gossip.HubServer` on 127.0.0.1,
+parse and validation against the round-0 masks). Backends: :class:`sorlora_gossip.LocalHub` (a folder) and
+:class:`sorlora_gossip.HfHub` (the real ``huggingface_hub`` client) over HTTP to a :class:`sorlora_gossip.HubServer` on 127.0.0.1,
 one client and cache per peer. Round 0 (with masks) is the warm-up; later rounds carry values only.
 """
 
@@ -19,7 +19,7 @@ import torch
 from peft import get_peft_model
 
 import peft_sorlora
-from gossip import HfHub, HubServer, LocalHub, Peer
+from sorlora_gossip import HfHub, HubServer, LocalHub, Peer
 
 from .common import measure_interleaved, rows_against, seed_everything, smollm2, tiny_llama, token_batch
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import psutil
 import ray
 
-from experiment.config import ExperimentConfig
-from experiment.ray_engine import ACTOR_TITLE
-from experiment.runner import run_experiment
+from sorlora.config import ExperimentConfig
+from sorlora.ray_engine import ACTOR_TITLE
+from sorlora.runner import run_experiment
 
 from .common import Measure, release_free_memory, rows_against
 

@@ -1,8 +1,8 @@
 """Scale in one process: N peers (10, 50, 100) sharing one frozen base model, one SO-LoRA adapter each.
 
-Memory: RSS growth per added peer (its adapter: A, B, mask, plus its :class:`gossip.Peer`) against the anchor of a
+Memory: RSS growth per added peer (its adapter: A, B, mask, plus its :class:`sorlora_gossip.Peer`) against the anchor of a
 full copy of the base model (what one process per peer would pay). Time: one gossip round over a
-:class:`gossip.LocalHub` (every peer serialises its update and pushes it, then pulls its two ring neighbours and
+:class:`sorlora_gossip.LocalHub` (every peer serialises its update and pushes it, then pulls its two ring neighbours and
 writes their values into their adapters in the shared model), per peer, against the same figure at the smallest N
 (a ratio of 1 = linear scaling). Projection ``gaussian`` (the paper's mode): orthogonal mode holds only
 ``in_features // r`` slots per layer (72 on SmolLM2 at r = 8), fewer than 100 peers.
@@ -19,8 +19,8 @@ import torch
 from peft import get_peft_model
 
 import peft_sorlora
-from gossip import LocalHub, Peer
 from peft_sorlora.calibration import solora_layers
+from sorlora_gossip import LocalHub, Peer
 
 from .common import (
     constant,

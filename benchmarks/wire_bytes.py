@@ -1,7 +1,7 @@
 """Bytes on the wire per peer per round (one payload per link): SO-LoRA against dense LoRA at the same rank.
 
 Figures per value dtype (fp32/fp16/bf16): the dense LoRA payload (anchor: A and B in full, as
-:class:`gossip.dense.DenseUpdate` sends them), SO-LoRA's round-0 payload (values + masks + shapes), its later
+:class:`sorlora_gossip.dense.DenseUpdate` sends them), SO-LoRA's round-0 payload (values + masks + shapes), its later
 payloads (values only), and the limit ``nnz x value bytes``. All are real ``len(payload.to_bytes())``: deterministic,
 so median = min = max.
 """
@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
 import peft_sorlora
-from gossip.dense import DenseUpdate
+from sorlora_gossip.dense import DenseUpdate
 
 from .common import constant, rows_against, seed_everything, smollm2, tiny_llama, token_batch
 

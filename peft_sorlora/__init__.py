@@ -12,6 +12,7 @@ masked B values as self-describing safetensors payloads for whoever moves them.
 """
 
 from ._registry import SOLORA, register
+from .base_model import BUNDLED_BASE_ID, base_fingerprint, load_base_model, set_base_identity
 from .calibration import allocate_budget, calibrate, finalize_masks, spectral_entropy
 from .collision import collision_rate
 from .config import SOLoRAConfig
@@ -49,4 +50,8 @@ __all__ = [
     "apply_sparse_update",
     "config_fingerprint",
     "update_stats",
+    "load_base_model",
+    "base_fingerprint",
+    "set_base_identity",
+    "BUNDLED_BASE_ID",
 ]

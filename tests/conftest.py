@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest  # noqa: E402
 
-from gossip.hub import HfHub, HubServer, LocalHub  # noqa: E402
+from sorlora_gossip.hub import HfHub, HubServer, LocalHub  # noqa: E402
 
 FAST_BACKOFF = {"backoff": 0.01, "max_backoff": 0.05}
 

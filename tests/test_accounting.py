@@ -13,7 +13,8 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save as save_safetensors
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gossip.accounting import (
+from peft_sorlora import SOLoRAConfig, calibrate, get_sparse_update, update_stats
+from sorlora_gossip.accounting import (
     CommStats,
     dense_payload_stats,
     lora_round_stats,
@@ -21,9 +22,8 @@ from gossip.accounting import (
     solora_round_stats,
     total_stats,
 )
-from gossip.topology import cluster_topology, clusters, ring
-from gossip.wireless import ChannelParams, channel_gains, link_delay, min_power, place_peers
-from peft_sorlora import SOLoRAConfig, calibrate, get_sparse_update, update_stats
+from sorlora_gossip.topology import cluster_topology, clusters, ring
+from sorlora_gossip.wireless import ChannelParams, channel_gains, link_delay, min_power, place_peers
 
 RANK, KEPT = 8, 0.25
 

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import get_peft_model
 
-from gossip.aggregation import cluster_experts, fedavg, masked_average, masked_average_updates, member_views
 from peft_sorlora import SOLoRAConfig, SparseUpdate, calibrate, get_sparse_update, projection_matrix
+from sorlora_gossip.aggregation import cluster_experts, fedavg, masked_average, masked_average_updates, member_views
 
 from .solora_models import tiny_llama
 

@@ -19,10 +19,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import moe_router
 import peft_sorlora
-from gossip import DenseUpdate, Peer, round_tag
-from gossip.hub import LocalHub
-from gossip.peer import CARD_FILE, INFO_FILE, UPDATE_FILE
 from model_cards import check_card, extract_python_snippets, parse_sections
+from sorlora_gossip import DenseUpdate, Peer, round_tag
+from sorlora_gossip.hub import LocalHub
+from sorlora_gossip.peer import CARD_FILE, INFO_FILE, UPDATE_FILE
 
 from .gossip_payloads import calibrated_mlp, update_for_round
 
@@ -261,7 +261,7 @@ def test_moe_saves_without_model_cards_installed(moe, tmp_path, monkeypatch, cap
 def test_moe_push_to_hub_card_keeps_hub_edits(moe, tmp_path, hub_server):
     local = tmp_path / "moe"
     moe.save_pretrained(local)
-    repo_id = "gossip/tiny-moe"
+    repo_id = "sorlora_gossip/tiny-moe"
     script = f"""
         import moe_router
         from huggingface_hub import HfApi, hf_hub_download

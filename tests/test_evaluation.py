@@ -8,9 +8,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from experiment.evaluation import accuracy_stderr, evaluate, evaluate_many, option_loglikelihoods
-from experiment.model_loading import tiny_random_model
-from experiment.tasks import (
+from sorlora.evaluation import accuracy_stderr, evaluate, evaluate_many, option_loglikelihoods
+from sorlora.model_loading import tiny_random_model
+from sorlora.tasks import (
     Example,
     Task,
     collate_for_training,
@@ -158,11 +158,12 @@ def test_evaluate_many_and_bad_input(tiny):
 
 @pytest.mark.slow
 def test_real_smollm2_on_a_slice_of_a_real_task():
-    from experiment.model_loading import load_base_model
+    from peft_sorlora.base_model import load_base_model
 
     torch.set_num_threads(2)
-    model, tokenizer, base_id = load_base_model()
-    assert base_id == "HuggingFaceTB/SmolLM2-135M-Instruct" and model.hf_quantizer is None
+    model, tokenizer = load_base_model()
+    assert model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct" and model.hf_quantizer is None
+    assert model.config._name_or_path == model.name_or_path and not hasattr(model.config, "quantization_config")
     task = load_task("strategyqa", n_train=0, n_test=10)
     result = evaluate(model, tokenizer, task, batch_size=8, max_len=128)
     assert result["n"] == 10 and 0 <= result["n_correct"] <= 10

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from experiment.config import ExperimentConfig
-from experiment.runner import run_experiment
+from sorlora.config import ExperimentConfig
+from sorlora.runner import run_experiment
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from experiment.config import METHODS, ExperimentConfig
-from experiment.runner import CRASH_ENV, run_experiment
+from sorlora.config import METHODS, ExperimentConfig
+from sorlora.runner import CRASH_ENV, run_experiment
 
 TINY = ExperimentConfig(
     model="tiny-random",
@@ -74,7 +74,7 @@ def test_moe_router_settings_are_chosen_on_validation_questions(unbroken):
 
 def test_every_round_of_every_peer_is_on_the_hub_once(unbroken):
     run_dir, _ = unbroken
-    from gossip import LocalHub, Peer
+    from sorlora_gossip import LocalHub, Peer
 
     hub = LocalHub(run_dir / "hub", namespace=TINY.hub_namespace)
     for method in ("solora", "lora"):
@@ -94,7 +94,7 @@ def test_killed_run_resumes_to_the_same_table(unbroken, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "experiment",
+        "sorlora",
         "run",
         "--config",
         str(config),
@@ -130,9 +130,9 @@ def test_run_publishes_peer_cards_final_adapters_and_the_moe(unbroken, tmp_path)
     from huggingface_hub import ModelCard
     from peft import PeftModel
 
-    from experiment.runner import load_model
-    from gossip import LocalHub
     from model_cards import check_card
+    from sorlora.runner import load_model
+    from sorlora_gossip import LocalHub
 
     run_dir, summary = unbroken
     hub = LocalHub(run_dir / "hub", namespace=TINY.hub_namespace)

@@ -10,10 +10,10 @@ import networkx as nx
 import pytest
 import torch
 
-from gossip import Peer, PushResult, round_tag
-from gossip.hub import InvalidNameError
-from gossip.peer import INFO_FILE, UPDATE_FILE
 from peft_sorlora import apply_sparse_update, get_sparse_update
+from sorlora_gossip import Peer, PushResult, round_tag
+from sorlora_gossip.hub import InvalidNameError
+from sorlora_gossip.peer import INFO_FILE, UPDATE_FILE
 
 from .gossip_payloads import BASE_MODEL, calibrated_mlp, update_for_round
 
@@ -153,7 +153,7 @@ def test_pull_is_reproducible_and_recorded_in_the_next_push(hub):
 def test_cli_push_pull_status_on_both_backends(hub, tmp_path, capsys, monkeypatch):
     import argparse
 
-    from gossip.cli import add_gossip_commands
+    from sorlora_gossip.cli import add_gossip_commands
 
     parser = argparse.ArgumentParser(prog="sorlora")
     add_gossip_commands(parser.add_subparsers(dest="command", required=True))

@@ -19,8 +19,9 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from gossip import Peer, round_tag
-from gossip.hub import (
+from peft_sorlora import get_sparse_update
+from sorlora_gossip import Peer, round_tag
+from sorlora_gossip.hub import (
     HfHub,
     HubAuthError,
     HubServer,
@@ -29,8 +30,7 @@ from gossip.hub import (
     PushConflictError,
     RevisionNotFound,
 )
-from gossip.peer import INFO_FILE, UPDATE_FILE
-from peft_sorlora import get_sparse_update
+from sorlora_gossip.peer import INFO_FILE, UPDATE_FILE
 
 from .gossip_payloads import calibrated_mlp, update_for_round
 
@@ -111,7 +111,7 @@ def test_transient_http_errors_are_retried_with_backoff(hf_hub, hub_server, stat
 def test_persistent_http_errors_give_up_after_bounded_retries(hub_server, tmp_path):
     hub = HfHub(hub_server.endpoint, namespace="gossip", cache_dir=tmp_path / "c", max_retries=3, backoff=0.01)
     hub.create_repo(hub.repo_id("down"))
-    hub_server.inject_fault(100, 503, path_contains="/api/models/gossip/down")
+    hub_server.inject_fault(100, 503, path_contains="/api/models/sorlora_gossip/down")
     before = len(hub_server.requests)
     start = time.monotonic()
     with pytest.raises(HubUnavailable, match="after 4 attempts"):
@@ -324,14 +324,14 @@ def test_local_hub_process_killed_mid_push_leaves_no_visible_partial_revision(tm
     head = hub.create_commit(repo, {"a": b"before"}, commit_message="before")
     script = textwrap.dedent(f"""
         import os
-        from gossip.hub import local
+        from sorlora_gossip.hub import local
         real = os.replace
         def dying_replace(src, dst):
             if str(dst).endswith("refs.json"):
                 os._exit(17)  # the process dies after blobs and commit object are written, before the ref moves
             real(src, dst)
         local.os.replace = dying_replace
-        local.LocalHub({str(root)!r}).create_commit("gossip/killed", {{"a": b"after", "b": b"new"}},
+        local.LocalHub({str(root)!r}).create_commit("sorlora_gossip/killed", {{"a": b"after", "b": b"new"}},
                                                    commit_message="never visible")
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
@@ -350,20 +350,20 @@ def test_local_hub_process_killed_mid_push_leaves_no_visible_partial_revision(tm
     [
         ("POST", "/api/repos/create", {"name": "..", "organization": "gossip"}),
         ("POST", "/api/repos/create", {"name": "x", "organization": "../../etc"}),
-        ("GET", "/api/models/gossip/%2E%2E/revision/main", None),
-        ("GET", "/gossip/x/resolve/main/..%2F..%2Fsecret", None),
-        ("POST", "/api/models/gossip/x/tag/main", {"tag": "../../refs"}),
+        ("GET", "/api/models/sorlora_gossip/%2E%2E/revision/main", None),
+        ("GET", "/sorlora_gossip/x/resolve/main/..%2F..%2Fsecret", None),
+        ("POST", "/api/models/sorlora_gossip/x/tag/main", {"tag": "../../refs"}),
     ],
 )
 def test_server_refuses_escaping_names_sent_by_any_client(hub_server, method, path, body):
-    hub_server.hub.create_repo("gossip/x")
+    hub_server.hub.create_repo("sorlora_gossip/x")
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(hub_server.endpoint + path, data=data, method=method)
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=10)
     assert info.value.code in (400, 404)
     assert sorted(p.name for p in (hub_server.hub.root / "repos").rglob("refs.json")) == ["refs.json"]
-    assert hub_server.hub.list_repos() == ["gossip/x"]
+    assert hub_server.hub.list_repos() == ["sorlora_gossip/x"]
 
 
 def test_token_is_sent_but_never_logged_or_shown(tmp_path, caplog):

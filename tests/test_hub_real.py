@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from gossip import HfHub, Peer, PushConflictError, round_tag
+from sorlora_gossip import HfHub, Peer, PushConflictError, round_tag
 
 from .gossip_payloads import calibrated_mlp, update_for_round
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import ray
 
-from experiment.engines import make_engine
-from experiment.methods import METHOD_SPECS
-from experiment.peer_worker import PeerPlan
-from experiment.runner import CRASH_ENV, Runner, run_experiment
-from experiment.workspace import Workspace
-from gossip import LocalHub, Peer
+from sorlora.engines import make_engine
+from sorlora.methods import METHOD_SPECS
+from sorlora.peer_worker import PeerPlan
+from sorlora.runner import CRASH_ENV, Runner, run_experiment
+from sorlora.workspace import Workspace
+from sorlora_gossip import LocalHub, Peer
 
 from .test_experiment_runner import TINY
 
@@ -52,7 +52,7 @@ def test_cli_starts_its_own_ray_and_shuts_it_down(tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(CFG.replace(peers=2, rounds=1, methods=("lora",)).to_dict()))
     run_dir = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "experiment", "run", "--config", str(config), "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "sorlora", "run", "--config", str(config), "--run-dir", str(run_dir)]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     done = subprocess.run(
         [*cmd, "--engine", "ray", "--no-progress"], env=env, capture_output=True, text=True, timeout=300
@@ -111,7 +111,7 @@ def test_killed_actor_is_restarted_and_the_round_completes(ray_cluster, local_ru
     run_dir = tmp_path / "killed"
     # peer02's actor dies (os._exit) right after pushing round 1, before answering the driver
     monkeypatch.setenv(CRASH_ENV, "solora:1:peer02")
-    with caplog.at_level(logging.WARNING, logger="experiment.ray_engine"):
+    with caplog.at_level(logging.WARNING, logger="sorlora.ray_engine"):
         summary = run_experiment(CFG.replace(engine="ray", methods=("solora",)), run_dir, progress=False)
     died = [r.getMessage() for r in caplog.records if "died during" in r.getMessage()]
     assert len(died) == 1 and "peer 2 died during train_and_push(1,)" in died[0], died
@@ -181,9 +181,9 @@ def test_runner_overrides_are_refused_with_ray(tmp_path):
 
 def test_without_ray_the_engine_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if the extra were not installed
-    monkeypatch.delitem(sys.modules, "experiment.ray_engine", raising=False)
+    monkeypatch.delitem(sys.modules, "sorlora.ray_engine", raising=False)
     with pytest.raises(ValueError, match=r"pip install 'peft-sorlora\[ray\]'"):
-        importlib.import_module("experiment.ray_engine")
+        importlib.import_module("sorlora.ray_engine")
     with pytest.raises(ValueError, match=r"--engine ray needs the optional extra"):
         run_experiment(CFG.replace(engine="ray", methods=("lora",)), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "methods" / "lora" / "final.json").exists()

@@ -8,9 +8,9 @@ import zipfile
 import pytest
 import torch
 
-from experiment import data_sources
-from experiment.model_loading import byte_level_tokenizer
-from experiment.tasks import (
+from sorlora import data_sources
+from sorlora.model_loading import byte_level_tokenizer
+from sorlora.tasks import (
     OFFLINE_TASKS,
     TASKS,
     Example,
@@ -209,7 +209,7 @@ def test_real_pools_have_the_documented_sizes(real_tasks):
 def test_bigbench_extracts_only_the_requested_members(real_tasks):
     extracted = data_sources.cache_dir() / "bigbench-1.0.0"
     files = sorted(p.relative_to(extracted).as_posix() for p in extracted.rglob("*") if p.is_file())
-    from experiment.tasks import BIGBENCH_TASKS
+    from sorlora.tasks import BIGBENCH_TASKS
 
     assert files == sorted(f"{path}/task.json" for path, _ in BIGBENCH_TASKS.values())
 

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossip.plot import plot_topology
-from gossip.topology import (
+from peft_sorlora import collision_rate
+from sorlora_gossip.plot import plot_topology
+from sorlora_gossip.topology import (
     cluster_collision_rate,
     cluster_topology,
     clusters,
@@ -19,8 +20,7 @@ from gossip.topology import (
     ring,
     single_cluster,
 )
-from gossip.wireless import ChannelParams, channel_gains, is_feasible, place_peers
-from peft_sorlora import collision_rate
+from sorlora_gossip.wireless import ChannelParams, channel_gains, is_feasible, place_peers
 
 fractions = st.floats(0.0, 1.0, allow_nan=False)
 

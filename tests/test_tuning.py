@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from experiment.cli import main
-from experiment.runner import load_tasks
-from experiment.tuning import tune_learning_rates
+from sorlora.cli import main
+from sorlora.runner import load_tasks
+from sorlora.tuning import tune_learning_rates
 
 from .test_experiment_runner import TINY
 

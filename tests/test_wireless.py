@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossip.wireless import (
+from sorlora_gossip.wireless import (
     ChannelParams,
     channel_gains,
     is_feasible,

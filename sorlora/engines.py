@@ -1,6 +1,6 @@
 """Engines run a method's peers: in this process (``local``) or as Ray actors (``ray``), behind one interface.
 
-An engine maps a :class:`~experiment.peer_worker.PeerWorker` method over the peers and waits for all of them (one
+An engine maps a :class:`~sorlora.peer_worker.PeerWorker` method over the peers and waits for all of them (one
 phase of a round). Peers talk to each other only through the hub, so both engines give the same results.
 """
 

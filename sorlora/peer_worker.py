@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from gossip import Hub, Peer
-from gossip.accounting import dense_payload_stats
-from gossip.aggregation import fedavg, masked_average, member_views
-from gossip.dense import DenseUpdate
-from gossip.hub import RevisionNotFound
-from gossip.peer import UPDATE_FILE
 from peft_sorlora import SparseUpdate, update_stats
 from peft_sorlora.projection import derive_seed
+from sorlora_gossip import Hub, Peer
+from sorlora_gossip.accounting import dense_payload_stats
+from sorlora_gossip.aggregation import fedavg, masked_average, member_views
+from sorlora_gossip.dense import DenseUpdate
+from sorlora_gossip.hub import RevisionNotFound
+from sorlora_gossip.peer import UPDATE_FILE
 
 from .config import ExperimentConfig
 from .methods import MethodSpec

@@ -11,7 +11,7 @@ from typing import Any
 
 __all__ = ["ExperimentConfig", "METHODS", "PRESETS", "preset"]
 
-# The methods compared in one run (method.md §5). See experiment/methods.py for what each one does.
+# The methods compared in one run (method.md §5). See sorlora/methods.py for what each one does.
 METHODS = ("lora", "lori", "solora-single", "solora", "local", "oracle")
 
 
@@ -56,7 +56,7 @@ class ExperimentConfig:
     s_max: float = 0.1  # collision-rate bound of the cluster topology (pairs at sparsity 0.25 collide at ~0.06)
     router_top_k: int | None = None  # None: the paper's k = r components kept per token (see moe_router)
     router_refine: str = "routing"  # "routing" (task statistics only select), "task_stats" (Eq. 26 literally), "none"
-    # with validation questions, the implicit MoE's k and refinement are chosen on them (experiment/final_models.py)
+    # with validation questions, the implicit MoE's k and refinement are chosen on them (sorlora/final_models.py)
     seed: int = 0
     eval_batch_size: int = 16
     hub: str | None = None  # None: a LocalHub under the run directory; else a Hub endpoint URL
@@ -65,7 +65,7 @@ class ExperimentConfig:
     device: str = "auto"  # "auto": CUDA when available (e.g. a Ray actor given a GPU), else CPU; or "cpu", "cuda:0"
     engine: str = "local"  # "local" (in-process peers sharing one base model) or "ray"
     threads: int | None = None
-    # Ray engine only (experiment/ray_engine.py); like engine, these never change results (not in the fingerprint).
+    # Ray engine only (sorlora/ray_engine.py); like engine, these never change results (not in the fingerprint).
     ray_address: str | None = None  # None: start a local Ray; "auto" or "ray://host:10001": join a running cluster
     ray_cpus_per_peer: float = 1.0  # CPUs each peer actor reserves (fractional: several peers share a core)
     ray_gpus_per_peer: float = 0.0  # GPUs each peer actor reserves (0: none)

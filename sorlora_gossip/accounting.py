@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
-from gossip.wireless import DEFAULT_CHANNEL, ChannelParams, channel_gains, link_delay, min_power
 from peft_sorlora.exchange import UpdateStats, update_stats
+from sorlora_gossip.wireless import DEFAULT_CHANNEL, ChannelParams, channel_gains, link_delay, min_power
 
 if TYPE_CHECKING:
     from peft_sorlora import SparseUpdate

@@ -1,6 +1,6 @@
 """Serve a LocalHub folder over the Hugging Face Hub HTTP API, so ``huggingface_hub.HfApi`` can push and pull.
 
-Implements the part of the Hub API that :class:`gossip.hub.hf.HfHub` uses (model repos only): repo creation and
+Implements the part of the Hub API that :class:`sorlora_gossip.hub.hf.HfHub` uses (model repos only): repo creation and
 listing, repo info at a revision, preupload (always ``regular`` uploads: no LFS/Xet), ndjson commits with
 ``parentCommit`` (412 when stale), tags, refs, commits, tree, and ``resolve`` downloads with the ``X-Repo-Commit``
 and ``ETag`` headers. Errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``).

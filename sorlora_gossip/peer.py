@@ -230,11 +230,11 @@ class RoundPull:
 
 
 class Peer:
-    """One participant of a gossip run on a :class:`~gossip.hub.base.Hub` (repo ``hub.repo_id(peer_id)``).
+    """One participant of a gossip run on a :class:`~sorlora_gossip.hub.base.Hub` (repo ``hub.repo_id(peer_id)``).
 
     ``base_model``/``config_hash`` are what neighbours' payloads must match (default: taken from this peer's own
     round-0 update, or from its last pushed ``peer.json`` when resuming). ``payload_cls`` parses pulled payloads:
-    :class:`~peft_sorlora.SparseUpdate` (default) or :class:`gossip.dense.DenseUpdate` for the dense LoRA baseline.
+    :class:`~peft_sorlora.SparseUpdate` (default) or :class:`sorlora_gossip.dense.DenseUpdate` for the dense LoRA baseline.
 
     ``adapter_config`` (the peer's ``SOLoRAConfig.to_dict()``) turns on the adapter card: every push then also writes
     ``README.md``. Without it (the CLI, the dense LoRA baseline, whose LoRA config a SO-LoRA card cannot describe) no

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Circle
 
-from gossip.topology import clusters
+from sorlora_gossip.topology import clusters
 
 __all__ = ["plot_topology"]
 

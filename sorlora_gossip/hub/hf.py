@@ -1,6 +1,6 @@
 """HfHub: the hub interface over ``huggingface_hub.HfApi`` (the Hugging Face Hub or any Hub-compatible endpoint).
 
-Errors are mapped to the project's (:mod:`gossip.hub.base`): 412 on a stale ``parent_commit`` becomes
+Errors are mapped to the project's (:mod:`sorlora_gossip.hub.base`): 412 on a stale ``parent_commit`` becomes
 :class:`PushConflictError`, 404s become ``RepoNotFound``/``RevisionNotFound``/``EntryNotFound``. Rate limits (429),
 server errors (5xx) and connection failures are retried a bounded number of times with exponential backoff, then
 raise :class:`HubUnavailable`. Downloads go through ``hf_hub_download`` with a pinned revision into a cache folder.

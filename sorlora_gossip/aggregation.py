@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import networkx as nx
 import torch
 
-from gossip.topology import clusters
+from sorlora_gossip.topology import clusters
 
 if TYPE_CHECKING:
     from peft_sorlora import SparseUpdate

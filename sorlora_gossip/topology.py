@@ -12,8 +12,8 @@ from collections.abc import Hashable, Sequence
 import networkx as nx
 import numpy as np
 
-from gossip.wireless import DEFAULT_CHANNEL, ChannelParams, channel_gains, peer_power
 from peft_sorlora.collision import collision_rate
+from sorlora_gossip.wireless import DEFAULT_CHANNEL, ChannelParams, channel_gains, peer_power
 
 __all__ = [
     "cluster_topology",

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from gossip.dense import DenseUpdate
 from peft_sorlora import SOLoRAConfig, apply_sparse_update, calibrate, get_sparse_update
 from peft_sorlora.projection import derive_seed
+from sorlora_gossip.dense import DenseUpdate
 
 from .config import ExperimentConfig
 from .methods import MethodSpec

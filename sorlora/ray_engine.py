@@ -38,7 +38,7 @@ ACTOR_TITLE = "PeerActor"  # Ray names actor processes ``ray::PeerActor...`` (be
 
 class PeerActor:
     """One peer of one method in its own process: loads the base model, tasks and hub from the config, then runs
-    :class:`~experiment.peer_worker.PeerWorker` phases for the driver."""
+    :class:`~sorlora.peer_worker.PeerWorker` phases for the driver."""
 
     def __init__(self, cfg: dict[str, Any], method: str, peer: int, run_dir: str, method_dir: str) -> None:
         from .methods import METHOD_SPECS
@@ -65,7 +65,7 @@ class PeerActor:
         return os.getpid()
 
     def call(self, phase: str, *args: Any) -> Any:
-        """Run one PeerWorker phase (a public method of :class:`~experiment.peer_worker.PeerWorker`)."""
+        """Run one PeerWorker phase (a public method of :class:`~sorlora.peer_worker.PeerWorker`)."""
         if not is_phase(phase):
             raise ValueError(f"{phase!r} is not a public PeerWorker method")
         return getattr(self.worker, phase)(*args)

@@ -1,7 +1,7 @@
 """The hub interface every gossip backend implements, its error types, and repo-id / path validation.
 
 A hub stores one git-like repository per peer: immutable commits of whole file trees, branches (``main``) and tags
-(``round-0007``). Backends: :class:`gossip.hub.local.LocalHub` (a folder) and :class:`gossip.hub.hf.HfHub` (the
+(``round-0007``). Backends: :class:`sorlora_gossip.hub.local.LocalHub` (a folder) and :class:`sorlora_gossip.hub.hf.HfHub` (the
 Hugging Face Hub or any Hub-compatible endpoint). Both raise the errors below and nothing backend-specific.
 """
 

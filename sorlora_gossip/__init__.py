@@ -1,9 +1,9 @@
 """gossip: decentralized exchange of SO-LoRA updates between peers through Hub repos.
 
-Hub layer (:mod:`gossip.hub`): one interface, a local folder backend and a Hugging Face Hub backend.
-Peer layer (:mod:`gossip.peer`): one revision per peer per round, pinned pulls of the neighbours' revisions.
-Who talks to whom (:mod:`gossip.wireless`, :mod:`gossip.topology`) and how received updates combine
-(:mod:`gossip.aggregation`), what it costs (:mod:`gossip.accounting`), and a picture (:mod:`gossip.plot`):
+Hub layer (:mod:`sorlora_gossip.hub`): one interface, a local folder backend and a Hugging Face Hub backend.
+Peer layer (:mod:`sorlora_gossip.peer`): one revision per peer per round, pinned pulls of the neighbours' revisions.
+Who talks to whom (:mod:`sorlora_gossip.wireless`, :mod:`sorlora_gossip.topology`) and how received updates combine
+(:mod:`sorlora_gossip.aggregation`), what it costs (:mod:`sorlora_gossip.accounting`), and a picture (:mod:`sorlora_gossip.plot`):
 plain functions over networkx graphs and tensors, usable without any model.
 """
 

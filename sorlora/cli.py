@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--grid", default="1e-3,3e-3,1e-2", help="comma-separated learning rates to try")
     tune.add_argument("--methods", nargs="+", help="methods to tune (default: the config's)")
     tune.set_defaults(func=_cmd_tune_lr)
-    from gossip.cli import add_gossip_commands
+    from sorlora_gossip.cli import add_gossip_commands
 
     add_gossip_commands(sub)
     return parser

@@ -1,7 +1,7 @@
 """Dense LoRA payloads: the DFL-LoRA baseline's exchange (A and B in full), the anchor SO-LoRA is compared with.
 
 :class:`DenseUpdate` mirrors :class:`peft_sorlora.SparseUpdate`'s interface (``round``, ``has_structure``,
-``to_bytes``/``from_bytes`` with the same validation), so a :class:`gossip.Peer` moves either kind.
+``to_bytes``/``from_bytes`` with the same validation), so a :class:`sorlora_gossip.Peer` moves either kind.
 """
 
 from __future__ import annotations

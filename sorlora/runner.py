@@ -1,6 +1,6 @@
 """The decentralized experiment: N peers, one task each, fine-tune one base model together through a hub.
 
-For every method (experiment/methods.py) each peer creates its adapter and calibrates its SO-LoRA masks on its own
+For every method (sorlora/methods.py) each peer creates its adapter and calibrates its SO-LoRA masks on its own
 data; the driver builds the method's topology from what the peers report; then ``rounds`` rounds of: local training
 (a fresh AdamW, the same batches for every method) -> push one revision per peer -> pull the neighbours' revisions of
 that round (pinned to their ``round-N`` tags) -> aggregate. Peers run on an engine (in-process or Ray actors) and
@@ -23,23 +23,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gossip import Hub, LocalHub
-from gossip.accounting import round_stats
-from gossip.dense import DenseUpdate
-from gossip.hub import HfHub
-from gossip.plot import plot_topology
-from gossip.topology import cluster_collision_rate, cluster_topology, random_topology, single_cluster
-from gossip.wireless import place_peers
 from model_cards import ExpertInfo, MoECardInfo
 from peft_sorlora import SparseUpdate, update_stats
 from peft_sorlora.exchange import UpdateStats
+from sorlora_gossip import Hub, LocalHub
+from sorlora_gossip.accounting import round_stats
+from sorlora_gossip.dense import DenseUpdate
+from sorlora_gossip.hub import HfHub
+from sorlora_gossip.plot import plot_topology
+from sorlora_gossip.topology import cluster_collision_rate, cluster_topology, random_topology, single_cluster
+from sorlora_gossip.wireless import place_peers
 
 from .config import ExperimentConfig
 from .engines import make_engine
 from .evaluation import evaluate
 from .final_models import build_moe, choose_router, evaluate_moe
 from .methods import METHOD_SPECS, MethodSpec
-from .model_loading import load_base_model, tiny_random_model
+from peft_sorlora.base_model import load_base_model
+
+from .model_loading import tiny_random_model
 from .peer_worker import (
     CALIBRATION,
     CRASH_ENV,
@@ -78,7 +80,8 @@ def load_model(cfg: ExperimentConfig) -> tuple[torch.nn.Module, Any, str]:
     if cfg.model == "tiny-random":
         model, tokenizer = tiny_random_model(seed=cfg.seed)
         return model, tokenizer, "tiny-random-llama"
-    return load_base_model(cfg.model)
+    model, tokenizer = load_base_model(cfg.model)
+    return model, tokenizer, model.name_or_path
 
 
 def open_run_hub(cfg: ExperimentConfig, run_dir: Path) -> Hub:

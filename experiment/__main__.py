@@ -1,7 +1,0 @@
-"""``python -m experiment`` is the ``sorlora`` command."""
-
-import sys
-
-from .cli import main
-
-sys.exit(main())
