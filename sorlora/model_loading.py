@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     """A deterministic byte-level tokenizer (256 byte tokens + <s>, </s>, <pad>) that needs no vocabulary download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: PLC0415

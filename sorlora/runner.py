@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from model_cards import ExpertInfo, MoECardInfo
 from peft_sorlora import SparseUpdate, update_stats
+from peft_sorlora.base_model import load_base_model
 from peft_sorlora.exchange import UpdateStats
 from sorlora_gossip import Hub, LocalHub
 from sorlora_gossip.accounting import round_stats
@@ -39,8 +40,6 @@ from .engines import make_engine
 from .evaluation import evaluate
 from .final_models import build_moe, choose_router, evaluate_moe
 from .methods import METHOD_SPECS, MethodSpec
-from peft_sorlora.base_model import load_base_model
-
 from .model_loading import tiny_random_model
 from .peer_worker import (
     CALIBRATION,
