@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from .hub.base import (
     validate_path,
     validate_ref,
 )
+from .layout import CARD_FILE, INFO_FILE, INFO_FORMAT, ROUND_TAG_RE, UPDATE_FILE, round_tag
 
 __all__ = [
     "ADAPTER_CONFIG_FILE",
@@ -64,20 +64,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-UPDATE_FILE = "update.safetensors"
-INFO_FILE = "peer.json"
-INFO_FORMAT = "sorlora-peer/1"
-CARD_FILE = "README.md"
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # the names PeftModel.save_pretrained writes and from_pretrained reads
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-_ROUND_TAG_RE = re.compile(r"round-\d{4,}")
-
-
-def round_tag(round: int) -> str:
-    """The tag naming a peer's revision for ``round`` (``round-0007``)."""
-    if not isinstance(round, int) or isinstance(round, bool) or round < 0:
-        raise ValueError(f"round must be a non-negative integer, got {round!r}")
-    return f"round-{round:04d}"
 
 
 def parse_peer_info(data: bytes, *, peer_id: str, round: int | None = None) -> dict:
@@ -384,7 +372,7 @@ class Peer:
         ``peft.save_as_lora`` export gets the plain-LoRA card. ``metrics`` default to the last pushed round's.
         """
         validate_ref(tag)
-        if _ROUND_TAG_RE.fullmatch(tag):
+        if ROUND_TAG_RE.fullmatch(tag):
             raise ValueError(f"tag {tag!r} looks like a round tag; pick another name (e.g. 'final')")
         payload = _adapter_files(files)
         adapter_config = json.loads(_read(payload[ADAPTER_CONFIG_FILE]))
