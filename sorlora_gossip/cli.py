@@ -28,8 +28,12 @@ def _hub_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding the Hub token")
 
 
-def _open(args: argparse.Namespace):
-    return open_hub(args.hub, namespace=args.namespace, token=os.environ.get(args.token_env) or None)
+def _open(args: argparse.Namespace, *, must_exist: bool = True):
+    """The ``--hub`` of a command; a folder that does not exist is refused (reads must not create an empty hub)."""
+    location = str(args.hub)
+    if must_exist and "://" not in location and not Path(location).is_dir():
+        raise FileNotFoundError(f"no hub folder {location!r}: give an existing hub folder or an http(s):// endpoint")
+    return open_hub(location, namespace=args.namespace, token=os.environ.get(args.token_env) or None)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -54,7 +58,7 @@ def _status(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     data = Path(args.payload).read_bytes()  # validated by Peer.push_round, pushed byte for byte
     metrics = {k: float(v) for k, v in (m.split("=", 1) for m in args.metric)}
-    peer = Peer(_open(args), args.peer, task=args.task, cluster=args.cluster)
+    peer = Peer(_open(args, must_exist=False), args.peer, task=args.task, cluster=args.cluster)
     with tqdm(total=len(data), unit="B", unit_scale=True, desc=f"push {args.peer} round {args.round}") as bar:
         result = peer.push_round(args.round, data, metrics=metrics)
         bar.update(len(data))
@@ -118,28 +122,31 @@ def add_gossip_commands(subparsers: argparse._SubParsersAction) -> None:
 
     push = subparsers.add_parser("push", help="push one peer's round payload (update.safetensors)")
     _hub_arguments(push)
-    push.add_argument("--peer", required=True)
-    push.add_argument("--round", type=int, required=True)
+    push.add_argument("--peer", required=True, help="peer id (its repo is NAMESPACE/PEER)")
+    push.add_argument("--round", type=int, required=True, help="round number (0 first; tagged round-NNNN)")
     push.add_argument("--payload", required=True, help="a peft_sorlora sparse update (.safetensors)")
-    push.add_argument("--task", default=None)
-    push.add_argument("--cluster", default=None)
+    push.add_argument("--task", default=None, help="the peer's task, recorded in peer.json and its card")
+    push.add_argument("--cluster", default=None, help="the peer's cluster, recorded in peer.json and its card")
     push.add_argument("--metric", action="append", default=[], metavar="NAME=VALUE", help="local metric (repeat)")
     push.set_defaults(func=_push)
 
     pull = subparsers.add_parser("pull", help="pull the neighbours' revisions of one round for a peer")
     _hub_arguments(pull)
-    pull.add_argument("--peer", required=True)
-    pull.add_argument("--round", type=int, required=True)
+    pull.add_argument("--peer", required=True, help="the pulling peer's id (its base model and config are checked)")
+    pull.add_argument("--round", type=int, required=True, help="round whose neighbour revisions to pull")
     pull.add_argument("--neighbours", required=True, help="comma-separated peer ids")
     pull.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for late neighbours")
     pull.add_argument("--out", default=None, help="folder to write the pulled payloads to")
     pull.set_defaults(func=_pull)
 
     serve = subparsers.add_parser("hub-serve", help="serve a LocalHub folder over the Hugging Face Hub HTTP API")
-    serve.add_argument("--root", default=os.environ.get("SORLORA_HUB", "hub"))
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8088)
-    serve.add_argument("--namespace", default="gossip")
-    serve.add_argument("--token-env", default="HF_TOKEN")
-    serve.add_argument("--require-token", action="store_true", help="writes need the token in $TOKEN_ENV")
+    serve.add_argument("--root", default=os.environ.get("SORLORA_HUB", "hub"),
+                       help="LocalHub folder to serve, created if missing (default: $SORLORA_HUB or ./hub)")  # fmt: skip
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    serve.add_argument("--port", type=int, default=8088, help="TCP port to listen on (default: 8088; 0: any free port)")
+    serve.add_argument("--namespace", default="gossip", help="owner of the served peer repos (default: gossip)")
+    serve.add_argument("--token-env", default="HF_TOKEN",
+                       help="environment variable holding the token for --require-token (default: HF_TOKEN)")  # fmt: skip
+    serve.add_argument("--require-token", action="store_true",
+                       help="writes need 'Authorization: Bearer <token>' with the token in $TOKEN_ENV")  # fmt: skip
     serve.set_defaults(func=_serve)

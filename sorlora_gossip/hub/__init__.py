@@ -5,6 +5,7 @@ any Hub-compatible endpoint (:class:`HfHub`), and a server exposing a local fold
 from __future__ import annotations
 
 import os
+import re
 
 from .base import (
     DEFAULT_BRANCH,
@@ -52,11 +53,20 @@ __all__ = [
 ]
 
 
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def open_hub(
     location: str | os.PathLike[str], *, namespace: str | None = None, token: str | None = None, **kwargs
 ) -> Hub:
-    """A hub from a location: an ``http(s)://`` endpoint gives :class:`HfHub`, anything else a :class:`LocalHub` folder."""
+    """A hub from a location: an ``http(s)://`` endpoint gives :class:`HfHub`, a folder path a :class:`LocalHub`.
+
+    Any other ``scheme://`` (a typo such as ``htp://``) is refused with :class:`ValueError` instead of silently
+    becoming a local folder of that name.
+    """
     text = os.fspath(location)
     if text.startswith(("http://", "https://")):
         return HfHub(endpoint=text.rstrip("/"), token=token, namespace=namespace, **kwargs)
+    if _URL_SCHEME.match(text):
+        raise ValueError(f"hub location {text!r} has an unknown scheme: use http(s)://HOST[:PORT] or a folder path")
     return LocalHub(text, namespace=namespace or "gossip", **kwargs)
