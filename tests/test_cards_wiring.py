@@ -261,7 +261,7 @@ def test_moe_saves_without_model_cards_installed(moe, tmp_path, monkeypatch, cap
 def test_moe_push_to_hub_card_keeps_hub_edits(moe, tmp_path, hub_server):
     local = tmp_path / "moe"
     moe.save_pretrained(local)
-    repo_id = "sorlora_gossip/tiny-moe"
+    repo_id = "gossip/tiny-moe"
     script = f"""
         import moe_router
         from huggingface_hub import HfApi, hf_hub_download

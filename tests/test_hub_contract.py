@@ -22,7 +22,7 @@ BINARY = bytes(range(256)) * 4
 
 def test_create_repo_is_idempotent_and_starts_with_one_commit(hub):
     repo = hub.repo_id("alice")
-    assert repo == "sorlora_gossip/alice"
+    assert repo == "gossip/alice"
     assert not hub.repo_exists(repo)
     hub.create_repo(repo)
     head = hub.resolve(repo)
@@ -175,9 +175,9 @@ def _transcript(hub) -> list:
         lambda: [(name(c.sha), c.message) for c in hub.list_commits(repo)],
         lambda: sorted(hub.list_refs(repo).tags),
         lambda: hub.download(repo, "nope", revision="main"),
-        lambda: hub.resolve("sorlora_gossip/nobody"),
+        lambda: hub.resolve("gossip/nobody"),
         lambda: hub.resolve(repo, "round-0005"),
-        lambda: hub.create_repo("sorlora_gossip/../x"),
+        lambda: hub.create_repo("gossip/../x"),
     ):
         try:
             out.append(("ok", step()))

@@ -331,7 +331,7 @@ def test_local_hub_process_killed_mid_push_leaves_no_visible_partial_revision(tm
                 os._exit(17)  # the process dies after blobs and commit object are written, before the ref moves
             real(src, dst)
         local.os.replace = dying_replace
-        local.LocalHub({str(root)!r}).create_commit("sorlora_gossip/killed", {{"a": b"after", "b": b"new"}},
+        local.LocalHub({str(root)!r}).create_commit("gossip/killed", {{"a": b"after", "b": b"new"}},
                                                    commit_message="never visible")
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
@@ -356,14 +356,14 @@ def test_local_hub_process_killed_mid_push_leaves_no_visible_partial_revision(tm
     ],
 )
 def test_server_refuses_escaping_names_sent_by_any_client(hub_server, method, path, body):
-    hub_server.hub.create_repo("sorlora_gossip/x")
+    hub_server.hub.create_repo("gossip/x")
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(hub_server.endpoint + path, data=data, method=method)
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=10)
     assert info.value.code in (400, 404)
     assert sorted(p.name for p in (hub_server.hub.root / "repos").rglob("refs.json")) == ["refs.json"]
-    assert hub_server.hub.list_repos() == ["sorlora_gossip/x"]
+    assert hub_server.hub.list_repos() == ["gossip/x"]
 
 
 def test_token_is_sent_but_never_logged_or_shown(tmp_path, caplog):

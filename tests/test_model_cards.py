@@ -452,7 +452,7 @@ def test_snippet_loads_adapter_pushed_to_hub(saved_repo, hub_server, tmp_path):
     """Push base model and adapter (with its card) to a Hub server, then run the card's snippet in a fresh process."""
     base_dir, adapter_dir, model, logits = saved_repo
     api = HfApi(endpoint=hub_server.endpoint)
-    base_id, repo_id = "sorlora_gossip/tiny-llama", "sorlora_gossip/sorlora-peer-3"
+    base_id, repo_id = "gossip/tiny-llama", "gossip/sorlora-peer-3"
     staged = tmp_path / "staged"
     shutil.copytree(adapter_dir, staged)
     update_card_file(staged / "README.md", adapter_card(card_info_for(model, repo_id, base_id)))
