@@ -2,19 +2,75 @@
 
 Each question's prompt runs once; its key/value cache is copied to every option, so the options' tokens are the only
 extra work. Several questions are batched together (prompts left-padded, options right-padded).
+
+A question whose prompt and longest option do not fit in ``max_len`` tokens is never scored silently: by default it
+is skipped and counted (``n_truncated`` in every result, with one warning per task), or the evaluation raises
+(``truncation="raise"``), or — only when asked for — the prompt is cut from the left and the count still reported
+(``truncation="cut"``). Which questions fit depends on the tokenizer and ``max_len`` only, never on the model, so
+every method of a run is scored on the same questions and per-question comparisons stay paired.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .tasks import Example, Task, context_continuation_ids, n_special_prefix, truncate_context
+
+logger = logging.getLogger(__name__)
+
+TRUNCATION_POLICIES = ("skip", "raise", "cut")
+
+
+class PromptTooLongError(ValueError):
+    """Test prompts do not fit the sequence length and the policy does not allow scoring them."""
+
+
+def question_length(example: Example, tokenizer: Any) -> int:
+    """Tokens a multiple-choice question needs: its prompt (with special tokens) plus its longest option."""
+    pairs = [context_continuation_ids(tokenizer, example.prompt, option) for option in example.options]
+    context = min(len(c) for c, _ in pairs)
+    return context + max(len(c) - context + len(o) for c, o in pairs)
+
+
+def training_length(example: Example, tokenizer: Any) -> int:
+    """Tokens a training example needs: its prompt (with special tokens) plus its answer."""
+    context, answer = context_continuation_ids(tokenizer, example.prompt, example.answer)
+    return len(context) + len(answer)
+
+
+def fits(examples: Sequence[Example], tokenizer: Any, *, max_len: int) -> list[bool]:
+    """Per question: does it fit in ``max_len`` tokens without cutting its prompt?"""
+    return [question_length(e, tokenizer) <= max_len for e in examples]
+
+
+def truncation_report(tasks: Mapping[str, Task], tokenizer: Any, *, max_len: int) -> dict[str, dict[str, Any]]:
+    """Per task and split: how many prompts do not fit ``max_len`` (test/validation: question + longest option;
+    train: prompt + answer, whose prompt training cuts from the left), and the longest length seen."""
+    report: dict[str, dict[str, Any]] = {}
+    for name, task in tasks.items():
+        report[name] = {}
+        for split, examples, length in (
+            ("test", task.test, question_length),
+            ("validation", task.validation, question_length),
+            ("train", task.train, training_length),
+        ):
+            lengths = [length(e, tokenizer) for e in examples]
+            report[name][split] = {
+                "n": len(lengths),
+                "truncated": sum(n > max_len for n in lengths),
+                "max_tokens": max(lengths, default=0),
+            }
+    return report
+
+
+_warned: set[tuple[str, int, int]] = set()
 
 
 def _encode_question(example: Example, tokenizer: Any, *, max_len: int, n_special: int):
@@ -102,40 +158,71 @@ def accuracy_stderr(accuracy: float, n: int) -> float:
 
 
 def evaluate(
-    model: torch.nn.Module, tokenizer: Any, task: Task, *, batch_size: int = 8, max_len: int = 256
-) -> dict[str, float]:
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: Task,
+    *,
+    batch_size: int = 8,
+    max_len: int = 256,
+    truncation: str = "skip",
+) -> dict[str, Any]:
     """Zero-shot multiple-choice accuracy of ``model`` on ``task.test``.
 
     Returns accuracy (highest summed log-likelihood), acc_norm (log-likelihood per character of the option, as
-    lm-eval's acc_norm), n, n_correct, stderr (of accuracy) and seconds.
+    lm-eval's acc_norm), n (questions scored), n_correct, n_truncated (questions that do not fit ``max_len``),
+    truncation (the policy, see the module docstring), stderr (of accuracy), seconds, and per question in test
+    order ``correct`` / ``correct_norm`` (1, 0, or None for a skipped question) for paired comparisons.
     """
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     examples = task.test
     if not examples:
         raise ValueError(f"task {task.name!r} has no test examples")
     single = [e for e in examples if len(e.options) < 2]
     if single:
         raise ValueError(f"task {task.name!r} is not multiple choice: {len(single)} test examples have < 2 options")
+    fit = fits(examples, tokenizer, max_len=max_len)
+    n_truncated = fit.count(False)
+    if n_truncated and (truncation == "raise" or n_truncated == len(examples) and truncation == "skip"):
+        raise PromptTooLongError(
+            f"task {task.name!r}: {n_truncated} of {len(examples)} test questions do not fit max_len={max_len} "
+            "tokens: raise max_len or shorten the prompts"
+        )
+    if n_truncated and truncation == "skip" and (task.name, max_len, len(examples)) not in _warned:
+        _warned.add((task.name, max_len, len(examples)))
+        logger.warning("task %r: %d of %d test questions do not fit max_len=%d; they are skipped (not scored)",
+                       task.name, n_truncated, len(examples), max_len)  # fmt: skip
+    scored = [i for i, ok in enumerate(fit) if ok or truncation == "cut"]
     was_training = model.training
     model.eval()
     started = time.perf_counter()
     try:
-        loglikelihoods = option_loglikelihoods(model, tokenizer, examples, batch_size=batch_size, max_len=max_len)
+        loglikelihoods = option_loglikelihoods(
+            model, tokenizer, [examples[i] for i in scored], batch_size=batch_size, max_len=max_len
+        )
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - started
-    correct = norm_correct = 0
-    for example, scores in zip(examples, loglikelihoods):
-        correct += _argmax(scores) == example.label
+    correct: list[int | None] = [None] * len(examples)
+    correct_norm: list[int | None] = [None] * len(examples)
+    for i, scores in zip(scored, loglikelihoods):
+        example = examples[i]
+        correct[i] = int(_argmax(scores) == example.label)
         normalised = [s / len(o) for s, o in zip(scores, example.options)]
-        norm_correct += _argmax(normalised) == example.label
-    n = len(examples)
+        correct_norm[i] = int(_argmax(normalised) == example.label)
+    n = len(scored)
+    n_correct = sum(c for c in correct if c is not None)
     return {
-        "accuracy": correct / n,
-        "acc_norm": norm_correct / n,
+        "accuracy": n_correct / n,
+        "acc_norm": sum(c for c in correct_norm if c is not None) / n,
         "n": n,
-        "n_correct": correct,
-        "stderr": accuracy_stderr(correct / n, n),
+        "n_correct": n_correct,
+        "n_truncated": n_truncated,
+        "truncation": truncation,
+        "stderr": accuracy_stderr(n_correct / n, n),
         "seconds": seconds,
+        "correct": correct,
+        "correct_norm": correct_norm,
     }
 
 
@@ -144,7 +231,14 @@ def _argmax(values: Sequence[float]) -> int:
 
 
 def evaluate_many(
-    model: torch.nn.Module, tokenizer: Any, tasks: Iterable[Task], *, batch_size: int = 8, max_len: int = 256
-) -> dict[str, dict[str, float]]:
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: Iterable[Task],
+    *,
+    batch_size: int = 8,
+    max_len: int = 256,
+    truncation: str = "skip",
+) -> dict[str, dict[str, Any]]:
     """:func:`evaluate` on every task's test split: {task name: result}."""
-    return {t.name: evaluate(model, tokenizer, t, batch_size=batch_size, max_len=max_len) for t in tasks}
+    kw = dict(batch_size=batch_size, max_len=max_len, truncation=truncation)
+    return {t.name: evaluate(model, tokenizer, t, **kw) for t in tasks}

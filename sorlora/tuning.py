@@ -28,7 +28,9 @@ def tune_learning_rates(
 ) -> dict[str, Any]:
     """Validation accuracy of every (method, lr) in ``grid``; returns ``{"scores": ..., "best": {method: lr}}``.
 
-    Needs ``cfg.n_validation > 0``. Each candidate is an ordinary (resumable) run under ``run_dir/<method>/lr-<lr>``.
+    Needs ``cfg.n_validation > 0``. Each candidate is an ordinary (resumable) run under ``run_dir/<method>/lr-<lr>``
+    whose test questions are the validation questions; the implicit MoE of ``solora`` uses the configured router
+    settings there (choosing them would need a second held-out split).
     """
     if cfg.n_validation <= 0:
         raise ValueError("tuning needs validation questions: set n_validation > 0 (e.g. --set n_validation=24)")
@@ -44,7 +46,10 @@ def tune_learning_rates(
     for method in methods:
         scores[method] = {}
         for lr in grid:
-            trial = cfg.replace(methods=(method,), lr={**cfg.lr, method: float(lr)})
+            # The trial's "test" questions are the validation questions, so it has no validation split of its own:
+            # n_validation=0 keeps the run from choosing router settings on an empty one (solora used to crash
+            # here) and uses the configured router instead.
+            trial = cfg.replace(methods=(method,), lr={**cfg.lr, method: float(lr)}, n_validation=0)
             runner = Runner(trial, run_dir / method / f"lr-{lr:g}", progress=progress, base=base, tasks=tasks)
             summary = runner.run()
             base = (runner.base, base[1], base[2])

@@ -171,3 +171,59 @@ def test_real_smollm2_on_a_slice_of_a_real_task():
     got = option_loglikelihoods(model, tokenizer, task.test[:3], max_len=128)
     for g, e in zip(got, brute_force_loglikelihoods(model, tokenizer, task.test[:3], max_len=128)):
         assert g == pytest.approx(e, abs=2e-3)
+
+
+def test_truncated_questions_are_skipped_and_counted_never_scored_silently(tiny, caplog):
+    from sorlora.evaluation import PromptTooLongError, fits, question_length
+
+    model, tokenizer = tiny
+    examples = _mixed_examples()
+    lengths = [question_length(e, tokenizer) for e in examples]
+    max_len = sorted(lengths)[len(lengths) // 2]  # about half the questions fit
+    fit = fits(examples, tokenizer, max_len=max_len)
+    assert 0 < fit.count(False) < len(examples)
+    task = Task("long", "k", train=[], test=examples)
+    with caplog.at_level("WARNING", logger="sorlora.evaluation"):
+        skipped = evaluate(model, tokenizer, task, max_len=max_len)
+    assert skipped["n_truncated"] == fit.count(False) and skipped["n"] == fit.count(True)
+    assert [c is not None for c in skipped["correct"]] == fit
+    assert "do not fit max_len" in caplog.text and "skipped" in caplog.text
+    fitting = Task("fit", "k", train=[], test=[e for e, ok in zip(examples, fit) if ok])
+    alone = evaluate(model, tokenizer, fitting, max_len=max_len)
+    assert alone["correct"] == [c for c in skipped["correct"] if c is not None], "same scores for the same questions"
+    assert skipped["accuracy"] == alone["accuracy"] and alone["n_truncated"] == 0
+    with pytest.raises(PromptTooLongError, match=f"{fit.count(False)} of {len(examples)} test questions"):
+        evaluate(model, tokenizer, task, max_len=max_len, truncation="raise")
+    cut = evaluate(model, tokenizer, task, max_len=max_len, truncation="cut")
+    assert cut["n"] == len(examples) and cut["n_truncated"] == fit.count(False) and None not in cut["correct"]
+    with pytest.raises(PromptTooLongError, match="raise max_len"):
+        evaluate(model, tokenizer, task, max_len=min(lengths) - 1)  # nothing fits: skipping would score nothing
+    with pytest.raises(ValueError, match="truncation must be"):
+        evaluate(model, tokenizer, task, truncation="ignore")
+
+
+def test_per_question_outcomes_match_the_accuracies(tiny):
+    model, tokenizer = tiny
+    task = synthetic_task("eps", n_train=1, n_test=12, n_options=3)
+    result = evaluate(model, tokenizer, task, batch_size=5)
+    assert len(result["correct"]) == len(result["correct_norm"]) == 12 and result["n_truncated"] == 0
+    assert sum(result["correct"]) == result["n_correct"] and result["accuracy"] == result["n_correct"] / 12
+    assert sum(result["correct_norm"]) / 12 == result["acc_norm"]
+
+
+def test_truncation_report_counts_every_split(tiny):
+    from sorlora.evaluation import question_length, training_length, truncation_report
+
+    _, tokenizer = tiny
+    task = synthetic_task("zeta", n_train=10, n_test=6, n_validation=4)
+    lengths = sorted(question_length(e, tokenizer) for e in task.test)
+    report = truncation_report({"zeta": task}, tokenizer, max_len=lengths[2])
+    test = report["zeta"]["test"]
+    assert (
+        test["n"] == 6
+        and test["truncated"] == sum(n > lengths[2] for n in lengths)
+        and test["max_tokens"] == lengths[-1]
+    )
+    assert report["zeta"]["validation"]["n"] == 4
+    assert report["zeta"]["train"]["max_tokens"] == max(training_length(e, tokenizer) for e in task.train)
+    assert truncation_report({"zeta": task}, tokenizer, max_len=512)["zeta"]["test"]["truncated"] == 0

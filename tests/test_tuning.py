@@ -43,3 +43,16 @@ def test_cli_tune_lr(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "local" in out and "-> best" in out and "--set lr=" in out
+
+
+def test_tune_lr_works_for_every_method(tmp_path):
+    """Every method, solora included (it crashed: the router choice read the emptied validation split)."""
+    from sorlora.config import METHODS
+
+    cfg = TINY.replace(n_validation=4, rounds=1)
+    result = tune_learning_rates(cfg, tmp_path, grid=[1e-2], progress=False)
+    assert set(result["best"]) == set(METHODS) == set(cfg.methods)
+    for method in METHODS:
+        trial = json.loads((tmp_path / method / "lr-0.01" / "results.json").read_text())
+        assert trial["methods"][method]["n_test"] == {t: 4 for t in cfg.tasks}
+        assert 0 <= result["scores"][method]["0.01"] <= 1
