@@ -5,7 +5,8 @@
     import peft_sorlora
     from peft import get_peft_model
     model = get_peft_model(base, peft_sorlora.SOLoRAConfig(r=8, sparsity=0.5, projection="orthogonal", slot=3))
-    peft_sorlora.calibrate(model, batches)   # freeze the sparse masks (or let the first training batches do it)
+    # train as usual: the first ``mask_calibration_steps`` batches observe and freeze the sparse masks (on every
+    # forward path), or call peft_sorlora.calibrate(model, batches) first to choose them up front
 
 This package knows nothing of how updates travel; :func:`get_sparse_update` / :func:`apply_sparse_update` give the
 masked B values as self-describing safetensors payloads for whoever moves them.
@@ -13,7 +14,7 @@ masked B values as self-describing safetensors payloads for whoever moves them.
 
 from ._registry import SOLORA, register
 from .base_model import BUNDLED_BASE_ID, base_fingerprint, load_base_model, set_base_identity
-from .calibration import allocate_budget, calibrate, finalize_masks, spectral_entropy
+from .calibration import allocate_budget, calibrate, finalize_masks, spectral_entropy, trainable_entries
 from .collision import collision_rate
 from .config import SOLoRAConfig
 from .exchange import (
@@ -24,7 +25,7 @@ from .exchange import (
     get_sparse_update,
     update_stats,
 )
-from .layer import Linear, SOLoRALayer
+from .layer import Linear, MaskCalibration, SOLoRALayer
 from .model import SOLoRAModel
 from .projection import projection_matrix
 
@@ -40,6 +41,8 @@ __all__ = [
     "Linear",
     "calibrate",
     "finalize_masks",
+    "trainable_entries",
+    "MaskCalibration",
     "allocate_budget",
     "spectral_entropy",
     "collision_rate",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -13,9 +14,66 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import SOLoRAConfig
+from .masks import freeze_masks
 from .projection import projection_matrix
 
-__all__ = ["SOLoRALayer", "Linear", "Observation", "dispatch_default"]
+__all__ = ["SOLoRALayer", "Linear", "Observation", "MaskCalibration", "dispatch_default"]
+
+logger = logging.getLogger("peft_sorlora")
+
+
+class MaskCalibration:
+    """The automatic mask calibration of one adapter, shared by all the layers that carry it.
+
+    While an adapter's masks are not frozen, each of its layers observes every forward with gradients (the B
+    gradient in backward, the input when the budget is spectral) and passes a zero gradient on, so B does not move.
+    The first forward of any layer after ``mask_calibration_steps`` observed batches (backward passes) freezes the
+    masks of all the layers at once; training then moves the masked entries of B. Because this happens inside the
+    layers, it works on every forward path: ``PeftModel`` with or without ``task_type`` (which calls the base model
+    directly), ``transformers.Trainer``, accelerate, a plain loop. The tuner links the layers of an adapter to one
+    instance after injection (:meth:`peft_sorlora.SOLoRAModel.inject_adapter`); a layer used alone has its own.
+    """
+
+    def __init__(self, adapter_name: str, config: SOLoRAConfig, layers: list[SOLoRALayer] | None = None) -> None:
+        self.adapter_name = adapter_name
+        self.config = config
+        self.layers: list[SOLoRALayer] = list(layers or [])
+        self.auto = True  # False while calibrate() drives the observation itself
+        self.announced = False
+
+    def ready(self) -> bool:
+        """True once every layer has observed ``mask_calibration_steps`` batches."""
+        steps = self.config.mask_calibration_steps
+        observations = [layer.observations.get(self.adapter_name) for layer in self.layers]
+        return bool(observations) and all(o is not None and o.steps >= steps for o in observations)
+
+    def announce(self) -> None:
+        """Tell a training user, once, that the first batches observe (Trainer logs ``grad_norm 0`` for them)."""
+        if self.announced:
+            return
+        self.announced = True
+        logger.warning(
+            "SO-LoRA adapter %r: the first %d training batch(es) observe B's gradients to choose the sparse masks "
+            "(B does not move, grad_norm is 0); training moves the masked entries of B after that. Call "
+            "peft_sorlora.calibrate(model, batches) before training to choose them up front.",
+            self.adapter_name,
+            self.config.mask_calibration_steps,
+        )
+
+    def freeze(self) -> dict[str, float]:
+        """Freeze the masks of every layer of the adapter; returns the kept fraction per layer."""
+        fractions = freeze_masks(self.layers, self.adapter_name, self.config)
+        kept = sum(int(layer.solora_mask[self.adapter_name].sum()) for layer in self.layers)
+        total = sum(layer.solora_mask[self.adapter_name].numel() for layer in self.layers)
+        logger.info(
+            "SO-LoRA adapter %r: masks frozen after %d batch(es); %d of %d B entries train (%.1f%%)",
+            self.adapter_name,
+            self.config.mask_calibration_steps,
+            kept,
+            total,
+            100.0 * kept / max(total, 1),
+        )
+        return fractions
 
 
 class Observation:
@@ -25,7 +83,8 @@ class Observation:
     after the first mini-batches"); the input second moment feeds the data-aware spectrum of the layer budget.
     """
 
-    def __init__(self, collect_inputs: bool) -> None:
+    def __init__(self, collect_inputs: bool, group: MaskCalibration) -> None:
+        self.group = group
         self.grad_sum: torch.Tensor | None = None
         self.steps = 0
         self.collect_inputs = collect_inputs
@@ -64,7 +123,8 @@ class SOLoRALayer(BaseTunerLayer):
     """Adapter state of one base layer, per adapter name: frozen A, trainable B, boolean mask, scaling."""
 
     adapter_layer_names = ("solora_B",)
-    other_param_names = ("solora_A", "solora_mask", "r", "scaling", "solora_dropout")
+    # ``observations``: per-adapter calibration state, listed so that delete_adapter removes it with the rest
+    other_param_names = ("solora_A", "solora_mask", "r", "scaling", "solora_dropout", "observations")
 
     def __init__(self, base_layer: nn.Module, layer_key: str = "", **kwargs) -> None:
         self.base_layer = base_layer
@@ -108,7 +168,8 @@ class SOLoRALayer(BaseTunerLayer):
         self.solora_mask[adapter_name] = torch.ones(self.out_features, r, dtype=torch.bool)
         if config.layer_sparsity is None:
             self.observations[adapter_name] = Observation(
-                collect_inputs=config.sparsity_allocation == "spectral_entropy"
+                collect_inputs=config.sparsity_allocation == "spectral_entropy",
+                group=MaskCalibration(adapter_name, config, [self]),
             )
         else:
             self.observations.pop(adapter_name, None)
@@ -127,6 +188,17 @@ class SOLoRALayer(BaseTunerLayer):
         with torch.no_grad():
             b.mul_(self.solora_mask[adapter_name])
         self.observations.pop(adapter_name, None)
+
+    def _observation(self, adapter_name: str) -> Observation | None:
+        """The adapter's observation, or None once its masks are frozen (freezing them first when it is time)."""
+        observation = self.observations.get(adapter_name)
+        if observation is None:
+            return None
+        group = observation.group
+        if group.auto and observation.steps >= group.config.mask_calibration_steps and group.ready():
+            group.freeze()
+            return None
+        return observation
 
     def effective_B(self, adapter_name: str) -> torch.Tensor:
         """B ⊙ M, the matrix that multiplies ``A x``."""
@@ -205,8 +277,10 @@ class Linear(nn.Module, SOLoRALayer):
                 continue
             a = self.solora_A[name]
             b = self.solora_B[name]
-            observation = self.observations.get(name)
-            if observation is not None and torch.is_grad_enabled():
+            observation = self._observation(name)
+            if observation is not None and torch.is_grad_enabled() and b.requires_grad:
+                if self.training:
+                    observation.group.announce()
                 observation.add_input(x)
                 b = _ObserveGrad.apply(b, observation)
             hidden = F.linear(self.solora_dropout[name](x.to(a.dtype)), a)

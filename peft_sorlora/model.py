@@ -6,9 +6,9 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from .calibration import finalize_masks, solora_layers
+from .calibration import solora_layers
 from .config import SOLoRAConfig
-from .layer import SOLoRALayer, dispatch_default
+from .layer import MaskCalibration, SOLoRALayer, dispatch_default
 
 __all__ = ["SOLoRAModel"]
 
@@ -16,9 +16,10 @@ __all__ = ["SOLoRAModel"]
 class SOLoRAModel(BaseTuner):
     """Injects SO-LoRA into a transformers (or any torch) model; created by ``peft.get_peft_model``.
 
-    Default target modules follow PEFT's LoRA mapping per architecture. While an adapter's masks are not frozen,
-    each training forward first checks whether ``mask_calibration_steps`` batches were observed and, if so, freezes
-    the masks (so plain training loops and ``Trainer`` work without an explicit :func:`peft_sorlora.calibrate`).
+    Default target modules follow PEFT's LoRA mapping per architecture. While an adapter's masks are not frozen, its
+    layers observe the first ``mask_calibration_steps`` training batches and then freeze the masks themselves
+    (:class:`peft_sorlora.layer.MaskCalibration`), on every forward path, so plain loops, ``Trainer`` and a
+    ``PeftModel`` without ``task_type`` all train without an explicit :func:`peft_sorlora.calibrate`.
     """
 
     prefix: str = "solora_"
@@ -49,20 +50,26 @@ class SOLoRAModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def finalize_ready_masks(self) -> list[str]:
-        """Freeze the masks of every adapter that has observed enough training batches; returns their names."""
-        done = []
-        for name, config in self.peft_config.items():
-            if config.layer_sparsity is not None:
-                continue
-            layers = solora_layers(self.model, name)
-            observations = [layer.observations.get(name) for layer in layers]
-            if observations and all(o is not None and o.steps >= config.mask_calibration_steps for o in observations):
-                finalize_masks(self.model, name, config)
-                done.append(name)
-        return done
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """PEFT's injection, then one shared :class:`MaskCalibration` for the new adapter's layers (if it observes)."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        layers = [layer for layer in solora_layers(model, adapter_name) if adapter_name in layer.observations]
+        if layers:
+            group = MaskCalibration(adapter_name, self.peft_config[adapter_name], layers)
+            for layer in layers:
+                layer.observations[adapter_name].group = group
 
-    def forward(self, *args, **kwargs):
-        if self.training:
-            self.finalize_ready_masks()
-        return self.model.forward(*args, **kwargs)
+    def finalize_ready_masks(self) -> list[str]:
+        """Freeze the masks of every adapter that has observed enough training batches; returns their names.
+
+        The layers do this by themselves at their next forward; this is for code that wants it done now.
+        """
+        done = []
+        for name in list(self.peft_config):
+            layers = solora_layers(self.model, name)
+            groups = {id(o.group): o.group for layer in layers if (o := layer.observations.get(name)) is not None}
+            for group in groups.values():
+                if group.ready():
+                    group.freeze()
+                    done.append(name)
+        return done
