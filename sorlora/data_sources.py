@@ -50,9 +50,10 @@ def _archive_stem(requirement: str) -> str:
     return f"{name.replace('-', '_').lower()}-{version}"
 
 
-def fetch_distribution(requirement: str, *, cache: Path | None = None) -> Path:
+def fetch_distribution(requirement: str, *, cache: Path | None = None, sdist: bool = False) -> Path:
     """Return the path of the sdist or wheel for ``requirement`` ('name==version'), downloading it once with pip.
 
+    ``sdist=True`` insists on the source distribution (``--no-binary :all:``: e.g. for the tests a wheel lacks).
     Concurrent callers are serialised by a file lock, so the archive is fetched at most once per cache.
     """
     cache = cache or cache_dir()
@@ -63,8 +64,9 @@ def fetch_distribution(requirement: str, *, cache: Path | None = None) -> Path:
         for path in sorted(cache.iterdir()):
             normalised = path.name.replace("-", "_").lower()
             prefix = stem.replace("-", "_")
+            suffixes = (".tar.gz", ".zip") if sdist else (".tar.gz", ".whl", ".zip")
             if normalised.startswith((prefix + "_", prefix + ".tar.gz", prefix + ".zip")) and path.name.endswith(
-                (".tar.gz", ".whl", ".zip")
+                suffixes
             ):
                 return path
         return None
@@ -74,6 +76,8 @@ def fetch_distribution(requirement: str, *, cache: Path | None = None) -> Path:
         if found is not None:
             return found
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", requirement]
+        if sdist:
+            command[-1:-1] = ["--no-binary", ":all:"]
         result = subprocess.run([*command, "-d", str(cache)], capture_output=True, text=True)
         found = find()
         if result.returncode != 0 or found is None:
