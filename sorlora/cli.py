@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sorlora_gossip.cli import add_gossip_commands
 
     add_gossip_commands(sub)
+    from .study import add_study_commands  # sorlora study, sorlora pilot
+
+    add_study_commands(sub)
     return parser
 
 

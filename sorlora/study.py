@@ -1,0 +1,389 @@
+"""A study that can rank the methods: the same comparison over several seeds, paired per question, with CIs.
+
+Every seed is an ordinary, resumable ``sorlora run`` of the study's settings with ``seed`` changed — the seed also
+resamples the data split, the adapters' initialisation and the training order. Each seed adds two rows scored on
+the same questions: ``zero-shot`` (the base model alone) and ``solora:sum`` (the ``solora`` run's experts on the
+same weights with every component kept: the plain sum of all clusters' updates instead of the implicit-MoE
+router). The per-question outcomes of every method are stored per seed (``seed-<s>/seed_result.json``), so a
+finished seed is never redone and more seeds can be added later. The statistics (:mod:`sorlora.stats`): a
+hierarchical bootstrap over seeds and questions, 95% intervals, Holm-corrected pre-registered contrasts and the
+smallest difference each contrast could detect with 80% power.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ExperimentConfig
+from .stats import PREREGISTERED_CONTRASTS, compare_methods, estimate
+
+__all__ = ["StudySettings", "STUDY_PRESETS", "run_study", "study_table", "add_study_commands", "PILOT_CANDIDATES"]
+
+ZERO_SHOT = "zero-shot"
+MOE_SUM = "solora:sum"
+
+# Offline tasks whose questions fit 96 tokens (measured: vitaminc 90%, multiemo 87%, elementary_math_qa 29% do not).
+PILOT_CANDIDATES: tuple[str, ...] = (
+    "intent_recognition",
+    "bbc_news",
+    "rotten_tomatoes",
+    "sports_understanding",
+    "goal_step_wikihow",
+    "social_iqa",
+    "fact_checker",
+    "strategyqa",
+)
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """A study: the run settings every seed shares, and the seeds."""
+
+    config: ExperimentConfig
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    zero_shot: bool = field(default=True, metadata={"help": "add the base model alone as a row"})
+    moe_sum: bool = field(default=True, metadata={"help": "add solora's experts as a plain sum (all components)"})
+    n_boot: int = field(default=4000, metadata={"help": "bootstrap replicates per estimate"})
+
+    def __post_init__(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
+
+    def fingerprint(self) -> str:
+        """The settings that every seed shares (the config without its seed)."""
+        return self.config.replace(seed=0).fingerprint()
+
+
+_STUDY_CONFIG = ExperimentConfig(
+    # the pilot's kept tasks (runs/pilot/pilot.md); every question fits max_len
+    tasks=("intent_recognition", "bbc_news", "rotten_tomatoes", "sports_understanding"),
+    methods=("lora", "lori", "solora-single", "solora"),
+    peers=4,
+    rounds=4,
+    local_steps=8,
+    n_train=256,
+    n_test=60,
+    n_validation=24,
+    n_curve=8,
+)
+
+STUDY_PRESETS: dict[str, StudySettings] = {
+    # 5 seeds x 4 tasks x 60 questions: about 5 points detectable per contrast (see README "Results").
+    "study": StudySettings(_STUDY_CONFIG),
+    # the pilot's settings: every candidate task, validation questions only (sorlora pilot)
+    "pilot": StudySettings(_STUDY_CONFIG.replace(n_validation=60, methods=("local",)), seeds=(0,)),
+}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- one seed
+
+
+def _per_question(result: Mapping[str, Any], tasks: Sequence[str], key: str) -> dict[str, list[float | None]]:
+    per_question = result.get("per_question")
+    if per_question is None:
+        raise ValueError(f"method {result.get('method')!r}: the run's results hold no per-question outcomes")
+    return {t: per_question[t][key] for t in tasks}
+
+
+def _extra_rows(cfg: ExperimentConfig, run_dir: Path, settings: StudySettings) -> dict[str, dict[str, Any]]:
+    """zero-shot and solora:sum rows: the base model alone and the saved MoE with every component kept."""
+    from .evaluation import evaluate  # noqa: PLC0415 - torch is only needed once a seed runs
+    from .runner import load_model, load_tasks  # noqa: PLC0415
+
+    rows: dict[str, dict[str, Any]] = {}
+    kw = dict(batch_size=cfg.eval_batch_size, max_len=cfg.max_len)
+    tasks = load_tasks(cfg)
+    if settings.zero_shot:
+        model, tokenizer, _ = load_model(cfg)
+        results = {t: evaluate(model, tokenizer, task, **kw) for t, task in tasks.items()}
+        rows[ZERO_SHOT] = _row_of(results, bytes_sent=0)
+    moe_dir = run_dir / "moe"
+    if settings.moe_sum and "solora" in cfg.methods and (moe_dir / "config.json").exists():
+        from moe_router import ImplicitMoEForCausalLM  # noqa: PLC0415
+
+        _, tokenizer, _ = load_model(cfg)
+        moe = ImplicitMoEForCausalLM.from_pretrained(moe_dir).eval()
+        moe.set_router(top_k="all", refine="none")
+        results = {t: evaluate(moe, tokenizer, task, **kw) for t, task in tasks.items()}
+        rows[MOE_SUM] = _row_of(results, bytes_sent=None)
+    return rows
+
+
+def _row_of(results: Mapping[str, Mapping[str, Any]], *, bytes_sent: int | None) -> dict[str, Any]:
+    return {
+        "accuracy": {t: r["accuracy"] for t, r in results.items()},
+        "acc_norm": {t: r["acc_norm"] for t, r in results.items()},
+        "correct": {t: r["correct"] for t, r in results.items()},
+        "correct_norm": {t: r["correct_norm"] for t, r in results.items()},
+        "bytes_transmitted": bytes_sent,
+    }
+
+
+def run_seed(settings: StudySettings, study_dir: Path, seed: int, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or read back) one seed: every method, plus the zero-shot and plain-sum rows, with per-question outcomes."""
+    from .runner import run_experiment  # noqa: PLC0415
+
+    seed_dir = study_dir / f"seed-{seed}"
+    done = seed_dir / "seed_result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    cfg = settings.config.replace(seed=seed)
+    started = time.perf_counter()
+    summary = run_experiment(cfg, seed_dir / "run", progress=progress)
+    run_seconds = time.perf_counter() - started
+    methods: dict[str, dict[str, Any]] = {}
+    for name, result in summary["methods"].items():
+        methods[name] = {
+            "accuracy": result["accuracy"],
+            "acc_norm": result.get("acc_norm", {}),
+            "correct": _per_question(result, cfg.tasks, "correct"),
+            "correct_norm": _per_question(result, cfg.tasks, "correct_norm"),
+            "bytes_transmitted": result["bytes_transmitted"],
+        }
+    extra_started = time.perf_counter()
+    methods.update(_extra_rows(cfg, seed_dir / "run", settings))
+    record = {
+        "seed": seed,
+        "methods": methods,
+        "seconds": {"run": run_seconds, "extra_rows": time.perf_counter() - extra_started},
+        "n_test": {t: len(next(iter(methods.values()))["correct"][t]) for t in cfg.tasks},
+    }
+    _write_json(done, record)
+    return record
+
+
+# ---------------------------------------------------------------- the study
+
+
+def _outcomes(seeds: Sequence[Mapping[str, Any]], tasks: Sequence[str], key: str) -> dict[str, list[np.ndarray]]:
+    """Per method, per seed: the scores of the questions that every method scored, in task order."""
+    names = [m for m in seeds[0]["methods"] if all(m in s["methods"] for s in seeds)]
+    out: dict[str, list[np.ndarray]] = {m: [] for m in names}
+    for record in seeds:
+        rows = record["methods"]
+        for t in tasks:
+            scored = [all(rows[m][key][t][i] is not None for m in names) for i in range(len(rows[names[0]][key][t]))]
+            for m in names:
+                values = rows[m][key][t]
+                if len(values) != len(scored):
+                    raise ValueError(f"seed {record['seed']}, task {t!r}: methods scored different question sets")
+                out[m].append(np.array([v for v, ok in zip(values, scored) if ok], dtype=float))
+    # one array per seed: the tasks' questions concatenated
+    n_tasks = len(tasks)
+    return {m: [np.concatenate(v[i : i + n_tasks]) for i in range(0, len(v), n_tasks)] for m, v in out.items()}
+
+
+def summarize(settings: StudySettings, seeds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The study's statistics from its per-seed records."""
+    tasks = settings.config.tasks
+    acc = _outcomes(seeds, tasks, "correct")
+    norm = _outcomes(seeds, tasks, "correct_norm")
+    stats = compare_methods(acc, contrasts=PREREGISTERED_CONTRASTS, n_boot=settings.n_boot)
+    acc_norm = {m: estimate(o, n_boot=settings.n_boot).as_dict() for m, o in norm.items()}
+    per_task = {m: {t: float(np.mean([s["methods"][m]["accuracy"][t] for s in seeds])) for t in tasks} for m in acc}
+    bytes_sent: dict[str, float | None] = {}
+    for m in acc:
+        sent = [s["methods"][m]["bytes_transmitted"] for s in seeds]
+        bytes_sent[m] = None if None in sent else float(np.mean(sent))
+    seconds = [s["seconds"]["run"] + s["seconds"]["extra_rows"] for s in seeds]
+    return {
+        "settings": {
+            "config": settings.config.to_dict(),
+            "seeds": [s["seed"] for s in seeds],
+            "n_boot": settings.n_boot,
+        },  # fmt: skip
+        "questions_per_seed": next(iter(acc.values()))[0].size if acc else 0,
+        "accuracy": stats["methods"],
+        "acc_norm": acc_norm,
+        "per_task": per_task,
+        "bytes_transmitted": bytes_sent,
+        "contrasts": stats["contrasts"],
+        "skipped_contrasts": stats["skipped"],
+        "seconds_per_seed": seconds,
+    }
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def study_table(result: Mapping[str, Any]) -> str:
+    """Markdown: accuracy per method with 95% CIs, then the contrasts with Holm p-values and detectable differences."""
+    from .report import _fmt_bytes  # noqa: PLC0415 - one byte formatter
+
+    tasks = result["settings"]["config"]["tasks"]
+    lines = [
+        "| method | acc [95% CI] | acc_norm [95% CI] | " + " | ".join(tasks) + " | bytes sent (mean per seed) |",
+        "|" + "---|" * (4 + len(tasks)),
+    ]
+    for m, e in result["accuracy"].items():
+        n = result["acc_norm"][m]
+        b = result["bytes_transmitted"][m]
+        lines.append(
+            f"| {m} | **{_pct(e['mean'])}** [{_pct(e['low'])}, {_pct(e['high'])}] | {_pct(n['mean'])} "
+            f"[{_pct(n['low'])}, {_pct(n['high'])}] | "
+            + " | ".join(_pct(result["per_task"][m][t]) for t in tasks)
+            + f" | {'—' if b is None else _fmt_bytes(b)} |"
+        )
+    lines += [
+        "",
+        "| contrast (paired) | difference [95% CI] | p | p (Holm) | detectable (80% power) | paper's claim |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in result["contrasts"]:
+        d = c["difference"]
+        lines.append(
+            f"| {c['name']} | {100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] | "
+            f"{c['p_value']:.3f} | {c['p_holm']:.3f} | {_pct(c['detectable'])} ({_pct(c['detectable_holm'])} at "
+            f"Holm's strictest step) | {c['verdict']} |"
+        )
+    seeds = result["settings"]["seeds"]
+    seconds = result["seconds_per_seed"]
+    lines += [
+        "",
+        f"Accuracy in % over {len(seeds)} seeds ({', '.join(map(str, seeds))}; each also resamples the data split) × "
+        f"{result['questions_per_seed']} test questions per seed ({len(tasks)} tasks); intervals from a hierarchical "
+        f"bootstrap (seeds, then questions; {result['settings']['n_boot']} replicates). Contrasts are paired per "
+        "question and Holm-corrected as one family; 'holds' / 'reversed' = Holm p < 0.05 in the paper's / the "
+        "opposite direction, else 'undecided'. Detectable = the true difference found with 80% power at α = 0.05. "
+        f"Cost: {np.mean(seconds) / 60:.1f} min per seed (min {min(seconds) / 60:.1f}, max {max(seconds) / 60:.1f}).",
+    ]
+    if result["skipped_contrasts"]:
+        lines.append(f"Not computed (a method is missing): {', '.join(result['skipped_contrasts'])}.")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(result: Mapping[str, Any], study_dir: Path) -> dict[str, Path]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    names = list(result["accuracy"])
+    means = np.array([result["accuracy"][m]["mean"] for m in names]) * 100
+    err = np.array([[result["accuracy"][m]["mean"] - result["accuracy"][m]["low"],
+                     result["accuracy"][m]["high"] - result["accuracy"][m]["mean"]] for m in names]).T * 100  # fmt: skip
+    paths = {"accuracy": study_dir / "accuracy_ci.png", "bytes": study_dir / "accuracy_vs_bytes.png"}
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(range(len(names)), means, yerr=err, capsize=4, color="#7aa6c2")
+    ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+    ax.set_ylabel("accuracy (%), 95% CI")
+    ax.set_title(f"Accuracy per method ({len(result['settings']['seeds'])} seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(paths["accuracy"])
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, m in enumerate(names):
+        b = result["bytes_transmitted"][m]
+        if b is None:
+            continue
+        ax.errorbar([max(b, 1.0)], [means[i]], yerr=err[:, i : i + 1], fmt="o", capsize=4, label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes sent over the whole run (all links; 1 = nothing sent)")
+    ax.set_ylabel("accuracy (%), 95% CI")
+    ax.set_title("Accuracy vs cumulative bytes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths["bytes"])
+    return paths
+
+
+def run_study(settings: StudySettings, study_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) every seed of the study, then write study.json, study.md and the two plots."""
+    study_dir = Path(study_dir)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    marker = study_dir / "study_settings.json"
+    if marker.exists():
+        stored = json.loads(marker.read_text())
+        if stored["fingerprint"] != settings.fingerprint():
+            raise ValueError(f"{study_dir} holds a study with other settings: use another --run-dir or delete it")
+    _write_json(marker, {"fingerprint": settings.fingerprint(), "config": settings.config.to_dict(),
+                         "seeds": list(settings.seeds)})  # fmt: skip
+    records = [run_seed(settings, study_dir, s, progress=progress) for s in settings.seeds]
+    result = summarize(settings, records)
+    _write_json(study_dir / "study.json", result)
+    (study_dir / "study.md").write_text("# Study\n\n" + study_table(result))
+    result["plots"] = {k: str(v) for k, v in _plots(result, study_dir).items()}
+    return result
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _settings_from_args(args: argparse.Namespace) -> StudySettings:
+    if args.preset not in STUDY_PRESETS:
+        raise ValueError(f"unknown study preset {args.preset!r}; choose from {sorted(STUDY_PRESETS)}")
+    settings = STUDY_PRESETS[args.preset]
+    cfg = ExperimentConfig.from_file(args.config) if args.config else settings.config
+    changes: dict[str, Any] = {}
+    for item in args.set or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        changes[key] = tuple(value) if isinstance(value, list) else value
+    cfg = ExperimentConfig.from_dict({**cfg.to_dict(), **changes})
+    seeds = tuple(int(s) for s in args.seeds.split(",")) if getattr(args, "seeds", None) else settings.seeds
+    return dataclasses.replace(settings, config=cfg, seeds=seeds)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    settings = _settings_from_args(args)
+    print(f"study directory: {args.run_dir}  (rerun the same command to resume; finished seeds are not redone)")
+    result = run_study(settings, args.run_dir, progress=not args.no_progress)
+    print((Path(args.run_dir) / "study.md").read_text())
+    print("plots: " + ", ".join(result["plots"].values()))
+    return 0
+
+
+def _cmd_pilot(args: argparse.Namespace) -> int:
+    from .tuning import run_pilot  # noqa: PLC0415
+
+    settings = _settings_from_args(args)
+    tasks = tuple(args.tasks) if args.tasks else PILOT_CANDIDATES
+    result = run_pilot(settings.config, args.run_dir, tasks=tasks, margin=args.margin, progress=not args.no_progress)
+    print((Path(args.run_dir) / "pilot.md").read_text())
+    return 0 if result["kept"] else 1
+
+
+def _add_common(parser: argparse.ArgumentParser, *, preset: str, run_dir: str) -> None:
+    parser.add_argument("--preset", default=preset, help=f"named study settings: {', '.join(STUDY_PRESETS)}")
+    parser.add_argument("--config", help="a JSON file of ExperimentConfig fields (instead of the preset's)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (JSON value)")
+    parser.add_argument("--run-dir", default=run_dir, help="where the runs and the results go")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_study_commands(subparsers: Any) -> None:
+    """Mount ``sorlora study`` and ``sorlora pilot`` on the ``sorlora`` command line."""
+    study = subparsers.add_parser("study", help="run (or resume) the multi-seed study with CIs and contrasts")
+    _add_common(study, preset="study", run_dir="runs/study")
+    study.add_argument("--seeds", help="comma-separated seeds (default: the preset's, 0,1,2,3,4)")
+    study.set_defaults(func=_cmd_study)
+    pilot = subparsers.add_parser("pilot", help="keep the tasks that learn (validation questions only)")
+    _add_common(pilot, preset="pilot", run_dir="runs/pilot")
+    pilot.add_argument("--tasks", nargs="+", help=f"candidate tasks (default: {', '.join(PILOT_CANDIDATES)})")
+    pilot.add_argument("--margin", type=float, default=0.1, help="smallest gain over the base to keep a task")
+    pilot.set_defaults(func=_cmd_pilot)
