@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -35,6 +36,8 @@ __all__ = [
     "canonical_safetensors",
     "read_payload_metadata",
     "check_payload_header",
+    "parse_json",
+    "MAX_JSON_DEPTH",
 ]
 
 FORMAT = "solora-sparse-update/1"
@@ -43,7 +46,43 @@ _REQUIRED = ("format", "base_model", "config_hash", "round", "dtype", "projectio
 
 
 class PayloadError(ValueError):
-    """A payload that is not a valid, compatible SO-LoRA sparse update (foreign, corrupted, NaN, mismatched)."""
+    """A payload that is not a valid, compatible SO-LoRA sparse update (foreign, corrupted, NaN, mismatched).
+
+    ``repo_id``/``revision`` name where it came from when a puller knows it (None otherwise)."""
+
+    def __init__(self, message: str = "", *, repo_id: str | None = None, revision: str | None = None) -> None:
+        super().__init__(message)
+        self.repo_id, self.revision = repo_id, revision
+
+
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(data: bytes, *, max_bytes: int, max_depth: int = MAX_JSON_DEPTH, what: str = "JSON") -> object:
+    """Parse untrusted JSON: at most ``max_bytes`` bytes and ``max_depth`` levels of nesting (checked before
+    parsing, so a nesting bomb never reaches the recursive parser), UTF-8, no NaN/Infinity; :class:`PayloadError`
+    naming ``what`` otherwise."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PayloadError(f"{what} must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise PayloadError(f"{what} is {len(data)} bytes, over the {max_bytes}-byte limit")
+    depth = deepest = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub(b'""', data)):
+        depth += 1 if match.group() in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+        if deepest > max_depth:
+            raise PayloadError(f"{what} nests deeper than {max_depth} levels: refused")
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PayloadError(f"{what} is not valid JSON: {exc}") from exc
 
 
 def _peft_config(model: nn.Module, adapter_name: str):

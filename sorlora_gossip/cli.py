@@ -1,22 +1,25 @@
 """Command-line gossip: ``status`` of the peers on a hub, ``push``/``pull`` one peer's round, ``hub-serve`` a folder.
 
 The project CLI mounts these with :func:`add_gossip_commands`. ``--hub`` is a folder (LocalHub) or an ``http(s)://``
-endpoint (HfHub); the token is read from an environment variable (``HF_TOKEN`` by default), never from the command
-line, and is never printed.
+endpoint (HfHub); a client's token is read from an environment variable (``HF_TOKEN`` by default) and the server's
+users and tokens from a file (``--tokens-file``), never from the command line, and are never printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .hub import EntryNotFound, HubServer, open_hub
-from .peer import INFO_FILE, Peer
+from peft_sorlora import PayloadError
+
+from .hub import EndpointNotSupported, EntryNotFound, HubError, HubServer, load_tokens, open_hub
+from .layout import INFO_FILE, ROUND_TAG_RE, UPDATE_FILE, round_tag
+from .peer import Peer
+from .untrusted import read_json
 
 __all__ = ["add_gossip_commands"]
 
@@ -38,19 +41,31 @@ def _open(args: argparse.Namespace, *, must_exist: bool = True):
 
 def _status(args: argparse.Namespace) -> int:
     hub = _open(args)
-    rows = []
-    for repo_id in hub.list_repos():
-        head = hub.resolve(repo_id)
-        tags = sorted(t for t in hub.list_refs(repo_id).tags if t.startswith("round-"))
+    listed = [p for p in (args.peers or "").split(",") if p]
+    if not listed:
         try:
-            info = json.loads(hub.read_bytes(repo_id, INFO_FILE, revision=head))
-        except (EntryNotFound, ValueError):
+            listed = hub.list_repos()
+        except EndpointNotSupported as exc:
+            print(f"warning: {exc}; name the peers with --peers", file=sys.stderr)
+    rows = []
+    for name in listed:
+        try:
+            repo_id = hub.repo_id(name)
+            head = hub.resolve(repo_id)
+            tags = sorted(t for t in hub.list_refs(repo_id).tags if ROUND_TAG_RE.fullmatch(t))
+        except HubError as exc:
+            print(f"warning: {name}: {exc}", file=sys.stderr)
+            continue
+        try:
+            info = read_json(hub, repo_id, INFO_FILE, revision=head)
+        except (EntryNotFound, PayloadError):
             info = {}
+        info = info if isinstance(info, dict) else {}
         rows.append((repo_id.split("/", 1)[1], head[:12], info.get("round", "-"), len(tags), info.get("bytes", 0),
                      info.get("task") or "-", info.get("cluster", "-")))  # fmt: skip
     print(f"{'peer':<20} {'head':<12} {'round':>5} {'rounds':>6} {'bytes':>10}  task / cluster")
     for peer, head, last, count, nbytes, task, cluster in rows:
-        print(f"{peer:<20} {head:<12} {last!s:>5} {count:>6} {nbytes:>10}  {task} / {cluster}")
+        print(f"{peer:<20} {head:<12} {last!s:>5} {count:>6} {nbytes!s:>10}  {task!s} / {cluster!s}")
     print(f"{len(rows)} peer(s) on {hub!r}")
     return 0
 
@@ -86,9 +101,8 @@ def _pull(args: argparse.Namespace) -> int:
     for neighbour, revision in pull.revisions.items():
         line = f"{neighbour}: {revision} ({pull.bytes[neighbour]} bytes)"
         if out is not None:
-            target = out / f"{neighbour}.round-{args.round:04d}.safetensors"
-            target.write_bytes(peer.hub.read_bytes(peer.hub.repo_id(neighbour), "update.safetensors",
-                                                   revision=revision))  # fmt: skip
+            target = out / f"{neighbour.replace('/', '--')}.{round_tag(args.round)}.safetensors"
+            target.write_bytes(peer.hub.read_bytes(peer.hub.repo_id(neighbour), UPDATE_FILE, revision=revision))
             line += f" -> {target}"
         print(line)
     for neighbour, reason in pull.skipped.items():
@@ -99,12 +113,24 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    token = os.environ.get(args.token_env) if args.require_token else None
-    if args.require_token and not token:
-        print(f"--require-token needs ${args.token_env} set", file=sys.stderr)
+    tokens: dict[str, str] = {}
+    try:
+        if args.tokens_file:
+            tokens = load_tokens(args.tokens_file)
+        if args.require_token:
+            token = os.environ.get(args.token_env)
+            if not token:
+                print(f"--require-token needs ${args.token_env} set", file=sys.stderr)
+                return 2
+            tokens.setdefault(args.namespace, token)
+        server = HubServer(args.root, host=args.host, port=args.port, namespace=args.namespace, tokens=tokens,
+                           private=args.private, max_body_bytes=args.max_body_mb << 20,
+                           request_timeout=args.request_timeout, max_connections=args.max_connections)  # fmt: skip
+    except (ValueError, OSError) as exc:
+        print(f"hub-serve: {exc}", file=sys.stderr)
         return 2
-    server = HubServer(args.root, host=args.host, port=args.port, namespace=args.namespace, token=token)
-    print(f"serving {Path(args.root).resolve()} at {server.endpoint} (Ctrl-C to stop)", flush=True)
+    users = f"{len(tokens)} user(s)" if tokens else "open (no tokens: loopback only)"
+    print(f"serving {Path(args.root).resolve()} at {server.endpoint}, {users} (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -118,6 +144,8 @@ def add_gossip_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``status``, ``push``, ``pull`` and ``hub-serve`` to an argparse subparsers object (each sets ``func``)."""
     status = subparsers.add_parser("status", help="peers on a hub: heads, rounds, bytes")
     _hub_arguments(status)
+    status.add_argument("--peers", default=None, help="comma-separated peer ids or repo ids to show (default: every "
+                        "repo of the namespace, where the endpoint can list them)")  # fmt: skip
     status.set_defaults(func=_status)
 
     push = subparsers.add_parser("push", help="push one peer's round payload (update.safetensors)")
@@ -134,7 +162,7 @@ def add_gossip_commands(subparsers: argparse._SubParsersAction) -> None:
     _hub_arguments(pull)
     pull.add_argument("--peer", required=True, help="the pulling peer's id (its base model and config are checked)")
     pull.add_argument("--round", type=int, required=True, help="round whose neighbour revisions to pull")
-    pull.add_argument("--neighbours", required=True, help="comma-separated peer ids")
+    pull.add_argument("--neighbours", required=True, help="comma-separated peer ids or full repo ids (user/peer)")
     pull.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for late neighbours")
     pull.add_argument("--out", default=None, help="folder to write the pulled payloads to")
     pull.set_defaults(func=_pull)
@@ -142,11 +170,23 @@ def add_gossip_commands(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("hub-serve", help="serve a LocalHub folder over the Hugging Face Hub HTTP API")
     serve.add_argument("--root", default=os.environ.get("SORLORA_HUB", "hub"),
                        help="LocalHub folder to serve, created if missing (default: $SORLORA_HUB or ./hub)")  # fmt: skip
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine); any other needs --tokens-file")  # fmt: skip
     serve.add_argument("--port", type=int, default=8088, help="TCP port to listen on (default: 8088; 0: any free port)")
-    serve.add_argument("--namespace", default="gossip", help="owner of the served peer repos (default: gossip)")
+    serve.add_argument("--namespace", default="gossip",
+                       help="namespace of repos created without one in open mode (default: gossip)")  # fmt: skip
+    serve.add_argument("--tokens-file", default=None, metavar="FILE",
+                       help="JSON file {user: token}: each user writes its own namespace (and its member files in "
+                       "collaborations that admit it); anonymous clients only read. Tokens never go on the "
+                       "command line")  # fmt: skip
+    serve.add_argument("--private", action="store_true", help="reads need a token too")
+    serve.add_argument("--max-body-mb", type=int, default=512, help="largest request body (a commit) in MiB")
+    serve.add_argument("--request-timeout", type=float, default=30.0,
+                       help="seconds a silent connection is kept open (default: 30)")  # fmt: skip
+    serve.add_argument("--max-connections", type=int, default=128,
+                       help="connections served at once; beyond, clients get 503 and retry (default: 128)")  # fmt: skip
     serve.add_argument("--token-env", default="HF_TOKEN",
                        help="environment variable holding the token for --require-token (default: HF_TOKEN)")  # fmt: skip
     serve.add_argument("--require-token", action="store_true",
-                       help="writes need 'Authorization: Bearer <token>' with the token in $TOKEN_ENV")  # fmt: skip
+                       help="add one user, --namespace, whose token is in $TOKEN_ENV (prefer --tokens-file)")  # fmt: skip
     serve.set_defaults(func=_serve)

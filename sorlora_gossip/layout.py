@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import re
 
+from huggingface_hub.constants import REPOCARD_NAME
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+from peft_sorlora.exchange import PayloadError, parse_json
+
 __all__ = [
+    "ADAPTER_CONFIG_FILE",
+    "ADAPTER_WEIGHTS_FILE",
     "ADMITTED_KEY",
     "CARD_FILE",
     "COLLAB_FILE",
@@ -28,13 +35,18 @@ __all__ = [
     "UPDATE_FILE",
     "collab_write_allowed",
     "member_path",
+    "parse_peer_info",
+    "peer_identity",
     "round_tag",
 ]
 
 UPDATE_FILE = "update.safetensors"
 INFO_FILE = "peer.json"
 INFO_FORMAT = "sorlora-peer/1"
-CARD_FILE = "README.md"
+CARD_FILE = REPOCARD_NAME  # the adapter card, where the Hub shows it
+ADAPTER_CONFIG_FILE = CONFIG_NAME  # what PeftModel.save_pretrained writes and from_pretrained reads
+ADAPTER_WEIGHTS_FILE = SAFETENSORS_WEIGHTS_NAME
+MAX_INFO_BYTES = 1 << 20
 
 COLLAB_FILE = "collab.json"
 PLAN_FILE = "plan.json"
@@ -61,3 +73,27 @@ def collab_write_allowed(user: str, paths: list[str], *, plan_exists: bool) -> b
     only its own registrations, and the plan while there is none yet."""
     own = f"{MEMBERS_DIR}/{user}/"
     return bool(paths) and all(p.startswith(own) or (p == PLAN_FILE and not plan_exists) for p in paths)
+
+
+def peer_identity(peer_id: str, repo_id: str) -> str:
+    """The full repo id a ``peer.json``'s ``peer_id`` names, read inside ``repo_id``: a full id (``ns/name``)
+    names itself, a bare name is in the repo's namespace."""
+    return peer_id if "/" in peer_id else f"{repo_id.split('/')[0]}/{peer_id}"
+
+
+def parse_peer_info(data: bytes, *, repo_id: str, round: int | None = None) -> dict:
+    """Parse and check a ``peer.json`` (size-capped, recursion-safe JSON): format tag, that it names the peer
+    owning ``repo_id`` (see :func:`peer_identity`), round, byte count and checksum fields; :class:`PayloadError`."""
+    info = parse_json(data, max_bytes=MAX_INFO_BYTES, what=INFO_FILE)
+    if not isinstance(info, dict) or info.get("format") != INFO_FORMAT:
+        found = info.get("format") if isinstance(info, dict) else None
+        raise PayloadError(f"{INFO_FILE} has format {found!r}, expected {INFO_FORMAT!r}")
+    peer_id = info.get("peer_id")
+    if not isinstance(peer_id, str) or peer_identity(peer_id, repo_id) != repo_id:
+        raise PayloadError(f"{INFO_FILE} names peer {peer_id!r}, not the owner of {repo_id!r}")
+    value = info.get("round")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (round is not None and value != round):
+        raise PayloadError(f"{INFO_FILE} is for round {value!r}, expected {round!r}")
+    if not isinstance(info.get("bytes"), int) or info["bytes"] < 0 or not isinstance(info.get("sha256"), str):
+        raise PayloadError(f"{INFO_FILE} lacks the payload's byte count or sha256")
+    return info

@@ -41,11 +41,24 @@ from .hub.base import (
     PushConflictError,
     RefExistsError,
     RepoNotFound,
+    RequestTooLarge,
     RevisionNotFound,
+    deadline,
     validate_path,
     validate_ref,
 )
-from .layout import CARD_FILE, INFO_FILE, INFO_FORMAT, ROUND_TAG_RE, UPDATE_FILE, round_tag
+from .layout import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    CARD_FILE,
+    INFO_FILE,
+    INFO_FORMAT,
+    MAX_INFO_BYTES,
+    ROUND_TAG_RE,
+    UPDATE_FILE,
+    parse_peer_info,
+    round_tag,
+)
 
 __all__ = [
     "ADAPTER_CONFIG_FILE",
@@ -64,26 +77,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG_FILE = "adapter_config.json"  # the names PeftModel.save_pretrained writes and from_pretrained reads
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-
-
-def parse_peer_info(data: bytes, *, peer_id: str, round: int | None = None) -> dict:
-    """Parse and check a ``peer.json`` (JSON only): format tag, peer id, round, byte count and checksum fields."""
-    try:
-        info = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadError(f"{INFO_FILE} is not valid JSON: {exc}") from exc
-    if not isinstance(info, dict) or info.get("format") != INFO_FORMAT:
-        raise PayloadError(f"{INFO_FILE} has format {info.get('format') if isinstance(info, dict) else None!r}, "
-                           f"expected {INFO_FORMAT!r}")  # fmt: skip
-    if info.get("peer_id") != peer_id:
-        raise PayloadError(f"{INFO_FILE} names peer {info.get('peer_id')!r}, expected {peer_id!r}")
-    if not isinstance(info.get("round"), int) or (round is not None and info["round"] != round):
-        raise PayloadError(f"{INFO_FILE} is for round {info.get('round')!r}, expected {round!r}")
-    if not isinstance(info.get("bytes"), int) or not isinstance(info.get("sha256"), str):
-        raise PayloadError(f"{INFO_FILE} lacks the payload's byte count or sha256")
-    return info
+PULL_GRACE_S = 2.0  # beyond a pull's timeout, how long a transfer under way may still be retried
 
 
 def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
@@ -278,11 +272,11 @@ class Peer:
         """
         try:
             head = self.hub.resolve(self.repo_id, DEFAULT_BRANCH)
-        except RepoNotFound:
-            self._head, self._last_round, self._synced = None, None, True
+        except RepoNotFound:  # nothing pushed yet: the next push creates the repo
+            self._head, self._last_round, self._synced = None, None, False
             return None
         try:
-            info = parse_peer_info(self.hub.read_bytes(self.repo_id, INFO_FILE, revision=head), peer_id=self.peer_id)
+            info = self._read_info(self.repo_id, head)
         except EntryNotFound:
             self._head, self._last_round, self._synced = head, None, True
             return None
@@ -328,7 +322,7 @@ class Peer:
             self.last_pushed_round()
         if self._last_round is not None and round <= self._last_round:
             sha = self.hub.resolve(self.repo_id, tag)
-            info = parse_peer_info(self.hub.read_bytes(self.repo_id, INFO_FILE, revision=sha), peer_id=self.peer_id)
+            info = self._read_info(self.repo_id, sha)
             return PushResult(round=round, sha=sha, bytes=int(info["bytes"]), sha256=info["sha256"], created=False)
         expected = 0 if self._last_round is None else self._last_round + 1
         if round != expected:
@@ -350,7 +344,7 @@ class Peer:
             return files, _TreeState(history, card_text, card_read=self.cards)
 
         def landed(head: str) -> bool:  # our own earlier attempt may have landed (e.g. its answer was lost)
-            head_info = json.loads(self.hub.read_bytes(self.repo_id, INFO_FILE, revision=head))
+            head_info = self._read_info(self.repo_id, head)
             return head_info.get("round") == round and head_info.get("sha256") == checksum
 
         sha = self._commit(f"{self.peer_id}: {tag}", build, landed=landed)
@@ -460,7 +454,7 @@ class Peer:
                     if landed is not None and landed(parent):
                         self._parent_state = None
                         return parent
-                except (EntryNotFound, json.JSONDecodeError, UnicodeDecodeError):
+                except (EntryNotFound, PayloadError):
                     pass
                 continue
             self._parent_state = (sha, state)
@@ -469,12 +463,18 @@ class Peer:
 
     # -- the card ----------------------------------------------------------------------------------------------
 
+    def _read_info(self, repo_id: str, revision: str, round: int | None = None) -> dict:
+        """The checked ``peer.json`` of ``repo_id`` at ``revision`` (size-capped before download)."""
+        try:
+            data = self.hub.read_bytes(repo_id, INFO_FILE, revision=revision, max_bytes=MAX_INFO_BYTES)
+        except RequestTooLarge as exc:
+            raise PayloadError(str(exc), repo_id=repo_id, revision=revision) from exc
+        return parse_peer_info(data, repo_id=repo_id, round=round)
+
     def _info_at(self, revision: str) -> dict | None:
         """This peer's ``peer.json`` at ``revision`` (None before its first round)."""
         try:
-            return parse_peer_info(
-                self.hub.read_bytes(self.repo_id, INFO_FILE, revision=revision), peer_id=self.peer_id
-            )
+            return self._read_info(self.repo_id, revision)
         except EntryNotFound:
             return None
 
@@ -563,33 +563,48 @@ class Peer:
     ) -> RoundPull:
         """Fetch each neighbour's ``round-N`` revision, waiting up to ``timeout`` seconds for late ones.
 
+        ``neighbours``: peer ids in this hub's namespace or full repo ids (``user/peer``); results are keyed as given.
         Returns the validated updates with the commit each was pinned to; neighbours still missing at the timeout
-        are listed in ``skipped`` and bad payloads in ``rejected`` (with reasons). ``progress(peer, nbytes)`` is
-        called after each neighbour's payload is fetched.
+        are listed in ``skipped``, and neighbours whose payload is bad or whose repo refuses us (401/403, bad name)
+        in ``rejected`` (with reasons): one neighbour never aborts the pull. Retries stop at the timeout (plus a few
+        seconds for a transfer under way). ``progress(peer, nbytes)`` is called after each neighbour's payload.
         """
         tag = round_tag(round)
         result = RoundPull(round=round)
-        pending = [n for n in dict.fromkeys(neighbours) if n != self.peer_id]
-        repos = {n: self.hub.repo_id(n) for n in pending}
+        repos: dict[str, str] = {}
+        for name in dict.fromkeys(neighbours):
+            try:
+                repo_id = self.hub.repo_id(name)
+            except HubError as exc:
+                result.rejected[name] = Rejection(peer=name, revision=None, reason=str(exc))
+                continue
+            if repo_id != self.repo_id:
+                repos[name] = repo_id
+        pending = list(repos)
         last_error: dict[str, str] = {}
-        deadline = time.monotonic() + timeout
-        while True:
-            for peer in list(pending):
-                try:
-                    sha = self.hub.resolve(repos[peer], tag)
-                except (RepoNotFound, RevisionNotFound) as exc:
-                    last_error[peer] = f"no {tag} yet ({type(exc).__name__})"
-                    continue
-                except HubUnavailable as exc:
-                    last_error[peer] = str(exc)
-                    continue
-                pending.remove(peer)
-                self._fetch(peer, repos[peer], round, sha, result)
-                if progress is not None and peer in result.bytes:
-                    progress(peer, result.bytes[peer])
-            if not pending or time.monotonic() >= deadline:
-                break
-            time.sleep(min(poll_interval, max(0.0, deadline - time.monotonic())))
+        end = time.monotonic() + timeout
+        with deadline(timeout + PULL_GRACE_S):
+            while True:
+                for peer in list(pending):
+                    try:
+                        sha = self.hub.resolve(repos[peer], tag)
+                    except (RepoNotFound, RevisionNotFound) as exc:
+                        last_error[peer] = f"no {tag} yet ({type(exc).__name__})"
+                        continue
+                    except HubUnavailable as exc:
+                        last_error[peer] = str(exc)
+                        continue
+                    except HubError as exc:  # 401/403/400: this neighbour's repo will not serve us
+                        pending.remove(peer)
+                        self._reject(result, peer, None, exc)
+                        continue
+                    pending.remove(peer)
+                    self._fetch(peer, repos[peer], round, sha, result)
+                    if progress is not None and peer in result.bytes:
+                        progress(peer, result.bytes[peer])
+                if not pending or time.monotonic() >= end:
+                    break
+                time.sleep(min(poll_interval, max(0.0, end - time.monotonic())))
         for peer in pending:
             result.skipped[peer] = f"{tag} not pushed within {timeout:g}s ({last_error.get(peer, 'no answer')})"
             logger.warning("peer %s: skipping neighbour %s in round %d: %s", self.peer_id, peer, round,
@@ -597,20 +612,23 @@ class Peer:
         self._last_pull = result
         return result
 
+    def _reject(self, result: RoundPull, peer: str, revision: str | None, exc: Exception) -> None:
+        rejection = Rejection(peer=peer, revision=revision or getattr(exc, "revision", None), reason=str(exc))
+        result.rejected[peer] = rejection
+        logger.warning("peer %s: rejected %s", self.peer_id, rejection)
+
     def _fetch(self, peer: str, repo_id: str, round: int, sha: str, result: RoundPull) -> None:
         try:
-            update, info, nbytes = self._load(peer, repo_id, round, sha)
+            update, info, nbytes, sha = self._load(peer, repo_id, round, sha)
         except (PayloadError, HubError) as exc:
-            rejection = Rejection(peer=peer, revision=sha, reason=str(exc))
-            result.rejected[peer] = rejection
-            logger.warning("peer %s: rejected %s", self.peer_id, rejection)
+            self._reject(result, peer, sha, exc)
             return
         result.updates[peer], result.infos[peer] = update, info
         result.revisions[peer], result.bytes[peer] = sha, nbytes
 
-    def _load(self, peer: str, repo_id: str, round: int, sha: str) -> tuple[SparseUpdate, dict, int]:
+    def _load(self, peer: str, repo_id: str, round: int, sha: str) -> tuple[SparseUpdate, dict, int, str]:
         try:
-            info = parse_peer_info(self.hub.read_bytes(repo_id, INFO_FILE, revision=sha), peer_id=peer, round=round)
+            info = self._read_info(repo_id, sha, round=round)
             data = self.hub.read_bytes(repo_id, UPDATE_FILE, revision=sha)
         except EntryNotFound as exc:
             raise PayloadError(f"revision lacks {UPDATE_FILE} or {INFO_FILE}: {exc}") from exc
@@ -629,7 +647,7 @@ class Peer:
             raise PayloadError(f"round {round} payload has_structure={update.has_structure}: wrong kind of payload")
         if round == 0:
             self._masks[peer] = update.masks
-        return update, info, len(data)
+        return update, info, len(data), sha
 
     def _neighbour_masks(self, peer: str, repo_id: str) -> dict[str, torch.Tensor]:
         """The masks from ``peer``'s round-0 payload (fetched at its ``round-0000`` tag if not seen yet)."""

@@ -111,7 +111,7 @@ def test_transient_http_errors_are_retried_with_backoff(hf_hub, hub_server, stat
 def test_persistent_http_errors_give_up_after_bounded_retries(hub_server, tmp_path):
     hub = HfHub(hub_server.endpoint, namespace="gossip", cache_dir=tmp_path / "c", max_retries=3, backoff=0.01)
     hub.create_repo(hub.repo_id("down"))
-    hub_server.inject_fault(100, 503, path_contains="/api/models/sorlora_gossip/down")
+    hub_server.inject_fault(100, 503, path_contains="/api/models/gossip/down")
     before = len(hub_server.requests)
     start = time.monotonic()
     with pytest.raises(HubUnavailable, match="after 4 attempts"):
@@ -350,9 +350,9 @@ def test_local_hub_process_killed_mid_push_leaves_no_visible_partial_revision(tm
     [
         ("POST", "/api/repos/create", {"name": "..", "organization": "gossip"}),
         ("POST", "/api/repos/create", {"name": "x", "organization": "../../etc"}),
-        ("GET", "/api/models/sorlora_gossip/%2E%2E/revision/main", None),
-        ("GET", "/sorlora_gossip/x/resolve/main/..%2F..%2Fsecret", None),
-        ("POST", "/api/models/sorlora_gossip/x/tag/main", {"tag": "../../refs"}),
+        ("GET", "/api/models/gossip/%2E%2E/revision/main", None),
+        ("GET", "/gossip/x/resolve/main/..%2F..%2Fsecret", None),
+        ("POST", "/api/models/gossip/x/tag/main", {"tag": "../../refs"}),
     ],
 )
 def test_server_refuses_escaping_names_sent_by_any_client(hub_server, method, path, body):

@@ -9,34 +9,44 @@ import re
 
 from .base import (
     DEFAULT_BRANCH,
+    ERROR_STATUS,
     CommitEntry,
+    EndpointNotSupported,
     EntryNotFound,
     Hub,
     HubAuthError,
     HubError,
+    HubForbidden,
     HubUnavailable,
     InvalidNameError,
     PushConflictError,
     RefExistsError,
     Refs,
     RepoNotFound,
+    RequestTooLarge,
     RevisionNotFound,
+    SecondWriterError,
+    deadline,
     validate_path,
     validate_ref,
     validate_repo_id,
+    validate_revision,
 )
 from .hf import HfHub
 from .local import LocalHub
-from .server import HubServer
+from .server import HubServer, load_tokens
 
 __all__ = [
     "DEFAULT_BRANCH",
+    "ERROR_STATUS",
     "CommitEntry",
+    "EndpointNotSupported",
     "EntryNotFound",
     "HfHub",
     "Hub",
     "HubAuthError",
     "HubError",
+    "HubForbidden",
     "HubServer",
     "HubUnavailable",
     "InvalidNameError",
@@ -45,11 +55,16 @@ __all__ = [
     "RefExistsError",
     "Refs",
     "RepoNotFound",
+    "RequestTooLarge",
     "RevisionNotFound",
+    "SecondWriterError",
+    "deadline",
+    "load_tokens",
     "open_hub",
     "validate_path",
     "validate_ref",
     "validate_repo_id",
+    "validate_revision",
 ]
 
 

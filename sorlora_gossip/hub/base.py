@@ -8,28 +8,43 @@ Hugging Face Hub or any Hub-compatible endpoint). Both raise the errors below an
 from __future__ import annotations
 
 import re
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
     "DEFAULT_BRANCH",
+    "ERROR_STATUS",
     "CommitEntry",
+    "EndpointNotSupported",
     "EntryNotFound",
     "Hub",
     "HubAuthError",
     "HubError",
+    "HubForbidden",
     "HubUnavailable",
     "InvalidNameError",
     "PushConflictError",
     "RefExistsError",
     "RepoNotFound",
+    "RequestTooLarge",
     "RevisionNotFound",
     "Refs",
+    "SecondWriterError",
+    "check_sources",
+    "check_tree",
+    "deadline",
+    "error_for_status",
+    "status_for_error",
+    "time_left",
     "validate_path",
     "validate_ref",
     "validate_repo_id",
+    "validate_revision",
 ]
 
 DEFAULT_BRANCH = "main"
@@ -40,7 +55,11 @@ SHA_RE = re.compile(r"[0-9a-f]{40}")
 
 
 class HubError(Exception):
-    """Base class of every error a hub backend raises."""
+    """Base class of every error a hub backend raises; ``repo_id``/``revision`` name what it was about (or None)."""
+
+    def __init__(self, message: str = "", *, repo_id: str | None = None, revision: str | None = None) -> None:
+        super().__init__(message)
+        self.repo_id, self.revision = repo_id, revision
 
 
 class PushConflictError(HubError):
@@ -64,7 +83,19 @@ class RefExistsError(HubError):
 
 
 class HubAuthError(HubError):
-    """The endpoint refused the credentials (HTTP 401/403)."""
+    """The endpoint refused the request: no or invalid credentials (HTTP 401), or see :class:`HubForbidden`."""
+
+
+class HubForbidden(HubAuthError):
+    """The credentials are valid but this user may not do this (HTTP 403): another user's repo, tag or file."""
+
+
+class RequestTooLarge(HubError):
+    """A request body or a file is over the size limit (HTTP 413)."""
+
+
+class EndpointNotSupported(HubError):
+    """The endpoint does not implement an optional part of the Hub API (validate-yaml, repo listing)."""
 
 
 class HubUnavailable(HubError):
@@ -73,6 +104,80 @@ class HubUnavailable(HubError):
 
 class InvalidNameError(HubError, ValueError):
     """A repo id, ref or file path that could escape the hub's namespace (``..``, absolute, odd characters)."""
+
+
+class SecondWriterError(HubError):
+    """Another live writer pushes the same peer id: its repo's history no longer extends the one this writer saw."""
+
+
+# One table for both sides of the wire: the server answers ``status`` (and ``X-Error-Code``) for an error, the
+# client maps them back (as ``huggingface_hub.utils.hf_raise_for_status`` does for the Hub). Most specific first.
+ERROR_STATUS: tuple[tuple[type[HubError], int, str | None], ...] = (
+    (RepoNotFound, 404, "RepoNotFound"),
+    (RevisionNotFound, 404, "RevisionNotFound"),
+    (EntryNotFound, 404, "EntryNotFound"),
+    (InvalidNameError, 400, "InvalidName"),
+    (PushConflictError, 412, None),
+    (RefExistsError, 409, None),
+    (HubForbidden, 403, None),
+    (HubAuthError, 401, None),
+    (RequestTooLarge, 413, None),
+    (EndpointNotSupported, 405, None),
+    (HubUnavailable, 503, None),
+)
+
+
+def status_for_error(exc: HubError) -> tuple[int, str | None]:
+    """The HTTP status and ``X-Error-Code`` a server answers for ``exc`` (500 for an unlisted error)."""
+    for cls, status, code in ERROR_STATUS:
+        if isinstance(exc, cls):
+            return status, code
+    return 500, None
+
+
+def error_for_status(
+    status: int | None,
+    code: str | None,
+    message: str,
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+) -> HubError:
+    """The project error for an HTTP answer: by ``X-Error-Code`` first, then by status (:data:`ERROR_STATUS`)."""
+    for cls, _, cls_code in ERROR_STATUS:
+        if code is not None and code == cls_code:
+            return cls(message, repo_id=repo_id, revision=revision)
+    if status == 404:
+        return (RevisionNotFound if revision is not None else RepoNotFound)(message, repo_id=repo_id, revision=revision)
+    for cls, cls_status, cls_code in ERROR_STATUS:
+        if status == cls_status and cls_code is None:
+            return cls(message, repo_id=repo_id, revision=revision)
+    if status is not None and 500 <= status < 600:
+        return HubUnavailable(message, repo_id=repo_id, revision=revision)
+    if status == 400:
+        return InvalidNameError(message, repo_id=repo_id, revision=revision)
+    return HubError(message, repo_id=repo_id, revision=revision)
+
+
+_DEADLINE: ContextVar[float | None] = ContextVar("sorlora_gossip_hub_deadline", default=None)
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Within this block, hub calls stop retrying once ``seconds`` have passed (nested blocks keep the earliest)."""
+    end = time.monotonic() + max(0.0, seconds)
+    outer = _DEADLINE.get()
+    token = _DEADLINE.set(end if outer is None else min(outer, end))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def time_left() -> float | None:
+    """Seconds left before the current :func:`deadline` (None outside one)."""
+    end = _DEADLINE.get()
+    return None if end is None else end - time.monotonic()
 
 
 def validate_repo_id(repo_id: str) -> str:
@@ -96,7 +201,26 @@ def validate_ref(ref: str) -> str:
     """Return ``ref`` (a branch or tag name) if it is safe; raise :class:`InvalidNameError` otherwise."""
     if not isinstance(ref, str) or not _REF.fullmatch(ref) or ".." in ref or ref.endswith((".", ".lock")):
         raise InvalidNameError(f"invalid ref name {ref!r}: letters, digits, '.', '_', '-' only, no '..'")
+    if SHA_RE.fullmatch(ref.lower()):
+        raise InvalidNameError(f"invalid ref name {ref!r}: a branch or tag may not look like a commit sha")
     return ref
+
+
+def validate_revision(revision: str) -> str:
+    """Return ``revision`` if it is a full commit sha or a valid ref name; a 40-hex name is always a commit."""
+    if isinstance(revision, str) and SHA_RE.fullmatch(revision):
+        return revision
+    return validate_ref(revision)
+
+
+def check_tree(paths: Iterable[str]) -> None:
+    """Refuse a tree holding both a file ``a`` and a file under ``a/`` (no filesystem or git tree can hold both)."""
+    files = set(paths)
+    for path in files:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in files:
+                raise InvalidNameError(f"invalid path in repo {path!r}: {'/'.join(parts[:i])!r} is a file")
 
 
 def validate_path(path: str) -> str:
@@ -134,24 +258,58 @@ class Refs:
 FileSource = bytes | Path
 
 
+def check_sources(files: Mapping[str, FileSource | bytearray | memoryview]) -> dict[str, FileSource]:
+    """Validate a commit's files once: safe paths, no ``a`` beside ``a/b``, bytes or an existing local file each."""
+    checked: dict[str, FileSource] = {}
+    for path, source in files.items():
+        validate_path(path)
+        if isinstance(source, (bytearray, memoryview)):
+            source = bytes(source)
+        if isinstance(source, Path):
+            if not source.is_file():
+                raise ValueError(f"file {path!r}: {source} is not a file")
+        elif not isinstance(source, bytes):
+            raise ValueError(f"file {path!r} must be bytes or a pathlib.Path, got {type(source).__name__}")
+        checked[path] = source
+    check_tree(checked)
+    return checked
+
+
+def source_size(source: FileSource) -> int:
+    """Bytes in a commit source (a local file is not read)."""
+    return source.stat().st_size if isinstance(source, Path) else len(source)
+
+
 class Hub(ABC):
-    """A store of peer repositories with git-like commits, branches and tags (see the module docstring)."""
+    """A store of peer repositories with git-like commits, branches and tags (see the module docstring).
+
+    Each public operation is a template method: it validates its arguments here, once, and calls the backend's
+    ``_operation`` that only moves data. Every error is a :class:`HubError` carrying ``repo_id``/``revision``.
+    """
 
     namespace: str
 
     def repo_id(self, name: str) -> str:
-        """The full repo id of ``name`` in this hub's namespace (``namespace/name``), validated."""
+        """The full repo id of ``name``: ``name`` itself when it is one (``ns/name``), else ``namespace/name``."""
+        if isinstance(name, str) and "/" in name:
+            return validate_repo_id(name)
         return validate_repo_id(f"{self.namespace}/{name}")
 
-    @abstractmethod
-    def create_repo(self, repo_id: str, *, exist_ok: bool = True) -> None:
-        """Create ``repo_id`` with an initial commit on ``main``; an existing repo is fine when ``exist_ok``."""
+    # -- operations (validated here; the backend moves the data) -----------------------------------------------
 
-    @abstractmethod
+    def create_repo(self, repo_id: str, *, exist_ok: bool = True, private: bool | None = None) -> None:
+        """Create ``repo_id`` with an initial commit on ``main``; an existing repo is fine when ``exist_ok``.
+
+        ``private``: readable by its owner only (``None``: the backend's default)."""
+        self._create_repo(validate_repo_id(repo_id), exist_ok=exist_ok, private=private)
+
     def list_repos(self, namespace: str | None = None) -> list[str]:
-        """Repo ids under ``namespace`` (default: this hub's), sorted."""
+        """Repo ids under ``namespace`` (default: this hub's), sorted; :class:`EndpointNotSupported` where the
+        endpoint cannot list (an optional part of the Hub API)."""
+        namespace = namespace or self.namespace
+        validate_repo_id(f"{namespace}/x")
+        return sorted(self._list_repos(namespace))
 
-    @abstractmethod
     def create_commit(
         self,
         repo_id: str,
@@ -166,34 +324,64 @@ class Hub(ABC):
         With ``parent_commit`` the commit is made only if the branch head is still that commit, otherwise
         :class:`PushConflictError`. Files identical to the head make no commit: the head sha is returned.
         """
+        validate_repo_id(repo_id)
+        validate_ref(revision)
+        if not isinstance(commit_message, str) or not commit_message:
+            raise ValueError("commit_message can't be empty")
+        if parent_commit is not None and not (isinstance(parent_commit, str) and SHA_RE.fullmatch(parent_commit)):
+            raise ValueError(f"parent_commit must be a 40-hex commit sha, got {parent_commit!r}")
+        sources = check_sources(files)
+        return self._create_commit(
+            repo_id, sources, commit_message=commit_message, parent_commit=parent_commit, revision=revision
+        )
 
-    @abstractmethod
     def create_tag(self, repo_id: str, tag: str, *, revision: str = DEFAULT_BRANCH, exist_ok: bool = False) -> None:
-        """Tag the commit ``revision`` resolves to; an existing tag raises :class:`RefExistsError` unless ``exist_ok``."""
+        """Tag the commit ``revision`` resolves to; an existing tag raises :class:`RefExistsError` unless ``exist_ok``
+        (it is never moved)."""
+        validate_ref(tag)
+        sha = self.resolve(repo_id, revision)
+        self._create_tag(repo_id, tag, sha, exist_ok=exist_ok)
 
-    @abstractmethod
+    def delete_tag(self, repo_id: str, tag: str) -> None:
+        """Delete tag ``tag`` (its commit stays); :class:`RevisionNotFound` if there is none."""
+        validate_repo_id(repo_id)
+        self._delete_tag(repo_id, validate_ref(tag))
+
     def resolve(self, repo_id: str, revision: str = DEFAULT_BRANCH) -> str:
-        """The 40-hex commit sha a branch, tag or sha designates."""
+        """The 40-hex commit sha a branch, tag or sha designates (a 40-hex revision is always a commit, never a ref)."""
+        validate_repo_id(repo_id)
+        return self._resolve(repo_id, validate_revision(revision))
 
-    @abstractmethod
-    def download(self, repo_id: str, filename: str, *, revision: str) -> Path:
-        """A local, read-only copy of ``filename`` at ``revision`` (cached; pass a commit sha to pin it)."""
+    def download(self, repo_id: str, filename: str, *, revision: str, max_bytes: int | None = None) -> Path:
+        """A local, read-only copy of ``filename`` at ``revision`` (cached; pass a commit sha to pin it).
 
-    @abstractmethod
+        ``max_bytes``: refuse (:class:`RequestTooLarge`) a file over that size before and while transferring it."""
+        validate_repo_id(repo_id)
+        validate_path(filename)
+        return self._download(repo_id, filename, revision=validate_revision(revision), max_bytes=max_bytes)
+
+    def file_sizes(self, repo_id: str, *, revision: str = DEFAULT_BRANCH) -> dict[str, int]:
+        """Path -> size in bytes of every file at ``revision``, without downloading any."""
+        validate_repo_id(repo_id)
+        return dict(sorted(self._file_sizes(repo_id, revision=validate_revision(revision)).items()))
+
     def list_files(self, repo_id: str, *, revision: str = DEFAULT_BRANCH) -> list[str]:
         """Sorted paths of the files in the tree at ``revision``."""
+        return list(self.file_sizes(repo_id, revision=revision))
 
-    @abstractmethod
     def list_commits(self, repo_id: str, *, revision: str = DEFAULT_BRANCH) -> list[CommitEntry]:
-        """History reachable from ``revision``, newest first (the initial commit last)."""
+        """First-parent history reachable from ``revision``, newest first (the initial commit last)."""
+        validate_repo_id(repo_id)
+        return self._list_commits(repo_id, revision=validate_revision(revision))
 
-    @abstractmethod
     def list_refs(self, repo_id: str) -> Refs:
         """The repo's branches and tags."""
+        validate_repo_id(repo_id)
+        return self._list_refs(repo_id)
 
-    def read_bytes(self, repo_id: str, filename: str, *, revision: str) -> bytes:
-        """The content of ``filename`` at ``revision`` (through :meth:`download`, so it is cached)."""
-        return self.download(repo_id, filename, revision=revision).read_bytes()
+    def read_bytes(self, repo_id: str, filename: str, *, revision: str, max_bytes: int | None = None) -> bytes:
+        """The content of ``filename`` at ``revision`` (through :meth:`download`, so it is cached and size-capped)."""
+        return self.download(repo_id, filename, revision=revision, max_bytes=max_bytes).read_bytes()
 
     def repo_exists(self, repo_id: str) -> bool:
         """True when ``repo_id`` exists on this hub."""
@@ -202,3 +390,52 @@ class Hub(ABC):
         except RepoNotFound:
             return False
         return True
+
+    # -- what a backend implements ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def _create_repo(self, repo_id: str, *, exist_ok: bool, private: bool | None) -> None: ...
+
+    @abstractmethod
+    def _list_repos(self, namespace: str) -> list[str]: ...
+
+    @abstractmethod
+    def _create_commit(
+        self,
+        repo_id: str,
+        files: dict[str, FileSource],
+        *,
+        commit_message: str,
+        parent_commit: str | None,
+        revision: str,
+    ) -> str: ...
+
+    @abstractmethod
+    def _create_tag(self, repo_id: str, tag: str, sha: str, *, exist_ok: bool) -> None: ...
+
+    @abstractmethod
+    def _delete_tag(self, repo_id: str, tag: str) -> None: ...
+
+    @abstractmethod
+    def _resolve(self, repo_id: str, revision: str) -> str: ...
+
+    @abstractmethod
+    def _download(self, repo_id: str, filename: str, *, revision: str, max_bytes: int | None) -> Path: ...
+
+    @abstractmethod
+    def _file_sizes(self, repo_id: str, *, revision: str) -> dict[str, int]: ...
+
+    @abstractmethod
+    def _list_commits(self, repo_id: str, *, revision: str) -> list[CommitEntry]: ...
+
+    @abstractmethod
+    def _list_refs(self, repo_id: str) -> Refs: ...
+
+
+def too_large(repo_id: str, filename: str, revision: str, size: int, max_bytes: int) -> RequestTooLarge:
+    """The error for a file over a download cap."""
+    return RequestTooLarge(
+        f"{repo_id}/{filename}@{revision} is {size} bytes, over the {max_bytes}-byte limit: not downloaded",
+        repo_id=repo_id,
+        revision=revision,
+    )

@@ -1,39 +1,104 @@
 """Serve a LocalHub folder over the Hugging Face Hub HTTP API, so ``huggingface_hub.HfApi`` can push and pull.
 
-Implements the part of the Hub API that :class:`sorlora_gossip.hub.hf.HfHub` uses (model repos only): repo creation and
-listing, repo info at a revision, preupload (always ``regular`` uploads: no LFS/Xet), ndjson commits with
-``parentCommit`` (412 when stale), tags, refs, commits, tree, and ``resolve`` downloads with the ``X-Repo-Commit``
-and ``ETag`` headers. Errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``).
-Built on the standard library's ``ThreadingHTTPServer``; meant for tests, labs and a shared machine, not the internet.
+Implements the part of the Hub API that :class:`sorlora_gossip.hub.hf.HfHub` uses (model repos only): repo creation
+and listing, repo info at a revision, ``whoami-v2``, preupload (always ``regular`` uploads: no LFS/Xet), ndjson
+commits with ``parentCommit`` (412 when stale), tags (create, delete), refs, commits, tree, and ``resolve`` downloads
+with the ``X-Repo-Commit`` and ``ETag`` headers. Errors carry ``X-Error-Code`` from the one table shared with the
+client (:data:`sorlora_gossip.hub.base.ERROR_STATUS`).
+
+Authorization is the Hub's: tokens map to users (``tokens={user: token}``, the CLI reads them from a file). A user
+writes only repos in its own namespace; in a collaboration repo (one whose head holds ``collab.json``) a user the
+collaboration admits may commit only what :func:`sorlora_gossip.layout.collab_write_allowed` allows; tags, branches
+and deletions belong to the owner. Anonymous writes get 401, another user's writes 403; private repos are read by
+their owner only. The token is checked before any byte of the body is read; bodies are streamed to disk (base64
+decoded as they arrive) under a size limit; downloads are streamed from the blob files; sockets time out; the number
+of live connections and the request log are bounded; error messages never show the server's folder.
+
+Without tokens the server is open (the simulation, a lab), and only on a loopback address. Built on the standard
+library's ``ThreadingHTTPServer``.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import hmac
+import ipaddress
 import json
 import logging
 import os
+import re
+import shutil
+import socket
+import tempfile
 import threading
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from peft_sorlora.exchange import PayloadError, parse_json
+
+from ..layout import ADMITTED_KEY, COLLAB_FILE, PLAN_FILE, collab_write_allowed
 from .base import (
-    EntryNotFound,
+    EndpointNotSupported,
     HubError,
-    InvalidNameError,
-    PushConflictError,
-    RefExistsError,
+    HubForbidden,
     RepoNotFound,
-    RevisionNotFound,
+    RequestTooLarge,
+    status_for_error,
+    validate_path,
     validate_repo_id,
 )
 from .local import LocalHub
 
-__all__ = ["Fault", "HubServer"]
+__all__ = ["Fault", "HubServer", "load_tokens"]
 
 logger = logging.getLogger(__name__)
+
+MAX_JSON_BODY = 1 << 20  # bytes of any JSON request body (repo creation, preupload, tags)
+MAX_COLLAB_JSON = 1 << 20
+_LINE = 1 << 16  # a commit's ndjson line longer than this must be a file, whose base64 is streamed
+_CONTENT = re.compile(rb'"content"\s*:\s*"')
+
+
+def load_tokens(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read a tokens file: a JSON object ``{user: token}`` (users are namespaces, tokens distinct, >= 16 chars)."""
+    try:
+        tokens = parse_json(Path(path).read_bytes(), max_bytes=MAX_JSON_BODY, what=f"tokens file {path}")
+    except OSError as exc:
+        raise ValueError(f"cannot read tokens file {path}: {exc.strerror}") from None
+    if not isinstance(tokens, dict) or not tokens:
+        raise ValueError(f"tokens file {path} must hold a non-empty JSON object {{user: token}}")
+    return check_tokens(tokens)
+
+
+def check_tokens(tokens: Mapping[str, str]) -> dict[str, str]:
+    """``tokens`` as a checked ``{user: token}`` dict (never echoing a token in an error)."""
+    checked: dict[str, str] = {}
+    for user, token in tokens.items():
+        validate_repo_id(f"{user}/x")
+        if not isinstance(token, str) or len(token) < 16 or any(c.isspace() for c in token):
+            raise ValueError(f"token of user {user!r} must be a string of at least 16 non-space characters")
+        checked[user] = token
+    if len(set(checked.values())) != len(checked):
+        raise ValueError("two users share one token")
+    return checked
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` names is a loopback address (127.0.0.0/8, ::1)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
 @dataclass
@@ -59,25 +124,56 @@ class _HTTPError(Exception):
 
 
 def _error_for(exc: HubError) -> _HTTPError:
-    if isinstance(exc, RepoNotFound):
-        return _HTTPError(404, str(exc), "RepoNotFound")
-    if isinstance(exc, RevisionNotFound):
-        return _HTTPError(404, str(exc), "RevisionNotFound")
-    if isinstance(exc, EntryNotFound):
-        return _HTTPError(404, str(exc), "EntryNotFound")
-    if isinstance(exc, PushConflictError):
-        return _HTTPError(412, str(exc))
-    if isinstance(exc, RefExistsError):
-        return _HTTPError(409, str(exc))
-    if isinstance(exc, InvalidNameError):
-        return _HTTPError(400, str(exc))
-    return _HTTPError(500, str(exc))
+    status, code = status_for_error(exc)
+    return _HTTPError(status, str(exc), code)
+
+
+class _Body:
+    """The request body as a bounded stream: never more than ``Content-Length`` bytes are read from the socket;
+    bytes read ahead can be given back (:meth:`unread`)."""
+
+    def __init__(self, rfile, length: int) -> None:
+        self._rfile, self._socket_left, self._ahead = rfile, length, b""
+
+    @property
+    def left(self) -> int:
+        return self._socket_left + len(self._ahead)
+
+    def unread(self, data: bytes) -> None:
+        self._ahead = data + self._ahead
+
+    def read(self, n: int) -> bytes:
+        if self._ahead:
+            data, self._ahead = self._ahead[:n], self._ahead[n:]
+            return data
+        data = self._rfile.read(min(n, self._socket_left)) if self._socket_left > 0 else b""
+        self._socket_left -= len(data)
+        if n > 0 and self._socket_left > 0 and not data:
+            raise _HTTPError(400, "request body ended early")
+        return data
+
+    def readline(self, limit: int) -> bytes:
+        if self._ahead:
+            cut = self._ahead.find(b"\n", 0, limit)
+            if cut >= 0 or len(self._ahead) >= limit:
+                end = cut + 1 if cut >= 0 else limit
+                data, self._ahead = self._ahead[:end], self._ahead[end:]
+                return data
+            data, self._ahead = self._ahead, b""
+            return data + self.readline(limit - len(data))
+        data = self._rfile.readline(min(limit, self._socket_left)) if self._socket_left > 0 else b""
+        self._socket_left -= len(data)
+        return data
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body are separate writes: avoid the 40 ms delayed-ACK stall
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # StreamRequestHandler applies it to the socket
+        super().setup()
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         logger.debug("%s %s", self.address_string(), format % args)  # request line only: never headers/tokens
@@ -89,6 +185,8 @@ class _Handler(BaseHTTPRequestHandler):
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if not head and body:
             self.wfile.write(body)
@@ -96,132 +194,234 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})})
 
-    def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+    def _length(self, limit: int) -> int:
+        """The body's declared length, refused (before reading it) when missing or over ``limit``."""
+        if self.headers.get("Transfer-Encoding"):
+            raise _HTTPError(411, "chunked request bodies are not accepted: send Content-Length")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise _HTTPError(400, "bad Content-Length") from None
+        if length < 0:
+            raise _HTTPError(400, "bad Content-Length")
+        if length > limit:
+            raise _HTTPError(413, f"request body of {length} bytes is over the {limit}-byte limit")
+        return length
+
+    def _json_body(self) -> object:
+        body = _Body(self.rfile, self._length(MAX_JSON_BODY))
+        data = body.read(body.left)
+        self._body_read = True
+        return parse_json(data, max_bytes=MAX_JSON_BODY, what="request body")
 
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
-        self.server.requests.append((method, url.path))
-        body = self._body() if method == "POST" else b""
+        self.server.log_request_line(method, url.path)
+        self._body_read = method in ("GET", "HEAD")
         fault = self.server.take_fault(method, url.path)
         if fault is not None:
             headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
             return self._error(method, _HTTPError(fault.status, f"injected fault {fault.status}"), headers)
         try:
-            self._authorize(method)
-            self._route(method, [unquote(p) for p in url.path.split("/")[1:]], parse_qs(url.query), body)
+            user = self._authenticate()
+            self._route(method, [unquote(p) for p in url.path.split("/")[1:]], parse_qs(url.query), user)
         except _HTTPError as exc:
             self._error(method, exc)
         except HubError as exc:
             self._error(method, _error_for(exc))
-        except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        except PayloadError as exc:
             self._error(method, _HTTPError(400, f"bad request: {exc}"))
+        except (ValueError, KeyError, TypeError) as exc:
+            self._error(method, _HTTPError(400, f"bad request: {type(exc).__name__}: {exc}"))
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception:  # never show the server's folder or a traceback to a client
+            logger.exception("hub-serve: internal error on %s %s", method, url.path)
+            self._error(method, _HTTPError(500, "internal server error"))
 
     def _error(self, method: str, exc: _HTTPError, headers: dict[str, str] | None = None) -> None:
+        if not self._body_read:
+            self.close_connection = True  # the unread body would be taken for the next request
         headers = {"X-Error-Message": exc.message.replace("\n", " ")[:300], **(headers or {})}
         if exc.code:
             headers["X-Error-Code"] = exc.code
-        if method == "HEAD":
-            self._send(exc.status, b"", headers, head=True)
-        else:
-            self._json(exc.status, {"error": exc.message}, headers)
-
-    def _authorize(self, method: str) -> None:
-        token = self.server.token
-        if token is None:
-            return
-        if self.headers.get("Authorization", "") != f"Bearer {token}" and (method == "POST" or self.server.private):
-            raise _HTTPError(401, "Invalid credentials in Authorization header")
+        try:
+            if method == "HEAD":
+                self._send(exc.status, b"", headers, head=True)
+            else:
+                self._json(exc.status, {"error": exc.message}, headers)
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
 
     do_GET = lambda self: self._dispatch("GET")  # noqa: E731
     do_HEAD = lambda self: self._dispatch("HEAD")  # noqa: E731
     do_POST = lambda self: self._dispatch("POST")  # noqa: E731
+    do_DELETE = lambda self: self._dispatch("DELETE")  # noqa: E731
+    do_PUT = lambda self: self._dispatch("PUT")  # noqa: E731
+
+    # -- who is asking, and may they ---------------------------------------------------------------------------
+
+    def _authenticate(self) -> str | None:
+        """The user the ``Authorization: Bearer`` token belongs to (None: anonymous); 401 for an unknown token."""
+        header = self.headers.get("Authorization")
+        if header is None or not self.server.tokens:
+            return None
+        scheme, _, token = header.partition(" ")
+        user = None
+        for name, known in self.server.tokens.items():  # compare with every token, in constant time each
+            if hmac.compare_digest(token.strip().encode(), known.encode()) and scheme.lower() == "bearer":
+                user = name
+        if user is None:
+            raise _HTTPError(401, "Invalid credentials in Authorization header")
+        return user
+
+    def _need_user(self, user: str | None, what: str) -> None:
+        if self.server.tokens and user is None:
+            raise _HTTPError(401, f"{what} needs a token (Authorization: Bearer ...)")
+
+    def _check_read(self, repo_id: str, user: str | None) -> None:
+        hub = self.server.hub
+        if self.server.private and self.server.tokens and user is None:
+            raise _HTTPError(401, "this hub is private: reads need a token")
+        if self.server.tokens and hub.repo_exists(repo_id) and hub.is_private(repo_id):
+            if user is None:
+                raise _HTTPError(401, f"repository {repo_id!r} is private: reads need a token")
+            if user != repo_id.split("/")[0]:
+                raise RepoNotFound(f"repository {repo_id!r} not found", repo_id=repo_id)  # as the Hub: not shown
+
+    def _check_owner(self, repo_id: str, user: str | None, what: str) -> None:
+        """Tags, branches, deletions: the repo's owner only."""
+        self._need_user(user, what)
+        if self.server.tokens and user != repo_id.split("/")[0]:
+            raise HubForbidden(f"user {user!r} may not {what} in {repo_id!r} (not its owner)", repo_id=repo_id)
+
+    def _admitted(self, repo_id: str, user: str) -> bool:
+        """Whether ``repo_id`` is a collaboration repo (its head holds ``collab.json``) that admits ``user``."""
+        hub = self.server.hub
+        try:
+            entry = hub.tree(repo_id).get(COLLAB_FILE)
+            if entry is None:
+                return False
+            terms = parse_json(hub.read_bytes(repo_id, COLLAB_FILE, revision="main", max_bytes=MAX_COLLAB_JSON),
+                               max_bytes=MAX_COLLAB_JSON, what=f"{repo_id}/{COLLAB_FILE}")  # fmt: skip
+        except (HubError, PayloadError):
+            return False
+        admitted = terms.get(ADMITTED_KEY) if isinstance(terms, dict) else []
+        return admitted is None or (isinstance(admitted, list) and user in admitted)
+
+    def _check_write(self, repo_id: str, user: str | None) -> bool:
+        """May ``user`` commit to ``repo_id``? True: as its owner; False: as an admitted collaborator (whose
+        paths are checked once known); raises 401/403 otherwise. Decided before the body is read."""
+        self._need_user(user, f"writing to {repo_id!r}")
+        if not self.server.tokens or user == repo_id.split("/")[0]:
+            return True
+        self.server.hub.resolve(repo_id)  # RepoNotFound first
+        if not self._admitted(repo_id, user):
+            raise HubForbidden(f"user {user!r} may not write to {repo_id!r}", repo_id=repo_id)
+        return False
 
     # -- routes ------------------------------------------------------------------------------------------------
 
-    def _route(self, method: str, parts: list[str], query: dict[str, list[str]], body: bytes) -> None:
+    def _route(self, method: str, parts: list[str], query: dict[str, list[str]], user: str | None) -> None:
         hub = self.server.hub
-        if parts[:2] == ["api", "repos"] and parts[2:] == ["create"] and method == "POST":
-            return self._create_repo(json.loads(body or b"{}"))
-        if parts == ["api", "validate-yaml"] and method == "POST":  # model cards (README.md): accepted as is
+        if parts == ["api", "whoami-v2"] and method == "GET":
+            if user is None:
+                raise _HTTPError(401, "whoami needs a token")
+            return self._json(200, {"type": "user", "name": user, "fullname": user, "orgs": [],
+                                    "auth": {"type": "access_token", "accessToken": {"role": "write"}}})  # fmt: skip
+        if parts == ["api", "repos", "create"] and method == "POST":
+            self._need_user(user, "creating a repo")
+            return self._create_repo(self._json_body(), user)
+        if parts == ["api", "repos", "delete"] and method == "DELETE":
+            payload = self._json_body()
+            repo_id = validate_repo_id(f"{payload.get('organization') or user}/{payload.get('name')}")
+            self._check_owner(repo_id, user, "delete the repo")
+            raise EndpointNotSupported("deleting repos is not served")
+        if parts == ["api", "validate-yaml"] and method == "POST" and not self.server.minimal:
+            self._json_body()  # model cards (README.md): accepted as is
             return self._json(200, {"errors": [], "warnings": []})
-        if parts[:2] == ["api", "models"] and len(parts) == 2 and method == "GET":
+        if parts[:2] == ["api", "models"] and len(parts) == 2 and method == "GET" and not self.server.minimal:
             author = query.get("author", [hub.namespace])[0]
-            return self._json(200, [{"id": r, "modelId": r} for r in hub.list_repos(author)])
+            repos = [r for r in hub.list_repos(author) if not (self.server.tokens and hub.is_private(r)
+                                                                and user != author)]  # fmt: skip
+            return self._json(200, [{"id": r, "modelId": r} for r in repos])
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             repo_id = validate_repo_id(f"{parts[2]}/{parts[3]}")
-            return self._api_repo(method, repo_id, parts[4:], body)
+            return self._api_repo(method, repo_id, parts[4:], user)
         if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
             repo_id = validate_repo_id(f"{parts[0]}/{parts[1]}")
+            self._check_read(repo_id, user)
             return self._resolve_file(method, repo_id, parts[3], "/".join(parts[4:]))
         raise _HTTPError(404, f"no route for {method} /{'/'.join(parts)}")
 
-    def _create_repo(self, payload: dict) -> None:
-        if payload.get("type") not in (None, "model"):
+    def _create_repo(self, payload: object, user: str | None) -> None:
+        if not isinstance(payload, dict) or payload.get("type") not in (None, "model"):
             raise _HTTPError(400, "only model repos are served")
-        repo_id = validate_repo_id(f"{payload.get('organization') or self.server.hub.namespace}/{payload['name']}")
+        namespace = payload.get("organization") or user or self.server.hub.namespace
+        repo_id = validate_repo_id(f"{namespace}/{payload.get('name')}")
+        if self.server.tokens and namespace != user:
+            raise HubForbidden(f"user {user!r} may create repos in its own namespace only, not {namespace!r}")
         url = f"{self.server.endpoint}/{repo_id}"
         if self.server.hub.repo_exists(repo_id):
             return self._json(409, {"error": "You already created this model repo", "url": url})
-        self.server.hub.create_repo(repo_id, exist_ok=True)
+        private = payload.get("visibility") == "private" or payload.get("private") is True
+        self.server.hub.create_repo(repo_id, exist_ok=True, private=private)
         self._json(200, {"url": url, "name": repo_id})
 
-    def _api_repo(self, method: str, repo_id: str, rest: list[str], body: bytes) -> None:
+    def _api_repo(self, method: str, repo_id: str, rest: list[str], user: str | None) -> None:
         hub = self.server.hub
         action, args = (rest[0], rest[1:]) if rest else ("", [])
+        if method in ("GET", "HEAD"):
+            self._check_read(repo_id, user)
         if method == "GET" and action in ("", "revision"):
             revision = "/".join(args) or "main"
             sha = hub.resolve(repo_id, revision)
             tree = hub.tree(repo_id, revision=sha)
-            return self._json(
-                200,
-                {
-                    "id": repo_id,
-                    "modelId": repo_id,
-                    "author": repo_id.split("/")[0],
-                    "sha": sha,
-                    "private": False,
-                    "lastModified": hub.created_at(repo_id, sha),
-                    "siblings": [{"rfilename": p, "size": e["size"]} for p, e in sorted(tree.items())],
-                },
-            )
+            return self._json(200, {
+                "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0], "sha": sha,
+                "private": hub.is_private(repo_id), "lastModified": hub.created_at(repo_id, sha),
+                "siblings": [{"rfilename": p, "size": e["size"]} for p, e in sorted(tree.items())],
+            })  # fmt: skip
         if method == "POST" and action == "preupload":
-            tree = hub.tree(repo_id, revision="/".join(args) or "main")
+            self._check_write(repo_id, user)
+            payload = self._json_body()
+            revision = "/".join(args) or "main"
+            tree = hub.tree(repo_id, revision=revision)
             files = [
-                {
-                    "path": f["path"],
-                    "uploadMode": "regular",
-                    "shouldIgnore": False,
-                    "oid": tree[f["path"]]["oid"] if f["path"] in tree else None,
-                }
-                for f in json.loads(body)["files"]
-            ]
-            return self._json(200, {"files": files, "commitOid": hub.resolve(repo_id, "/".join(args) or "main")})
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                 "oid": tree[f["path"]]["oid"] if f["path"] in tree else None}
+                for f in payload["files"]
+            ]  # fmt: skip
+            return self._json(200, {"files": files, "commitOid": hub.resolve(repo_id, revision)})
         if method == "POST" and action == "commit":
-            return self._commit(repo_id, "/".join(args) or "main", body)
+            owner = self._check_write(repo_id, user)
+            return self._commit(repo_id, "/".join(args) or "main", user, owner)
         if method == "POST" and action == "tag":
-            payload = json.loads(body)
+            self._check_owner(repo_id, user, "create tags")
+            payload = self._json_body()
             hub.create_tag(repo_id, payload["tag"], revision="/".join(args) or "main")
             return self._json(200, {"success": True})
+        if method == "DELETE" and action == "tag" and args:
+            self._check_owner(repo_id, user, "delete tags")
+            hub.delete_tag(repo_id, "/".join(args))
+            return self._json(200, {"success": True})
+        if method in ("POST", "DELETE", "PUT") and action in ("branch", "settings", "tag", "commit"):
+            self._check_owner(repo_id, user, f"change {action}s")
+            raise EndpointNotSupported(f"{method} {action} is not served")
         if method == "GET" and action == "refs":
             refs = hub.list_refs(repo_id)
             as_list = lambda kind, d: [  # noqa: E731
                 {"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": s} for n, s in sorted(d.items())
             ]
             return self._json(
-                200,
-                {"branches": as_list("heads", refs.branches), "tags": as_list("tags", refs.tags), "converts": []},
+                200, {"branches": as_list("heads", refs.branches), "tags": as_list("tags", refs.tags), "converts": []}
             )
         if method == "GET" and action == "commits":
             history = hub.list_commits(repo_id, revision="/".join(args) or "main")
             return self._json(
-                200,
-                [
-                    {"id": c.sha, "title": c.message, "message": "", "authors": [], "date": c.created_at}
-                    for c in history
-                ],
-            )
+                200, [{"id": c.sha, "title": c.message, "message": "", "authors": [], "date": c.created_at}
+                      for c in history],
+            )  # fmt: skip
         if method == "GET" and action == "tree":
             revision, prefix = (args[0] if args else "main"), "/".join(args[1:])
             tree = hub.tree(repo_id, revision=revision)
@@ -231,70 +431,150 @@ class _Handler(BaseHTTPRequestHandler):
                 if not prefix or p.startswith(prefix.rstrip("/") + "/") or p == prefix
             ]
             return self._json(200, items)
+        if method in ("POST", "DELETE", "PUT"):
+            self._check_owner(repo_id, user, f"{method} {action or 'the repo'}")
         raise _HTTPError(404, f"no route for {method} /api/models/{repo_id}/{'/'.join(rest)}")
 
-    def _commit(self, repo_id: str, revision: str, body: bytes) -> None:
+    def _commit(self, repo_id: str, revision: str, user: str | None, owner: bool) -> None:
+        body = _Body(self.rfile, self._length(self.server.max_body_bytes))
+        self.server.hub.resolve(repo_id, revision)  # RepoNotFound / RevisionNotFound before storing anything
+        uploads = self.server.hub.root / "uploads"
+        uploads.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=uploads) as folder:
+            header, files = self._read_commit(body, Path(folder))
+            self._body_read = True
+            if not owner and not collab_write_allowed(user, list(files), plan_exists=False):
+                raise HubForbidden(f"user {user!r} may write only its own members/{user}/ files in {repo_id!r}")
+
+            def check(tree: dict[str, dict]) -> None:  # under the repo lock, on the head it commits onto
+                if not owner and not collab_write_allowed(user, list(files), plan_exists=PLAN_FILE in tree):
+                    raise HubForbidden(f"{PLAN_FILE} exists in {repo_id!r}: it is written once", repo_id=repo_id)
+
+            with self.server.hub.commit_check(check):
+                sha = self.server.hub.create_commit(
+                    repo_id,
+                    files,
+                    commit_message=str(header.get("summary") or "commit"),
+                    parent_commit=header.get("parentCommit"),
+                    revision=revision,
+                )
+        self._json(200, {"success": True, "commitOid": sha, "pullRequestUrl": None,
+                         "commitUrl": f"{self.server.endpoint}/{repo_id}/commit/{sha}"})  # fmt: skip
+
+    def _read_commit(self, body: _Body, folder: Path) -> tuple[dict, dict[str, Path]]:
+        """Parse an ndjson commit body, streaming each file's base64 content to a file in ``folder``."""
         header: dict = {}
-        files: dict[str, bytes] = {}
-        for line in body.splitlines():
+        files: dict[str, Path] = {}
+        limit = self.server.max_file_bytes
+        while body.left > 0:
+            line = body.readline(_LINE)
             if not line.strip():
                 continue
-            item = json.loads(line)
-            if item["key"] == "header":
-                header = item["value"]
-            elif item["key"] == "file" and item["value"].get("encoding", "base64") == "base64":
-                files[item["value"]["path"]] = base64.b64decode(item["value"]["content"], validate=True)
+            target = folder / f"{len(files)}.bin"
+            if line.endswith(b"\n") or body.left == 0:
+                item = parse_json(line, max_bytes=_LINE, what="commit line")
+                if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
+                    raise _HTTPError(400, "malformed commit line")
+                if item.get("key") == "header":
+                    header = item["value"]
+                    continue
+                content = item["value"].get("content")
+                if not isinstance(content, str):
+                    raise _HTTPError(400, "commit file without content")
+                data = self._b64(content.encode())
+                if len(data) > limit:
+                    raise RequestTooLarge(f"file over the {limit}-byte limit")
+                target.write_bytes(data)
             else:
-                raise _HTTPError(400, f"unsupported commit operation {item['key']!r} (only regular files)")
-        sha = self.server.hub.create_commit(
-            repo_id,
-            files,
-            commit_message=header.get("summary") or "commit",
-            parent_commit=header.get("parentCommit"),
-            revision=revision,
-        )
-        self._json(
-            200,
-            {
-                "success": True,
-                "commitOid": sha,
-                "commitUrl": f"{self.server.endpoint}/{repo_id}/commit/{sha}",
-                "pullRequestUrl": None,
-            },
-        )
+                item = self._stream_file_line(line, body, target, limit)
+            value = item["value"]
+            if item.get("key") != "file" or value.get("encoding", "base64") != "base64":
+                raise _HTTPError(400, f"unsupported commit operation {item.get('key')!r} (only regular files)")
+            path = validate_path(value.get("path"))
+            if path in files:
+                raise _HTTPError(400, f"file {path!r} twice in one commit")
+            files[path] = target
+        return header, files
+
+    @staticmethod
+    def _b64(data: bytes) -> bytes:
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise _HTTPError(400, f"bad base64 content: {exc}") from None
+
+    def _stream_file_line(self, start: bytes, body: _Body, target: Path, limit: int) -> dict:
+        """A commit line too long to hold: ``{"key": "file", "value": {"content": "<base64>", ...}}`` with the
+        base64 decoded to ``target`` chunk by chunk; the small rest of the line is parsed as JSON."""
+        match = _CONTENT.search(start)
+        if match is None:
+            raise _HTTPError(400, "commit line too long and not a file's content")
+        head, rest = start[: match.start()], start[match.end() :]
+        written, pending = 0, b""
+        with target.open("wb") as out:
+            while True:
+                end = rest.find(b'"')
+                chunk, rest = (rest, b"") if end < 0 else (rest[:end], rest[end + 1 :])
+                pending += chunk
+                cut = len(pending) - len(pending) % 4 if end < 0 else len(pending)
+                data = self._b64(pending[:cut])
+                pending = pending[cut:]
+                written += len(data)
+                if written > limit:
+                    raise RequestTooLarge(f"file over the {limit}-byte limit")
+                out.write(data)
+                if end >= 0:
+                    break
+                rest = body.read(_LINE)
+                if not rest:
+                    raise _HTTPError(400, "commit body ended inside a file's content")
+        body.unread(rest)
+        tail = body.readline(_LINE)
+        item = parse_json(head + b'"content": ""' + tail, max_bytes=2 * _LINE + 64, what="commit line")
+        if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
+            raise _HTTPError(400, "malformed commit line")
+        return item
 
     def _resolve_file(self, method: str, repo_id: str, revision: str, filename: str) -> None:
         hub = self.server.hub
         sha = hub.resolve(repo_id, revision)
-        entry = hub.tree(repo_id, revision=sha).get(filename)
+        entry = hub.tree(repo_id, revision=sha).get(validate_path(filename))
         if entry is None:
             raise _HTTPError(404, f"{filename!r} not found in {repo_id!r} at {revision!r}", "EntryNotFound")
-        data = hub.download(repo_id, filename, revision=sha).read_bytes() if method == "GET" else b""
-        headers = {
+        self.send_response(200)
+        for key, value in {
             "X-Repo-Commit": sha,
             "ETag": f'"{entry["oid"]}"',
             "Content-Type": "application/octet-stream",
-        }
-        if method == "HEAD":
-            self.send_response(200)
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(entry["size"]))
-            self.end_headers()
-            return
-        self._send(200, data, headers)
+            "Content-Length": str(entry["size"]),
+        }.items():
+            self.send_header(key, value)  # fmt: skip
+        self.end_headers()
+        if method == "GET":
+            with hub.download(repo_id, filename, revision=sha).open("rb") as blob:
+                shutil.copyfileobj(blob, self.wfile, 1 << 20)  # streamed: the file is never held in memory
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64
 
-    def __init__(self, address, hub: LocalHub, token: str | None, private: bool) -> None:
+    def __init__(self, address, hub: LocalHub, *, tokens: dict[str, str], private: bool, minimal: bool,
+                 max_body_bytes: int, max_file_bytes: int, request_timeout: float, max_connections: int,
+                 request_log_size: int) -> None:  # fmt: skip
         super().__init__(address, _Handler)
-        self.hub, self.token, self.private = hub, token, private
+        self.hub, self.tokens, self.private, self.minimal = hub, tokens, private, minimal
+        self.max_body_bytes, self.max_file_bytes = max_body_bytes, max_file_bytes
+        self.request_timeout, self.max_connections = request_timeout, max_connections
         self.endpoint = ""
-        self.requests: list[tuple[str, str]] = []
+        self.requests: deque[tuple[str, str]] = deque(maxlen=request_log_size)
         self.faults: list[Fault] = []
         self._fault_lock = threading.Lock()
+        self._active = 0
+        self._active_lock = threading.Lock()
+
+    def log_request_line(self, method: str, path: str) -> None:
+        self.requests.append((method, path))
 
     def take_fault(self, method: str, path: str) -> Fault | None:
         with self._fault_lock:
@@ -304,11 +584,45 @@ class _Server(ThreadingHTTPServer):
                     return fault
         return None
 
+    def process_request(self, request, client_address) -> None:
+        """One thread per connection, at most ``max_connections`` at once; beyond, a quick 503 and close."""
+        with self._active_lock:
+            full = self._active >= self.max_connections
+            if not full:
+                self._active += 1
+        if full:
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+                                b"Connection: close\r\n\r\n")  # fmt: skip
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    @property
+    def active_connections(self) -> int:
+        return self._active
+
 
 class HubServer:
     """A Hub-compatible HTTP server over a LocalHub folder; use as a context manager, point clients at ``.endpoint``.
 
-    ``token``: when set, writes (and with ``private=True`` also reads) need ``Authorization: Bearer <token>``.
+    ``tokens``: ``{user: token}``; with them every write needs a token and each user writes its own namespace (and
+    its member files in collaborations that admit it), see the module docstring. ``token``: shorthand for one user,
+    ``namespace``. Without tokens the server is open, and refuses a non-loopback ``host``. ``private``: reads need a
+    token too (repos created private are always read by their owner only). ``minimal``: leave out the optional
+    endpoints (``/api/validate-yaml``, repo listing), as a bare Hub-compatible server would.
+    ``max_body_bytes``/``max_file_bytes``: largest commit body / file; ``request_timeout``: seconds a socket may
+    stay silent; ``max_connections``: live connections served at once; ``request_log_size``: requests remembered.
     :meth:`inject_fault` makes the next matching requests fail (429/5xx), to test clients' retries.
     """
 
@@ -320,10 +634,28 @@ class HubServer:
         *,
         namespace: str = "gossip",
         token: str | None = None,
+        tokens: Mapping[str, str] | None = None,
         private: bool = False,
+        minimal: bool = False,
+        max_body_bytes: int = 512 << 20,
+        max_file_bytes: int | None = None,
+        request_timeout: float = 30.0,
+        max_connections: int = 128,
+        request_log_size: int = 10_000,
     ) -> None:
+        users = dict(tokens or {})
+        if token is not None:
+            users.setdefault(namespace, token)
+        users = check_tokens(users) if users else {}
+        if not users and not is_loopback(host):
+            raise ValueError(f"refusing to serve {host!r} without tokens: anyone reaching it could write every "
+                             "repo; pass a tokens file (hub-serve --tokens-file) or serve on 127.0.0.1")  # fmt: skip
         self.hub = LocalHub(Path(root), namespace=namespace)
-        self._server = _Server((host, port), self.hub, token, private)
+        self._server = _Server(
+            (host, port), self.hub, tokens=users, private=private, minimal=minimal, max_body_bytes=max_body_bytes,
+            max_file_bytes=max_file_bytes or max_body_bytes, request_timeout=request_timeout,
+            max_connections=max_connections, request_log_size=request_log_size,
+        )  # fmt: skip
         host_name, port_number = self._server.server_address[:2]
         self.endpoint = f"http://{host_name}:{port_number}"
         self._server.endpoint = self.endpoint
@@ -331,8 +663,13 @@ class HubServer:
 
     @property
     def requests(self) -> list[tuple[str, str]]:
-        """``(method, path)`` of every request served so far (for tests and diagnostics)."""
-        return self._server.requests
+        """``(method, path)`` of the last requests served (at most ``request_log_size``; tests and diagnostics)."""
+        return list(self._server.requests)
+
+    @property
+    def active_connections(self) -> int:
+        """Connections being served right now."""
+        return self._server.active_connections
 
     def inject_fault(
         self,
