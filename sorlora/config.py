@@ -63,7 +63,8 @@ class ExperimentConfig:
     hub_namespace: str = "sorlora"
     pull_timeout: float = 60.0  # seconds a peer waits for a neighbour's revision before skipping it
     device: str = "auto"  # "auto": CUDA when available (e.g. a Ray actor given a GPU), else CPU; or "cpu", "cuda:0"
-    engine: str = "local"  # "local" (in-process peers sharing one base model) or "ray"
+    engine: str = "local"  # "local" (in-process peers sharing one base model), "processes" (`sorlora peer`) or "ray"
+    inter_cluster_every: int = 0  # rounds between inter-cluster exchanges of the MoE method (0: after the last only)
     threads: int | None = None
     # Ray engine only (sorlora/ray_engine.py); like engine, these never change results (not in the fingerprint).
     ray_address: str | None = None  # None: start a local Ray; "auto" or "ray://host:10001": join a running cluster
@@ -84,8 +85,8 @@ class ExperimentConfig:
             raise ValueError("tasks must name at least one task")
         if not 0 < self.sparsity <= 1:
             raise ValueError(f"sparsity must be in (0, 1], got {self.sparsity}")
-        if self.engine not in ("local", "ray"):
-            raise ValueError(f"engine must be 'local' or 'ray', got {self.engine!r}")
+        if self.engine not in ("local", "processes", "ray"):
+            raise ValueError(f"engine must be 'local', 'processes' or 'ray', got {self.engine!r}")
         if self.ray_cpus_per_peer <= 0 or self.ray_gpus_per_peer < 0 or self.ray_timeout <= 0:
             raise ValueError(
                 "ray_cpus_per_peer and ray_timeout must be > 0 and ray_gpus_per_peer >= 0, got "

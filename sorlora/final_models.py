@@ -1,48 +1,54 @@
-"""The ``solora`` method's final model: every cluster's expert served together as an implicit MoE (moe_router)."""
+"""Final models, one entry per kind in :data:`FINAL_MODELS`: what a peer publishes at the end beyond its adapter, and
+how an evaluator, reading what the peers published on the hub, turns it into the model(s) it scores.
+
+- ``per-peer``: every peer's own final adapter (mean accuracy over peers);
+- ``cluster``: the adapters of one cluster's members active together (one model: all members hold the same);
+- ``oracle``: per task, the cluster of the peers holding it (hard routing upper bound);
+- ``moe``: every peer builds its own implicit MoE of all clusters' experts and publishes it as a
+  ``PreTrainedModel`` repo; the evaluator loads one from the hub (all peers hold the same experts).
+"""
 
 from __future__ import annotations
 
-import copy
+import json
+import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from moe_router import ImplicitMoEForCausalLM
-from peft_sorlora import SparseUpdate
 
 from .evaluation import evaluate
 from .tasks import Task
-from .workspace import Workspace
+from .workspace import Workspace, adapter_name
 
-__all__ = ["build_moe", "evaluate_moe", "choose_router"]
+__all__ = ["FINAL_MODELS", "FinalModel", "Published", "build_moe", "choose_router", "evaluate_moe", "load_moe"]
 
 
 def build_moe(
     ws: Workspace,
-    experts: Sequence[Sequence[SparseUpdate]],
+    experts: Sequence[Sequence[Any]],
     *,
-    calibration: Sequence[Sequence[Mapping[str, torch.Tensor]]],
+    calibration: Mapping[tuple[int, int], Mapping[str, torch.Tensor]],
     router_top_k: int | str | None,
     refine: str = "task_stats",
 ) -> ImplicitMoEForCausalLM:
     """An implicit MoE over a clean copy of the workspace's base model, one expert per cluster.
 
-    ``calibration[e][m]`` is member m of expert e's calibration batch: its task's input statistics refine that
-    member's A (Eq. 26), so the frozen projections route tokens without a trained router. ``router_top_k`` None
-    keeps as many components per token as one member's rank (the paper's k = r).
+    ``calibration[(e, m)]`` is member m of expert e's task statistics (mean layer inputs of its own data, which it
+    registered): they refine that member's A (Eq. 26), so the frozen projections route tokens without a trained
+    router. ``router_top_k`` None keeps as many components per token as one member's rank (the paper's k = r).
     """
-    base = copy.deepcopy(ws.base) if ws.model is None else copy.deepcopy(ws.model).unload()  # no adapter yet
-    batches = {
-        (e, m): [ws.on_device({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})]
-        for e, members in enumerate(calibration)
-        for m, batch in enumerate(members)
-    }
+    base = ws.clean_copy()
     return ImplicitMoEForCausalLM.from_adapters(
         base,
         experts=[list(expert) for expert in experts],
-        calibration=batches,
+        calibration={k: dict(v) for k, v in calibration.items()},
         router_top_k="rank" if router_top_k is None else router_top_k,
         refine=refine,
         check_base_model=False,
@@ -58,9 +64,9 @@ def evaluate_moe(
     max_len: int,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Accuracy per task of the implicit MoE (every peer holds the same experts, so it is evaluated once)."""
+    """Accuracy per task of the implicit MoE."""
     out = {}
-    for name, task in tqdm(tasks.items(), desc="solora: evaluate MoE", disable=not progress, leave=False):
+    for name, task in tqdm(tasks.items(), desc="evaluate MoE", disable=not progress, leave=False):
         out[name] = evaluate(moe, tokenizer, task, batch_size=batch_size, max_len=max_len)["accuracy"]
     return out
 
@@ -92,3 +98,127 @@ def choose_router(
     _, label, top_k, refine = best
     moe.set_router(top_k=top_k, refine=refine)
     return {"router_top_k": top_k, "refine": refine, "chosen": label, "validation": scores}
+
+
+def load_moe(hub: Any, repo_id: str, ws: Workspace) -> ImplicitMoEForCausalLM:
+    """A peer's published implicit MoE, downloaded from ``hub`` (its config and experts), over a clean copy of the workspace's base."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in hub.list_files(repo_id):
+            if "/" not in name and name.endswith((".json", ".safetensors")):
+                (Path(tmp) / name).write_bytes(hub.read_bytes(repo_id, name, revision="main"))
+        return ImplicitMoEForCausalLM.from_pretrained(tmp, base_model=ws.clean_copy()).eval()
+
+
+@dataclass
+class Published:
+    """What an evaluator read back from the hub for one method: the plan, each member's task and final part."""
+
+    plan: dict[str, Any]
+    tasks_of: dict[str, str]
+    parts: dict[str, Any]  # peer id -> its final own part (with structure), from its ``final`` revision
+    ws: Workspace
+    tokenizer: Any
+    hub: Any
+    eval_kw: dict[str, Any]
+    rank: int
+    progress: bool = False
+
+    def view(self, peers: Sequence[str]) -> dict[str, Any]:
+        """The adapters of ``peers`` under their plan names (to activate together)."""
+        index = {p: i for i, p in enumerate(self.plan["members"])}
+        return {adapter_name(index[p]): self.parts[p] for p in peers if p in self.parts}
+
+    def evaluate_view(self, view: Mapping[str, Any], tasks: Mapping[str, Task]) -> dict[str, float]:
+        self.ws.load_view(view)
+        self.ws.activate(list(view))
+        return {t: evaluate(self.ws.network, self.tokenizer, task, **self.eval_kw)["accuracy"] for t, task in tasks.items()}
+
+
+class FinalModel:
+    """How one kind of final model is published by a peer and scored by an evaluator."""
+
+    def publish(self, program: Any) -> None:
+        """Publish what this final model needs beyond the peer's own adapter (default: nothing)."""
+
+    def evaluate(self, pub: Published, tasks: Mapping[str, Task], *, validation: Mapping[str, Task] | None) -> tuple:
+        """(accuracy per task, extra result fields)."""
+        raise NotImplementedError
+
+
+class PerPeer(FinalModel):
+    def evaluate(self, pub, tasks, *, validation):
+        per_task: dict[str, list[float]] = {t: [] for t in tasks}
+        for p in tqdm(pub.plan["members"], desc="evaluate peers", disable=not pub.progress, leave=False):
+            for t, acc in pub.evaluate_view(pub.view([p]), tasks).items():
+                per_task[t].append(acc)
+        return {t: float(np.mean(v)) for t, v in per_task.items()}, {}
+
+
+class OneCluster(FinalModel):
+    def evaluate(self, pub, tasks, *, validation):
+        first = pub.plan["clusters"][0]
+        return pub.evaluate_view(pub.view(first), tasks), {}
+
+
+class Oracle(FinalModel):
+    def evaluate(self, pub, tasks, *, validation):
+        out = {}
+        for t, task in tasks.items():
+            holder = next(p for p in pub.plan["members"] if pub.tasks_of[p] == t)
+            cluster = next(c for c in pub.plan["clusters"] if holder in c)
+            out[t] = pub.evaluate_view(pub.view(cluster), {t: task})[t]
+        return out, {}
+
+
+class ImplicitMoE(FinalModel):
+    """Each peer builds its own implicit MoE of all clusters' experts and publishes it (``<peer>-moe``)."""
+
+    def publish(self, program: Any) -> None:
+        from model_cards import ExpertInfo, MoECardInfo
+
+        from .peer_program import moe_repo_name
+
+        hub, terms = program.hub, program.terms
+        repo_id = hub.repo_id(f"{program.user}/{moe_repo_name(program.name)}")
+        if hub.repo_exists(repo_id) and "experts.safetensors" in hub.list_files(repo_id):
+            return
+        experts, calibration = program.experts_for_moe()
+        moe = build_moe(program.ws, experts, calibration=calibration, router_top_k=terms.router_top_k,
+                        refine=terms.router_refine)  # fmt: skip
+        clusters = [c for c in program.plan["clusters"]]
+        card = MoECardInfo(
+            repo_id=repo_id,
+            base_model=terms.base_model,
+            experts=[ExpertInfo(cluster=c, peers=list(m), tasks=[program.state["tasks"][p] for p in m])
+                     for c, m in enumerate(clusters)],  # fmt: skip
+            router_top_k=moe.config.router_top_k,
+            refinement=moe.config.refine,
+            results={},
+            method=terms.method,
+            base_in_repo=terms.publish_base,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            moe.save_pretrained(tmp, save_base=terms.publish_base, card_info=card)
+            files = {str(f.relative_to(tmp)): f.read_bytes() for f in sorted(Path(tmp).rglob("*")) if f.is_file()}
+        hub.create_repo(repo_id, exist_ok=True)
+        hub.create_commit(repo_id, files, commit_message=f"{program.peer_id}: implicit MoE of all clusters' experts")
+
+    def evaluate(self, pub, tasks, *, validation):
+        from .peer_program import moe_repo_name
+
+        first = pub.plan["members"][0]
+        user, name = first.split("/")
+        moe = load_moe(pub.hub, pub.hub.repo_id(f"{user}/{moe_repo_name(name)}"), pub.ws)
+        router = None
+        if validation:
+            router = choose_router(moe, validation, pub.tokenizer, rank=pub.rank, **pub.eval_kw)
+        acc = evaluate_moe(moe, tasks, pub.tokenizer, progress=pub.progress, **pub.eval_kw)
+        return acc, {"router": router, "moe_config": json.loads(moe.config.to_json_string())}
+
+
+FINAL_MODELS: dict[str, FinalModel] = {
+    "per-peer": PerPeer(),
+    "cluster": OneCluster(),
+    "oracle": Oracle(),
+    "moe": ImplicitMoE(),
+}

@@ -1,4 +1,4 @@
-"""The methods compared in one run (method.md §5), described as data: adapter, topology, forward set, aggregation.
+"""The methods compared in one run (method.md §5): each is an adapter kind plus peer behaviours, described as data.
 
 - ``lora``: DFL-LoRA baseline. Dense PEFT LoRA (A and B trained), FedAvg of A and B with random neighbours.
 - ``lori``: frozen random A shared by all peers (one gaussian draw) + sparse B (uniform sparsity); masked
@@ -6,15 +6,20 @@
 - ``solora-single``: SO-LoRA (per-peer orthogonal A, sparse B, layer-wise budget), all peers in one cluster; every
   peer's forward includes all members' parts.
 - ``solora``: SO-LoRA with the collision-rate cluster topology; after the last round the clusters exchange their
-  experts without averaging and every peer serves them as an implicit mixture of experts.
+  experts without averaging and every peer builds and publishes them as an implicit mixture of experts.
 - ``local``: SO-LoRA, no exchange at all.
 - ``oracle``: SO-LoRA, one cluster per task, evaluated with the true task's cluster (hard routing upper bound).
+
+The adapter kinds live in :mod:`sorlora.adapters`, the topologies in :data:`sorlora.plan.TOPOLOGIES` and the final
+models in :data:`sorlora.final_models.FINAL_MODELS`: a new baseline is one entry in each table it needs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from .adapters import ADAPTER_KINDS, AdapterKind
 
 __all__ = ["MethodSpec", "METHOD_SPECS"]
 
@@ -24,31 +29,27 @@ class MethodSpec:
     """How one method trains, exchanges and is evaluated."""
 
     name: str
-    adapter: Literal["solora", "lora"]
-    projection: Literal["orthogonal", "gaussian"] = "orthogonal"
-    shared_projection: bool = False  # every peer uses slot 0 of one seed (LoRI's common random A)
-    allocation: Literal["uniform", "spectral_entropy", "config"] = "config"
-    topology: Literal["random", "single", "cluster", "none", "task"] = "none"
+    kind: AdapterKind
+    topology: str = "none"  # a key of sorlora.plan.TOPOLOGIES
     forward: Literal["own", "cluster"] = "own"  # whose adapters are active in a peer's forward pass
     aggregation: Literal["masked", "fedavg", "none"] = "none"
-    final: Literal["per-peer", "cluster", "moe", "oracle"] = "per-peer"
+    final: str = "per-peer"  # a key of sorlora.final_models.FINAL_MODELS
+    inter_cluster: bool = False  # clusters exchange their experts (without averaging) and each peer builds a MoE
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {
-    "lora": MethodSpec("lora", "lora", topology="random", aggregation="fedavg"),
-    "lori": MethodSpec(
-        "lori",
-        "solora",
-        projection="gaussian",
-        shared_projection=True,
-        allocation="uniform",
-        topology="random",
-        aggregation="masked",
-    ),
+    "lora": MethodSpec("lora", ADAPTER_KINDS["lora"], topology="random", aggregation="fedavg"),
+    "lori": MethodSpec("lori", ADAPTER_KINDS["lori"], topology="random", aggregation="masked"),
     "solora-single": MethodSpec(
-        "solora-single", "solora", topology="single", forward="cluster", aggregation="masked", final="cluster"
+        "solora-single", ADAPTER_KINDS["solora"], topology="single", forward="cluster", aggregation="masked",
+        final="cluster",
+    ),  # fmt: skip
+    "solora": MethodSpec(
+        "solora", ADAPTER_KINDS["solora"], topology="cluster", forward="cluster", aggregation="masked", final="moe",
+        inter_cluster=True,
+    ),  # fmt: skip
+    "local": MethodSpec("local", ADAPTER_KINDS["solora"], topology="none"),
+    "oracle": MethodSpec(
+        "oracle", ADAPTER_KINDS["solora"], topology="task", forward="cluster", aggregation="masked", final="oracle"
     ),
-    "solora": MethodSpec("solora", "solora", topology="cluster", forward="cluster", aggregation="masked", final="moe"),
-    "local": MethodSpec("local", "solora", topology="none"),
-    "oracle": MethodSpec("oracle", "solora", topology="task", forward="cluster", aggregation="masked", final="oracle"),
 }

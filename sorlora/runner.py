@@ -1,60 +1,57 @@
-"""The decentralized experiment: N peers, one task each, fine-tune one base model together through a hub.
+"""The simulation: for every method, a collaboration of N peers on a hub, then an evaluation of what they published.
 
-For every method (sorlora/methods.py) each peer creates its adapter and calibrates its SO-LoRA masks on its own
-data; the driver builds the method's topology from what the peers report; then ``rounds`` rounds of: local training
-(a fresh AdamW, the same batches for every method) -> push one revision per peer -> pull the neighbours' revisions of
-that round (pinned to their ``round-N`` tags) -> aggregate. Peers run on an engine (in-process or Ray actors) and
-talk only through the hub. Each peer checkpoints its view after every round and the driver records every finished
-round, so a killed run continues where it stopped and yields the same table. Finally every peer's model is
-evaluated on every task's test split (each distinct model once).
+For every method (sorlora/methods.py) the runner writes the collaboration's terms to the hub, launches N peers on an
+engine (sorlora/engines.py: in this process around one shared base model, as OS processes, or as Ray actors) and
+waits. The peers do everything else themselves, exactly as devices would (sorlora/peer_program.py): register,
+agree on the plan by determinism, calibrate, train and exchange through the hub, exchange between clusters,
+publish. The runner then reads back from the hub what the peers published (plan, final adapters, implicit MoE,
+their reports) and evaluates it on every task's test split. It computes no topology and moves no data itself.
+A killed run continues where it stopped (each peer resumes from its state directory and its revisions on the hub)
+and yields the same table.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from model_cards import ExpertInfo, MoECardInfo
-from peft_sorlora import SparseUpdate, update_stats
-from peft_sorlora.base_model import load_base_model
+from peft_sorlora.base_model import base_fingerprint
 from peft_sorlora.exchange import UpdateStats
 from sorlora_gossip import Hub, LocalHub
 from sorlora_gossip.accounting import round_stats
-from sorlora_gossip.dense import DenseUpdate
 from sorlora_gossip.hub import HfHub
 from sorlora_gossip.plot import plot_topology
-from sorlora_gossip.topology import cluster_collision_rate, cluster_topology, random_topology, single_cluster
+from sorlora_gossip.topology import cluster_collision_rate
 from sorlora_gossip.wireless import place_peers
 
+from .collab import Collaboration, create_collaboration
 from .config import ExperimentConfig
-from .engines import make_engine
-from .evaluation import evaluate
-from .final_models import build_moe, choose_router, evaluate_moe
+from .engines import PeerLaunch, make_engine
+from .final_models import FINAL_MODELS, Published
 from .methods import METHOD_SPECS, MethodSpec
-from .model_loading import tiny_random_model
-from .peer_worker import (
-    CALIBRATION,
-    CRASH_ENV,
-    PeerPlan,
-    checkpoint_path,
-    load_view,
-    peer_batches,
-    round_record,
-    write_json,
-)
+from .peer_program import CRASH_ENV, EXPERT_FILE, FINAL_TAG, REPORT_FILE, TINY_BASE_ID, load_base
+from .plan import plan_graph
+from .repo_ids import full_id_hub
 from .tasks import Task, load_task, synthetic_task
+from .terms import CollabTerms
 from .workspace import Workspace, adapter_name
 
-__all__ = ["Runner", "run_experiment", "load_tasks", "CRASH_ENV"]
+__all__ = ["Runner", "run_experiment", "load_tasks", "load_model", "terms_for", "CRASH_ENV", "write_json"]
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a crash never leaves half a file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def load_tasks(cfg: ExperimentConfig) -> dict[str, Task]:
@@ -75,19 +72,23 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_model(cfg: ExperimentConfig) -> tuple[torch.nn.Module, Any, str]:
-    """(base model, tokenizer, base model id) for ``cfg.model`` (``tiny-random``: a tiny Llama for tests)."""
+    """(base model, tokenizer, portable base id) for ``cfg.model`` (``tiny-random``: a tiny Llama for tests)."""
     if cfg.model == "tiny-random":
-        model, tokenizer = tiny_random_model(seed=cfg.seed)
-        return model, tokenizer, "tiny-random-llama"
+        model, tokenizer = load_base(TINY_BASE_ID)
+        return model, tokenizer, TINY_BASE_ID
+    from peft_sorlora.base_model import BUNDLED_BASE_ID, load_base_model
+
     model, tokenizer = load_base_model(cfg.model)
-    return model, tokenizer, model.name_or_path
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer, model.name_or_path or BUNDLED_BASE_ID
 
 
-def open_run_hub(cfg: ExperimentConfig, run_dir: Path) -> Hub:
-    """The hub of a run: a Hub endpoint if ``cfg.hub`` is set, else a LocalHub inside the run directory."""
+def open_run_hub(cfg: ExperimentConfig, run_dir: Path) -> tuple[Hub, str]:
+    """The hub of a run and its location: a Hub endpoint if ``cfg.hub`` is set, else a LocalHub in the run dir."""
     if cfg.hub:
-        return HfHub(endpoint=cfg.hub, namespace=cfg.hub_namespace)
-    return LocalHub(run_dir / "hub", namespace=cfg.hub_namespace)
+        return HfHub(endpoint=cfg.hub, namespace=cfg.hub_namespace), cfg.hub
+    return LocalHub(run_dir / "hub", namespace=cfg.hub_namespace), str(run_dir / "hub")
 
 
 def task_shards(cfg: ExperimentConfig, tasks: Mapping[str, Task]) -> dict[int, list]:
@@ -103,19 +104,26 @@ def task_shards(cfg: ExperimentConfig, tasks: Mapping[str, Task]) -> dict[int, l
     return shards
 
 
-def cluster_lists(graph: nx.Graph) -> list[list[int]]:
-    """The clusters of a topology as sorted member lists, ordered by cluster id."""
-    ids = sorted({graph.nodes[p]["cluster"] for p in graph.nodes})
-    return [sorted(p for p in graph.nodes if graph.nodes[p]["cluster"] == c) for c in ids]
+def terms_for(cfg: ExperimentConfig, method: str, *, base_model: str, fingerprint: str) -> CollabTerms:
+    """The collaboration terms the simulation of ``method`` runs under (every peer pins them)."""
+    return CollabTerms(
+        base_model=base_model, base_fingerprint=fingerprint, method=method, rank=cfg.rank, lora_alpha=cfg.lora_alpha,
+        target_modules=tuple(cfg.target_modules), sparsity=cfg.sparsity, sparsity_allocation=cfg.sparsity_allocation,
+        payload_dtype=cfg.payload_dtype, seed=cfg.seed, rounds=cfg.rounds, local_steps=cfg.local_steps,
+        batch_size=cfg.batch_size, max_len=cfg.max_len, lr=float(cfg.lr[method]),
+        inter_cluster_every=cfg.inter_cluster_every, s_max=cfg.s_max, degree=cfg.degree,
+        router_top_k=cfg.router_top_k, router_refine=cfg.router_refine, max_members=cfg.peers,
+        round_timeout_s=cfg.pull_timeout, publish_base=base_model == TINY_BASE_ID,
+    )  # fmt: skip
 
 
-def layer_sparsities(update: SparseUpdate) -> list[float]:
-    """Kept fraction per layer of a peer's masks, in sorted layer order (aligned across peers)."""
-    return [float(m.float().mean()) for _, m in sorted(update.masks.items())]
+def peer_repo(cfg: ExperimentConfig, method: str, peer: int) -> str:
+    """The simulated peer ``peer``'s repo id in ``method`` (sorted ids follow peer numbers)."""
+    return f"{cfg.hub_namespace}/{method}-{adapter_name(peer)}"
 
 
 class Runner:
-    """Runs (or resumes) one experiment in ``run_dir``; see the module docstring."""
+    """Runs (or resumes) one simulation in ``run_dir``; see the module docstring."""
 
     def __init__(
         self,
@@ -151,11 +159,13 @@ class Runner:
     def _load(self) -> None:
         self.base, self.tokenizer, self.base_id = self._base or load_model(self.cfg)
         self.base.to(resolve_device(self.cfg.device))
-        self.base.config._name_or_path = self.base_id  # recorded by PEFT as every adapter's base model
-        for p in self.base.parameters():
-            p.requires_grad_(False)
+        self.fingerprint = base_fingerprint(self.base)
         self.tasks = self._tasks if self._tasks is not None else load_tasks(self.cfg)
-        self.hub = self._hub or open_run_hub(self.cfg, self.run_dir)
+        if self._hub is not None:
+            self.hub, self.hub_location = self._hub, getattr(self._hub, "endpoint", None) or str(self._hub.root)
+        else:
+            self.hub, self.hub_location = open_run_hub(self.cfg, self.run_dir)
+        self.hub = full_id_hub(self.hub)
         self.shards = task_shards(self.cfg, self.tasks)
 
     # ------------------------------------------------------------------ the run
@@ -168,8 +178,6 @@ class Runner:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         results = {method: self.run_method(method) for method in self.cfg.methods}
-        if "solora" in results and not (self.run_dir / "moe" / "config.json").exists():
-            self.save_moe(results)
         summary = {
             "config": self.cfg.to_dict(),
             "base_model": self.base_id,
@@ -180,8 +188,11 @@ class Runner:
         write_report(summary, self.run_dir)
         return summary
 
+    def collab_id(self, method: str) -> str:
+        return f"{self.cfg.hub_namespace}/collab-{method}"
+
     def run_method(self, method: str) -> dict[str, Any]:
-        """Train, exchange and evaluate one method; a finished method is read back from its ``final.json``."""
+        """Run one method's collaboration and evaluate it; a finished method is read back from its ``final.json``."""
         mdir = self.run_dir / "methods" / method
         mdir.mkdir(parents=True, exist_ok=True)
         final_path = mdir / "final.json"
@@ -189,238 +200,123 @@ class Runner:
             return json.loads(final_path.read_text())
         spec = METHOD_SPECS[method]
         started = time.perf_counter()
-        ws = Workspace(self.base, self.base_id, self.cfg, spec)
-        try:
-            result = self._run_method(spec, ws, mdir)
-        finally:
-            self.base = ws.release()
+        terms = terms_for(self.cfg, method, base_model=self.base_id, fingerprint=self.fingerprint)
+        create_collaboration(self.hub, self.collab_id(method), terms, exist_ok=True)
+        positions = place_peers(self.cfg.peers, seed=self.cfg.seed)
+        launches = [
+            PeerLaunch(peer_id=peer_repo(self.cfg, method, p), task=self.cfg.task_of(p), train=self.shards[p],
+                       state_dir=mdir / "peers" / adapter_name(p),
+                       position_mm=(int(round(positions[p, 0] * 1000)), int(round(positions[p, 1] * 1000))))
+            for p in range(self.cfg.peers)
+        ]  # fmt: skip
+        engine = make_engine(self.cfg.engine, base=self.base, tokenizer=self.tokenizer, progress=self.progress,
+                             hub_location=self.hub_location, model=self.cfg.model, threads=self.cfg.threads or 1,
+                             cfg=self.cfg)  # fmt: skip
+        engine.run(self.hub, self.collab_id(method), launches, desc=f"{method}: peers")
+        result = self.evaluate_method(spec, terms, mdir)
         result["seconds"] = time.perf_counter() - started
         write_json(final_path, result)
         return result
 
-    def _run_method(self, spec: MethodSpec, ws: Workspace, mdir: Path) -> dict[str, Any]:
-        cfg, n = self.cfg, self.cfg.peers
-        payload_cls = DenseUpdate if spec.adapter == "lora" else SparseUpdate
-        engine = make_engine(self, spec, ws, mdir)
+    # ------------------------------------------------------------------ evaluation of what was published
+    def evaluate_method(self, spec: MethodSpec, terms: CollabTerms, mdir: Path) -> dict[str, Any]:
+        """Read the plan, the peers' final parts and reports back from the hub; evaluate; account the bytes."""
+        collab = Collaboration(self.hub, self.collab_id(spec.name))
+        plan = collab.read_plan()
+        closing = collab.closing()
+        regs = {r.peer: r for r in closing.registrations}
+        parts, reports = {}, {}
+        for peer in plan["members"]:
+            repo = self.hub.repo_id(peer)
+            sha = self.hub.resolve(repo, FINAL_TAG)
+            parts[peer] = spec.kind.payload_cls.from_bytes(self.hub.read_bytes(repo, EXPERT_FILE, revision=sha))
+            reports[peer] = json.loads(self.hub.read_bytes(repo, REPORT_FILE, revision=sha))
+        graph = plan_graph(plan)
+        plot_topology(graph, mdir / "topology.png", title=f"{spec.name}: {plan['topology']}")
+        kw = dict(batch_size=self.cfg.eval_batch_size, max_len=self.cfg.max_len)
+        ws = Workspace(self.base, self.base_id, terms, spec.kind)
+        pub = Published(plan=plan, tasks_of={p: r.task for p, r in regs.items()}, parts=parts, ws=ws,
+                        tokenizer=self.tokenizer, hub=self.hub, eval_kw=kw, rank=terms.rank,
+                        progress=self.progress)  # fmt: skip
         try:
-            # A peer's state before its first round: SO-LoRA = masks + zero B; LoRA = its random A + zero B.
-            setup = engine.map("setup", {p: () for p in range(n)}, desc=f"{spec.name}: set-up")
-            structure = {p: payload_cls.from_bytes(setup[p]) for p in range(n)}
-            graph = self._topology(spec, structure)
-            plot_topology(graph, mdir / "topology.png", title=f"{spec.name}: {graph.graph.get('kind', spec.topology)}")
-            cluster_of = {p: graph.nodes[p]["cluster"] for p in range(n)}
-            members = {p: tuple(q for q in range(n) if cluster_of[q] == cluster_of[p]) for p in range(n)}
-            weights = {p: float(len(self.shards[p])) for p in range(n)}
-            plans = {
-                p: PeerPlan(
-                    neighbours=tuple(sorted(graph.neighbors(p))),
-                    forward=members[p] if spec.forward == "cluster" else (p,),
-                    weights=weights,
-                    cluster=int(cluster_of[p]),
-                )
-                for p in range(n)
-            }
-            engine.map("configure", {p: (plans[p],) for p in range(n)}, desc=f"{spec.name}: plan")
-            history = self._load_history(mdir)
-            start = len(history)
-            if start:
-                engine.map("restore", {p: (start - 1,) for p in range(n)}, desc=f"{spec.name}: resume")
-            rounds = tqdm(range(start, cfg.rounds), desc=spec.name, disable=not self.progress, initial=start,
-                          total=cfg.rounds)  # fmt: skip
-            for r in rounds:
-                trained = engine.map("train_and_push", {p: (r,) for p in range(n)}, desc=f"round {r}: train+push")
-                pulled = engine.map("pull_and_aggregate", {p: (r,) for p in range(n)}, desc=f"round {r}: pull")
-                payloads = {p: UpdateStats(**trained[p]["stats"]) for p in range(n)}
-                record = round_record(r, trained, pulled)
-                record["comm"] = round_stats(graph, payloads, method=spec.name, seed=cfg.seed).as_dict()
-                record["curve"] = self._evaluate(spec, self._views(mdir, spec, r), ws, graph, curve=True)
-                write_json(mdir / f"round-{r:04d}.json", record)
-                history.append(record)
-                rounds.set_postfix(loss=f"{np.mean(list(record['train_loss'].values())):.3f}")
-            rounds.close()
-            self.router_choice = None
-            final = self._evaluate(spec, self._views(mdir, spec, cfg.rounds - 1), ws, graph, curve=False)
-            metrics = {f"accuracy/{t}": acc for t, acc in final.items()}
-            engine.map("publish", {p: (metrics,) for p in range(n)}, desc=f"{spec.name}: publish")
+            curve = self._curve(pub, mdir, terms)
+            validation = None
+            if self.cfg.n_validation > 0:
+                validation = {t: dataclasses.replace(task, test=task.validation, validation=[])
+                              for t, task in self.tasks.items()}  # fmt: skip
+            final, extra = FINAL_MODELS[spec.final].evaluate(pub, self.tasks, validation=validation)
         finally:
-            engine.close()
+            self.base = ws.release()
+        rounds = [[reports[p]["records"][r] for p in plan["members"]] for r in range(terms.rounds)]
+        comm = self._comm(spec, plan, graph, rounds)
+        inter = sum(e["bytes_pulled"] for rep in reports.values() for e in rep.get("exchanges", []))
         return {
             "method": spec.name,
             "accuracy": final,
             "average": float(np.mean(list(final.values()))),
-            "curve": [h["curve"] for h in history],
-            "train_loss": [float(np.mean(list(h["train_loss"].values()))) for h in history],
-            "bytes_by_round": [int(h["comm"]["bytes_sent"]) for h in history],
-            "clusters": cluster_lists(graph),
-            "collision_rate": self._collision_rate(spec, graph, structure),
-            "router": self.router_choice,
+            "curve": curve,
+            "train_loss": [float(np.mean([rec["loss"] for rec in recs])) for recs in rounds],
+            "bytes_by_round": [int(sum(rec.get("bytes_pulled", 0) for rec in recs)) for recs in rounds],
+            "clusters": [[plan["members"].index(p) for p in c] for c in plan["clusters"]],
+            "collision_rate": self._collision_rate(spec, plan, regs),
+            "router": extra.get("router"),
             "n_test": {t: len(task.test) for t, task in self.tasks.items()},
-            **self._comm_totals(spec, history, structure),
+            "inter_cluster_bytes": int(inter),
+            "skipped": {p: {str(rec["round"]): rec.get("skipped", {}) for rec in rep["records"] if rec.get("skipped")}
+                        for p, rep in reports.items()},  # fmt: skip
+            **comm,
         }
 
-    def _views(self, mdir: Path, spec: MethodSpec, r: int) -> dict[int, dict[str, Any]]:
-        """Every peer's view after round ``r``, read from the peers' own checkpoints."""
-        return {p: load_view(checkpoint_path(mdir, p, r), spec) for p in range(self.cfg.peers)}
+    def _curve(self, pub: Published, mdir: Path, terms: CollabTerms) -> list[dict[str, float]]:
+        """Accuracy after each round of member 0's view (its own local checkpoints), on ``n_curve`` questions."""
+        from .peer_program import _load_view
 
-    def _load_history(self, mdir: Path) -> list[dict[str, Any]]:
-        history = []
-        while (mdir / f"round-{len(history):04d}.json").exists():
-            history.append(json.loads((mdir / f"round-{len(history):04d}.json").read_text()))
-        return history
+        tasks = {t: dataclasses.replace(task, test=task.test[: self.cfg.n_curve]) for t, task in self.tasks.items()}
+        state = mdir / "peers" / adapter_name(0)
+        out = []
+        for r in range(terms.rounds):
+            view = _load_view(state / f"view-{r:04d}.safetensors", terms.spec.kind.payload_cls)
+            out.append(pub.evaluate_view(view, tasks))
+        return out
 
-    # ------------------------------------------------------------------ topology
-    def _topology(self, spec: MethodSpec, structure: Mapping[int, Any]) -> nx.Graph:
-        n, cfg = self.cfg.peers, self.cfg
-        positions = place_peers(n, seed=cfg.seed)
-        if spec.topology == "random":
-            return random_topology(n, degree=min(cfg.degree, n - 1), seed=cfg.seed, positions=positions)
-        if spec.topology == "single":
-            return single_cluster(n, positions=positions)
-        if spec.topology == "cluster":
-            sparsities = [layer_sparsities(structure[p]) for p in range(n)]
-            sizes = [m.numel() for _, m in sorted(structure[0].masks.items())]
-            payload_bits = 8 * max(update_stats(structure[p]).value_bytes for p in range(n))
-            return cluster_topology(positions, sparsities, s_max=cfg.s_max, payload_bits=payload_bits, seed=cfg.seed,
-                                    layer_weights=sizes)  # fmt: skip
-        # "none" (local: every peer alone) or "task" (oracle: one cluster per task)
-        graph = nx.Graph(kind=spec.topology)
-        task_ids = {t: i for i, t in enumerate(cfg.tasks)}
-        for p in range(n):
-            cluster = p if spec.topology == "none" else task_ids[cfg.task_of(p)]
-            graph.add_node(p, cluster=cluster, pos=(float(positions[p, 0]), float(positions[p, 1])))
-        if spec.topology == "task":
-            graph.add_edges_from((p, q) for p in range(n) for q in range(p + 1, n) if cfg.task_of(p) == cfg.task_of(q))
-        return graph
-
-    def _collision_rate(self, spec: MethodSpec, graph: nx.Graph, structure: Mapping[int, Any]) -> float | None:
+    def _collision_rate(self, spec: MethodSpec, plan: dict[str, Any], regs: Mapping[str, Any]) -> float | None:
         """Mean collision rate of the groups that average B together (clusters, or a peer and its neighbours)."""
-        if spec.adapter == "lora":
+        if not spec.kind.sparse:
             return None
         if spec.forward == "own":
-            groups = [[p, *graph.neighbors(p)] for p in graph.nodes]
+            groups = [[p, *plan["neighbours"][p]] for p in plan["members"]]
         else:
-            clusters = {graph.nodes[p]["cluster"] for p in graph.nodes}
-            groups = [[q for q in graph.nodes if graph.nodes[q]["cluster"] == c] for c in clusters]
-        sizes = [m.numel() for _, m in sorted(structure[0].masks.items())]
+            groups = plan["clusters"]
+        layers = sorted(regs[plan["members"][0]].sizes)
+        sizes = [regs[plan["members"][0]].sizes[k] for k in layers]
         rates = []
         for members in groups:
-            s = [layer_sparsities(structure[p]) for p in members]
+            s = [[regs[p].kept[k] / regs[p].sizes[k] for k in layers] for p in members]
             rates.append(cluster_collision_rate(s, layer_weights=sizes))
         return float(np.mean(rates))
 
-    # ------------------------------------------------------------------ accounting
-    def _comm_totals(self, spec: MethodSpec, history: list[dict], structure: Mapping[int, Any]) -> dict[str, Any]:
-        n = self.cfg.peers
-        updated = int(np.mean([structure[p].num_values for p in range(n)]))  # SO-LoRA: masked entries; LoRA: A+B
-        comm = [h["comm"] for h in history]
+    def _comm(self, spec: MethodSpec, plan: dict[str, Any], graph: Any, rounds: list[list[dict]]) -> dict[str, Any]:
+        """Communication per round from the peers' own reports over the plan's links (channel model costs)."""
+        n = len(plan["members"])
+        comm = []
+        for recs in rounds:
+            payloads = {i: UpdateStats(params_updated=rec["params_updated"], params_transmitted=rec["params_transmitted"],
+                                       bytes=rec["bytes_pushed"], value_bytes=rec["value_bytes"])
+                        for i, rec in enumerate(recs)}  # fmt: skip
+            comm.append(round_stats(graph, payloads, method=spec.name, seed=self.cfg.seed).as_dict())
         links = max((c["num_links"] for c in comm), default=0)
         params_sent = sum(c["params_sent"] for c in comm)
         return {
-            "params_updated": updated,
+            "params_updated": int(np.mean([rounds[0][i]["params_updated"] for i in range(n)])),
             "params_transmitted_per_round": params_sent / len(comm) / links if links else 0.0,
-            "bytes_transmitted": int(sum(c["bytes_sent"] for c in comm)),
+            "bytes_transmitted": int(sum(rec.get("bytes_pulled", 0) for recs in rounds for rec in recs)),
+            "bytes_pushed": int(sum(rec["bytes_pushed"] for recs in rounds for rec in recs)),
             "delay_s": float(sum(c["delay_s"] for c in comm)),
             "energy_j": float(sum(c["energy_j"] for c in comm)),
             "links_per_round": links,
         }
 
-    # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, spec: MethodSpec, views, ws: Workspace, graph: nx.Graph, *, curve: bool) -> dict[str, float]:
-        """Accuracy per task: the mean over peers' models (each distinct model evaluated once).
-
-        For the per-round curve only peer 0's model (and ``n_curve`` questions per task) is evaluated.
-        """
-        tasks = self.tasks
-        if curve:
-            tasks = {t: dataclasses.replace(task, test=task.test[: self.cfg.n_curve]) for t, task in tasks.items()}
-        kw = dict(batch_size=self.cfg.eval_batch_size, max_len=self.cfg.max_len)
-        if spec.final == "moe":
-            moe = self._moe(ws, cluster_lists(graph), views)
-            if not curve and self.cfg.n_validation > 0:
-                validation = {
-                    t: dataclasses.replace(task, test=task.validation, validation=[]) for t, task in self.tasks.items()
-                }
-                self.router_choice = choose_router(moe, validation, self.tokenizer, rank=self.cfg.rank, **kw)
-            return evaluate_moe(moe, tasks, self.tokenizer, progress=self.progress and not curve, **kw)
-        if spec.final == "oracle":  # each task with the cluster of the peers that hold it (true task id)
-            out = {}
-            for t, task in tasks.items():
-                holder = next(p for p in range(self.cfg.peers) if self.cfg.task_of(p) == t)
-                out[t] = self._evaluate_view(ws, views[holder], {t: task}, **kw)[t]
-            return out
-        distinct = [0] if curve or spec.final == "cluster" else list(range(self.cfg.peers))
-        per_task: dict[str, list[float]] = {t: [] for t in tasks}
-        bar = tqdm(distinct, desc=f"{spec.name}: evaluate", disable=not self.progress or curve, leave=False)
-        for p in bar:
-            for t, acc in self._evaluate_view(ws, views[p], tasks, **kw).items():
-                per_task[t].append(acc)
-        return {t: float(np.mean(v)) for t, v in per_task.items()}
-
-    def _evaluate_view(self, ws: Workspace, view, tasks: Mapping[str, Task], **kw: Any) -> dict[str, float]:
-        ws.load_view(view)
-        ws.activate(list(view))
-        return {t: evaluate(ws.network, self.tokenizer, task, **kw)["accuracy"] for t, task in tasks.items()}
-
-    def _experts(self, clusters: list[list[int]], views) -> list[list[SparseUpdate]]:
-        """Inter-cluster exchange: one expert per cluster (its members' parts), never averaged across clusters."""
-        return [[views[members[0]][adapter_name(q)] for q in members] for members in clusters]
-
-    def _moe(self, ws: Workspace, clusters: list[list[int]], views, **router: Any) -> Any:
-        """The implicit MoE of the clusters' experts with the configured (or given) router settings."""
-        settings = {"router_top_k": self.cfg.router_top_k, "refine": self.cfg.router_refine, **router}
-        return build_moe(ws, self._experts(clusters, views), calibration=self._moe_calibration(clusters), **settings)
-
-    def _moe_calibration(self, clusters: list[list[int]]) -> list[list[dict[str, torch.Tensor]]]:
-        """Per expert, per member: the member's calibration batch (its task's input statistics, Eq. 26)."""
-        return [
-            [peer_batches(self.cfg, self.shards[p], self.tokenizer, p, CALIBRATION)[0] for p in members]
-            for members in clusters
-        ]
-
-    # ------------------------------------------------------------------ the merged model
-    def save_moe(self, results: Mapping[str, Any]) -> Path:
-        """Save the ``solora`` run's implicit MoE (one expert per cluster) with its card, and commit it to the hub.
-
-        The card carries the run's results table (``model-index``) and communication totals; the base model is
-        referenced by id, not uploaded.
-        """
-        spec = METHOD_SPECS["solora"]
-        clusters = results["solora"]["clusters"]
-        views = self._views(self.run_dir / "methods" / "solora", spec, self.cfg.rounds - 1)
-        ws = Workspace(self.base, self.base_id, self.cfg, spec)
-        try:
-            for members in clusters:
-                ws.load_view(views[members[0]])
-            chosen = results["solora"].get("router") or {}
-            moe = self._moe(ws, clusters, views, **{k: chosen[k] for k in ("router_top_k", "refine") if k in chosen})
-        finally:
-            self.base = ws.release()
-        repo_id = self.hub.repo_id("solora-moe")
-        card = MoECardInfo(
-            repo_id=repo_id,
-            base_model=self.base_id,
-            experts=[
-                ExpertInfo(cluster=c, peers=[adapter_name(p) for p in m], tasks=[self.cfg.task_of(p) for p in m])
-                for c, m in enumerate(clusters)
-            ],
-            router_top_k=moe.config.router_top_k,
-            refinement=moe.config.refine,
-            results={t: {m: r["accuracy"][t] for m, r in results.items()} for t in self.cfg.tasks},
-            method="solora",
-            test_size=results["solora"]["n_test"],
-            communication={
-                m: {"bytes transmitted": r["bytes_transmitted"], "params updated per peer": r["params_updated"]}
-                for m, r in results.items()
-            },
-        )
-        out = self.run_dir / "moe"
-        moe.save_pretrained(out, card_info=card)
-        self.hub.create_repo(repo_id, exist_ok=True)
-        files = {f.name: f for f in sorted(out.iterdir()) if f.is_file()}
-        self.hub.create_commit(repo_id, files, commit_message="implicit MoE of the run's clusters")
-        return out
-
 
 def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
-    """Run (or resume) the experiment described by ``cfg`` in ``run_dir``; returns the results summary."""
+    """Run (or resume) the simulation described by ``cfg`` in ``run_dir``; returns the results summary."""
     return Runner(cfg, run_dir, **kwargs).run()

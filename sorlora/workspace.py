@@ -1,107 +1,82 @@
-"""A workspace: one frozen base model in memory holding every peer's adapter of one method; peers take turns.
+"""A workspace: one frozen base model in memory holding the adapters of one collaboration's members; peers take turns.
 
 A peer's state is its *view*: the adapter values it holds (its own, plus its cluster members' for SO-LoRA cluster
 methods). Before a peer trains or is evaluated its view is loaded into the workspace, so many peers share one base
-model (integration.md: 10+ peers fit in memory) and a Ray actor can run the same code with a workspace of its own.
+model (100 peers fit in 24 GiB: each extra peer costs only its adapter) and a separate process runs the same code
+with a workspace of its own. What an adapter is (config, payload) is the adapter kind's business
+(:mod:`sorlora.adapters`); the workspace only holds them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model
 
-from peft_sorlora import SOLoRAConfig, apply_sparse_update, calibrate, get_sparse_update
+from peft_sorlora import calibrate
 from peft_sorlora.projection import derive_seed
-from sorlora_gossip.dense import DenseUpdate
 
-from .config import ExperimentConfig
-from .methods import MethodSpec
+from .adapters import AdapterKind
 
-__all__ = ["Workspace", "adapter_name", "peer_of", "dense_fingerprint"]
+__all__ = ["Workspace", "adapter_name", "peer_of"]
 
 View = dict[str, object]  # adapter name -> SparseUpdate (SO-LoRA) or DenseUpdate (LoRA)
 
 
-def adapter_name(peer: int) -> str:
-    """The adapter (and hub repo) name of a peer."""
-    return f"peer{peer:02d}"
+def adapter_name(index: int) -> str:
+    """The adapter name of the member with index ``index`` in the plan (its place among the sorted peer ids)."""
+    return f"peer{index:02d}"
 
 
 def peer_of(name: str) -> int:
-    """The peer index of an adapter name made by :func:`adapter_name`."""
+    """The member index of an adapter name made by :func:`adapter_name`."""
     if not name.startswith("peer") or not name[4:].isdigit():
         raise ValueError(f"not a peer adapter name: {name!r}")
     return int(name[4:])
 
 
-def dense_fingerprint(state: Mapping[str, torch.Tensor], *, r: int, lora_alpha: float) -> str:
-    """What two dense LoRA peers must share: rank, alpha and the adapted tensors' names and shapes."""
-    described = {
-        "r": r,
-        "lora_alpha": float(lora_alpha),
-        "tensors": sorted([k, list(v.shape)] for k, v in state.items()),
-    }
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
-
-
 class Workspace:
-    """The base model with one adapter per peer for one method (see module docstring)."""
+    """The base model with one adapter per member for one collaboration (see module docstring)."""
 
-    def __init__(self, base_model: torch.nn.Module, base_model_id: str, cfg: ExperimentConfig, spec: MethodSpec):
+    def __init__(self, base_model: torch.nn.Module, base_model_id: str, terms: Any, kind: AdapterKind):
         self.base = base_model
         self.base_model_id = base_model_id
-        self.cfg = cfg
-        self.spec = spec
+        self.terms = terms
+        self.kind = kind
         self.model: PeftModel | None = None
-        self.peers: list[int] = []
 
     # ------------------------------------------------------------------ set-up
-    def adapter_config(self, peer: int):
-        """The adapter config of ``peer`` for this method."""
-        cfg, spec = self.cfg, self.spec
-        if spec.adapter == "lora":
-            return LoraConfig(
-                r=cfg.rank,
-                lora_alpha=cfg.lora_alpha,
-                target_modules=list(cfg.target_modules),
-                lora_dropout=0.0,
-                task_type="CAUSAL_LM",
-                base_model_name_or_path=self.base_model_id,
-            )
-        allocation = cfg.sparsity_allocation if spec.allocation == "config" else spec.allocation
-        return SOLoRAConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.lora_alpha,
-            target_modules=list(cfg.target_modules),
-            projection=spec.projection,
-            projection_seed=cfg.seed,
-            slot=0 if spec.shared_projection else peer,
-            sparsity=cfg.sparsity,
-            sparsity_allocation=allocation,
-            payload_dtype=cfg.payload_dtype,
-            task_type="CAUSAL_LM",
-            base_model_name_or_path=self.base_model_id,
-        )
+    def adapter_config(self, index: int):
+        """The adapter config of member ``index``."""
+        return self.kind.peft_config(self.terms, slot=index, base_model=self.base_model_id)
 
-    def add_peer(self, peer: int) -> None:
-        """Create ``peer``'s adapter (LoRA's random A is drawn from a per-peer seed, so runs are reproducible)."""
-        name, config = adapter_name(peer), self.adapter_config(peer)
+    def add_adapter(self, name: str, index: int) -> None:
+        """Create adapter ``name`` for member ``index`` (a dense LoRA's random A is drawn from a per-member seed)."""
+        config = self.adapter_config(index)
         with torch.random.fork_rng():
-            torch.manual_seed(derive_seed(self.cfg.seed, "adapter", peer) % 2**31)
+            torch.manual_seed(derive_seed(self.terms.seed, "adapter", index) % 2**31)
             if self.model is None:
                 self.model = get_peft_model(self.base, config, adapter_name=name)
             else:
                 self.model.add_adapter(name, config)
         self.model.peft_config[name].base_model_name_or_path = self.base_model_id  # PEFT may overwrite it with None
-        self.peers.append(peer)
 
-    def calibrate(self, peer: int, batches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, float]:
-        """Freeze ``peer``'s masks from its own data (SO-LoRA methods); returns the per-layer sparsity."""
-        name = adapter_name(peer)
+    def has_adapter(self, name: str) -> bool:
+        return self.model is not None and name in self.model.peft_config
+
+    def remove_adapter(self, name: str) -> None:
+        """Delete adapter ``name`` (e.g. the temporary one a registration measures its budget with)."""
+        if self.has_adapter(name):
+            if len(self.model.peft_config) == 1:
+                self.base = self.model.unload()
+                self.model = None
+            else:
+                self.model.delete_adapter(name)
+
+    def calibrate(self, name: str, batches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, float]:
+        """Freeze the masks of adapter ``name`` from its peer's own data; returns the per-layer sparsity."""
         self.activate([name])
         return calibrate(self.model, [self.on_device(b) for b in batches], adapter_name=name, max_steps=len(batches))
 
@@ -111,43 +86,27 @@ class Workspace:
         return {k: v.to(device) for k, v in batch.items()}
 
     # ------------------------------------------------------------------ views
-    def own_state(self, peer: int, round: int):
-        """``peer``'s own adapter as it travels: a ``SparseUpdate`` (SO-LoRA) or a dense state dict (LoRA)."""
-        name = adapter_name(peer)
-        if self.spec.adapter == "lora":
-            state = {
-                k: v.detach().clone()
-                for k, v in get_peft_model_state_dict(
-                    self.model, adapter_name=name, save_embedding_layers=False
-                ).items()
-            }
-            metadata = {
-                "base_model": self.base_model_id,
-                "config_hash": dense_fingerprint(state, r=self.cfg.rank, lora_alpha=self.cfg.lora_alpha),
-                "round": str(round),
-            }
-            return DenseUpdate(values=state, metadata=metadata)
-        return get_sparse_update(self.model, name, round=round)
+    def own_state(self, name: str, round: int):
+        """Adapter ``name`` as it travels: a ``SparseUpdate`` (SO-LoRA) or a ``DenseUpdate`` (LoRA)."""
+        return self.kind.own_state(self.model, name, round=round, terms=self.terms, base_model=self.base_model_id)
 
     def load_view(self, view: Mapping[str, object]) -> None:
-        """Write a peer's view (adapter name -> values) into the workspace, adding adapters it lacks.
+        """Write a view (adapter name -> payload) into the workspace, adding adapters it lacks.
 
-        An added adapter gets its peer's deterministic config (same A); the masks come from the view's payloads.
+        An added adapter gets its member's deterministic config (same A); the masks come from the view's payloads.
         """
         for name, state in view.items():
-            if self.model is None or name not in self.model.peft_config:
-                self.add_peer(peer_of(name))
-            if self.spec.adapter == "lora":
-                set_peft_model_state_dict(self.model, state.values, adapter_name=name)
-            else:
-                apply_sparse_update(self.model, state, name)
+            if not self.has_adapter(name):
+                self.add_adapter(name, peer_of(name))
+            self.kind.apply(self.model, name, state)
 
     # ------------------------------------------------------------------ running
     def activate(self, names: Sequence[str], trainable: str | None = None) -> None:
         """Make ``names`` the active adapters (summed in the forward); only ``trainable`` gets gradients."""
-        self.model.base_model.set_adapter(list(names))
+        self.model.base_model.set_adapter(sorted(names))
+        suffix = None if trainable is None else f".{trainable}"
         for param_name, param in self.model.named_parameters():
-            if param.requires_grad and (trainable is None or f".{trainable}" not in param_name):
+            if param.requires_grad and (suffix is None or not (param_name.endswith(suffix) or f"{suffix}." in param_name)):
                 param.requires_grad_(False)
 
     @property
@@ -155,15 +114,12 @@ class Workspace:
         """The transformers model with the adapter layers injected (honours several active adapters)."""
         return self.model.base_model.model
 
-    def train(
-        self, peer: int, active: Sequence[str], batches: Iterable[Mapping[str, torch.Tensor]], *, lr: float
-    ) -> list[float]:
-        """A fresh AdamW over ``peer``'s own adapter for the given batches (the other active adapters stay frozen)."""
-        own = adapter_name(peer)
-        self.activate(active, trainable=own)
+    def train(self, name: str, active: Sequence[str], batches: Iterable[Mapping[str, torch.Tensor]], *, lr: float):
+        """A fresh AdamW over adapter ``name`` for the given batches (the other active adapters stay frozen)."""
+        self.activate(active, trainable=name)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
-            raise RuntimeError(f"peer {peer} has nothing to train")
+            raise RuntimeError(f"adapter {name} has nothing to train")
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         network = self.network
         network.train()
@@ -177,8 +133,21 @@ class Workspace:
         network.eval()
         return losses
 
+    def bare_base(self):
+        """A context in which the model runs without any adapter (the base model's own forward)."""
+        import contextlib
+
+        return contextlib.nullcontext() if self.model is None else self.model.disable_adapter()
+
+    def clean_copy(self) -> torch.nn.Module:
+        """A deep copy of the base model without any adapter (for an implicit MoE over it)."""
+        import copy
+
+        return copy.deepcopy(self.base) if self.model is None else copy.deepcopy(self.model).unload()
+
     def release(self) -> torch.nn.Module:
         """Remove every adapter and give the untouched base model back."""
         base = self.model.unload() if self.model is not None else self.base
         self.model = None
+        self.base = base
         return base
