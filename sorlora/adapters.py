@@ -27,7 +27,11 @@ __all__ = ["ADAPTER_KINDS", "AdapterKind", "DenseLoRAKind", "SOLoRAKind", "dense
 
 def dense_fingerprint(state: Mapping[str, torch.Tensor], *, r: int, lora_alpha: float) -> str:
     """What two dense LoRA peers must share: rank, alpha and the adapted tensors' names and shapes."""
-    described = {"r": r, "lora_alpha": float(lora_alpha), "tensors": sorted([k, list(v.shape)] for k, v in state.items())}
+    described = {
+        "r": r,
+        "lora_alpha": float(lora_alpha),
+        "tensors": sorted([k, list(v.shape)] for k, v in state.items()),
+    }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 

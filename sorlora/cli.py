@@ -87,8 +87,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser, default_dir: str) -> 
     parser.add_argument("--config", help="a JSON file of ExperimentConfig fields (instead of --preset)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (JSON value)")
     parser.add_argument("--run-dir", default=default_dir, help="where checkpoints, hub and results go")
-    parser.add_argument("--engine", choices=["local", "processes", "ray"],
-                        help="run peers in-process around one base (local), as `sorlora peer` OS processes, or as Ray actors")
+    parser.add_argument(
+        "--engine",
+        choices=["local", "processes", "ray"],
+        help="run peers in-process around one base (local), as `sorlora peer` OS processes, or as Ray actors",
+    )
     parser.add_argument("--hub", help="a Hub endpoint URL instead of the embedded LocalHub")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -17,8 +17,11 @@ __all__ = ["add_collab_commands", "load_peer_data"]
 
 
 def _hub_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hub", default=os.environ.get("SORLORA_HUB", "hub"),
-                        help="hub folder, `sorlora hub-serve` URL or Hub endpoint (default: $SORLORA_HUB or ./hub)")
+    parser.add_argument(
+        "--hub",
+        default=os.environ.get("SORLORA_HUB", "hub"),
+        help="hub folder, `sorlora hub-serve` URL or Hub endpoint (default: $SORLORA_HUB or ./hub)",
+    )
     parser.add_argument("--collab", required=True, metavar="NS/NAME", help="the collaboration repo id")
     parser.add_argument("--token-env", default="HF_TOKEN", metavar="VAR",
                         help="environment variable holding your Hub token (default: HF_TOKEN)")  # fmt: skip
@@ -139,11 +142,16 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=1))
         return 0
-    print(f"collaboration {status['collab']}: {status['method']}, terms {status['terms_sha256'][:12]}, "
-          f"{len(status['members'])}/{status['max_members']} members, registration {status['registration']}")
+    print(
+        f"collaboration {status['collab']}: {status['method']}, terms {status['terms_sha256'][:12]}, "
+        f"{len(status['members'])}/{status['max_members']} members, registration {status['registration']}"
+    )
     plan = status["plan"]
     if plan:
-        print(f"plan {plan['plan_sha256'][:12]}: clusters " + "  ".join("[" + ", ".join(c) + "]" for c in plan["clusters"]))
+        print(
+            f"plan {plan['plan_sha256'][:12]}: clusters "
+            + "  ".join("[" + ", ".join(c) + "]" for c in plan["clusters"])
+        )
     print(f"{'peer':<32} {'task':<24} {'n':>5} {'round':>5}/{status['rounds'] - 1} {'bytes':>10} {'skips':>5}  final")
     for m in status["members"]:
         print(f"{m['peer']:<32} {m['task']:<24} {m['n_train']:>5} {m['round']!s:>5}   {m['bytes_pushed']:>10} "
@@ -200,13 +208,25 @@ def add_collab_commands(subparsers: argparse._SubParsersAction) -> None:
 
     peer = subparsers.add_parser("peer", help="run one device's whole collaboration (resumable)")
     _hub_arguments(peer)
-    peer.add_argument("--peer-id", required=True, metavar="[USER/]NAME",
-                      help="your peer repo (default user: the token's owner, or the folder hub's namespace)")
-    peer.add_argument("--data", default=None, metavar="FILE",
-                      help="JSONL or CSV of multiple-choice items: prompt, options, answer (index)")
+    peer.add_argument(
+        "--peer-id",
+        required=True,
+        metavar="[USER/]NAME",
+        help="your peer repo (default user: the token's owner, or the folder hub's namespace)",
+    )
+    peer.add_argument(
+        "--data",
+        default=None,
+        metavar="FILE",
+        help="JSONL or CSV of multiple-choice items: prompt, options, answer (index)",
+    )
     peer.add_argument("--task", default=None, metavar="NAME", help="task name (or a registry task without --data)")
-    peer.add_argument("--model", default=None, metavar="PATH_OR_ID",
-                      help="local copy or Hub id of the pinned base (checked against its weights fingerprint)")
+    peer.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="local copy or Hub id of the pinned base (checked against its weights fingerprint)",
+    )
     peer.add_argument("--state-dir", default=None, help="local state for resuming (default ./sorlora-peers/<id>)")
     peer.add_argument("--position-mm", default=None, metavar="X,Y", help="position estimate for the channel model")
     peer.add_argument("--terms-sha", default=None, help="refuse to take part unless the terms have this sha256")

@@ -131,7 +131,9 @@ class Published:
     def evaluate_view(self, view: Mapping[str, Any], tasks: Mapping[str, Task]) -> dict[str, float]:
         self.ws.load_view(view)
         self.ws.activate(list(view))
-        return {t: evaluate(self.ws.network, self.tokenizer, task, **self.eval_kw)["accuracy"] for t, task in tasks.items()}
+        return {
+            t: evaluate(self.ws.network, self.tokenizer, task, **self.eval_kw)["accuracy"] for t, task in tasks.items()
+        }
 
 
 class FinalModel:
@@ -189,8 +191,10 @@ class ImplicitMoE(FinalModel):
         card = MoECardInfo(
             repo_id=repo_id,
             base_model=terms.base_model,
-            experts=[ExpertInfo(cluster=c, peers=list(m), tasks=[program.state["tasks"][p] for p in m])
-                     for c, m in enumerate(clusters)],  # fmt: skip
+            experts=[
+                ExpertInfo(cluster=c, peers=list(m), tasks=[program.state["tasks"][p] for p in m])
+                for c, m in enumerate(clusters)
+            ],  # fmt: skip
             router_top_k=moe.config.router_top_k,
             refinement=moe.config.refine,
             results={},

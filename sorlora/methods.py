@@ -41,11 +41,20 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     "lora": MethodSpec("lora", ADAPTER_KINDS["lora"], topology="random", aggregation="fedavg"),
     "lori": MethodSpec("lori", ADAPTER_KINDS["lori"], topology="random", aggregation="masked"),
     "solora-single": MethodSpec(
-        "solora-single", ADAPTER_KINDS["solora"], topology="single", forward="cluster", aggregation="masked",
+        "solora-single",
+        ADAPTER_KINDS["solora"],
+        topology="single",
+        forward="cluster",
+        aggregation="masked",
         final="cluster",
     ),  # fmt: skip
     "solora": MethodSpec(
-        "solora", ADAPTER_KINDS["solora"], topology="cluster", forward="cluster", aggregation="masked", final="moe",
+        "solora",
+        ADAPTER_KINDS["solora"],
+        topology="cluster",
+        forward="cluster",
+        aggregation="masked",
+        final="moe",
         inter_cluster=True,
     ),  # fmt: skip
     "local": MethodSpec("local", ADAPTER_KINDS["solora"], topology="none"),

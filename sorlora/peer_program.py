@@ -49,8 +49,8 @@ from sorlora_gossip.hub.base import RevisionNotFound
 from sorlora_gossip.layout import UPDATE_FILE, round_tag
 
 from .collab import Collaboration, RegistrationClosed
-from .repo_ids import full_id_hub
 from .plan import PlanMismatch, compute_plan, plan_differences
+from .repo_ids import full_id_hub
 from .tasks import Example, collate_for_training, encode_for_training
 from .terms import CollabTerms, Registration, TermsError
 from .workspace import Workspace, adapter_name
@@ -112,12 +112,6 @@ def load_base(base_model: str, *, model: str | None = None) -> tuple[torch.nn.Mo
     for p in net.parameters():
         p.requires_grad_(False)
     return net, tokenizer
-
-
-def _crash_point(tag: str) -> None:
-    """Die by SIGKILL at a named point (fault tests set ``SORLORA_CRASH_AT``); nothing is cleaned up."""
-    if os.environ.get(CRASH_ENV) == tag:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -257,6 +251,14 @@ class PeerProgram:
 
     def name_of(self, index: int) -> str:
         return adapter_name(index)
+
+    def _crash_point(self, tag: str) -> None:
+        """Die by SIGKILL at a named point (fault tests set ``SORLORA_CRASH_AT``); once per state directory, so a
+        restarted peer (by hand, or by Ray) runs on."""
+        marker = self.state_dir / "crashed-once"
+        if os.environ.get(CRASH_ENV) == tag and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _hub_peer(self) -> Peer:
         self.hub.create_repo(self.hub.repo_id(self.peer_id), exist_ok=True)
@@ -404,10 +406,17 @@ class PeerProgram:
         self._own = update if pushed.created else self._own_from_hub(r)
         stats = self.kind.stats(self._own)
         records = [rec for rec in self.state["records"] if rec["round"] != r]
-        records.append({"round": r, "loss": float(np.mean(losses)), "bytes_pushed": pushed.bytes,
-                        "params_transmitted": stats.params_transmitted, "params_updated": stats.params_updated,
-                        "value_bytes": stats.value_bytes})
-        _crash_point(f"{self.peer_id}:pushed:{r}")
+        records.append(
+            {
+                "round": r,
+                "loss": float(np.mean(losses)),
+                "bytes_pushed": pushed.bytes,
+                "params_transmitted": stats.params_transmitted,
+                "params_updated": stats.params_updated,
+                "value_bytes": stats.value_bytes,
+            }
+        )
+        self._crash_point(f"{self.peer_id}:pushed:{r}")
         self._save(phase="pull", records=records)
 
     def _poll(self, round: int, names: Sequence[str]) -> dict[str, Any] | None:
@@ -473,7 +482,7 @@ class PeerProgram:
         last = r == self.terms.rounds - 1
         every = self.terms.inter_cluster_every
         exchange = self.spec.inter_cluster and (last or (every and (r + 1) % every == 0))
-        _crash_point(f"{self.peer_id}:pulled:{r}")
+        self._crash_point(f"{self.peer_id}:pulled:{r}")
         if exchange:
             self._save(phase="exchange", records=records)
         elif last:
@@ -555,7 +564,7 @@ class PeerProgram:
             else:  # the dense baseline's repo carries no SO-LoRA card: a plain commit, tagged
                 sha = self.hub.create_commit(repo, files, commit_message=f"{self.peer_id}: final adapter")
                 self.hub.create_tag(repo, FINAL_TAG, revision=sha, exist_ok=True)
-        _crash_point(f"{self.peer_id}:published:{self.terms.rounds - 1}")
+        self._crash_point(f"{self.peer_id}:published:{self.terms.rounds - 1}")
         FINAL_MODELS[self.spec.final].publish(self)
         self._save(phase="done")
 
@@ -587,5 +596,7 @@ class PeerProgram:
                 try:
                     calibration[(e, m)] = self.collab.member_stats(self.plan["members"][q], revision=commit)
                 except (TermsError, PayloadError) as exc:
-                    raise TermsError(f"peer {self.peer_id}: task statistics of {self.plan['members'][q]}: {exc}") from exc
+                    raise TermsError(
+                        f"peer {self.peer_id}: task statistics of {self.plan['members'][q]}: {exc}"
+                    ) from exc
         return experts, calibration

@@ -108,8 +108,11 @@ def _by_task(inputs: PlanInputs) -> nx.Graph:
 TOPOLOGIES: dict[str, Callable[[PlanInputs], nx.Graph]] = {
     "cluster": _cluster,  # AGNES on collision rate under s_max and the channel's power/delay constraints
     "random": _random,  # random neighbours (the lora / lori baselines)
-    "single": lambda inputs: single_cluster(inputs.n, positions=inputs.positions()) if inputs.n > 1
-    else _groups(inputs, [[0]], kind="single"),
+    "single": lambda inputs: (
+        single_cluster(inputs.n, positions=inputs.positions())
+        if inputs.n > 1
+        else _groups(inputs, [[0]], kind="single")
+    ),
     "none": lambda inputs: _groups(inputs, [[i] for i in range(inputs.n)], kind="none"),
     "task": _by_task,  # one cluster per task (the oracle)
 }

@@ -262,8 +262,10 @@ class Runner:
             "router": extra.get("router"),
             "n_test": {t: len(task.test) for t, task in self.tasks.items()},
             "inter_cluster_bytes": int(inter),
-            "skipped": {p: {str(rec["round"]): rec.get("skipped", {}) for rec in rep["records"] if rec.get("skipped")}
-                        for p, rep in reports.items()},  # fmt: skip
+            "skipped": {
+                p: {str(rec["round"]): rec.get("skipped", {}) for rec in rep["records"] if rec.get("skipped")}
+                for p, rep in reports.items()
+            },  # fmt: skip
             **comm,
         }
 

@@ -106,7 +106,9 @@ class Workspace:
         self.model.base_model.set_adapter(sorted(names))
         suffix = None if trainable is None else f".{trainable}"
         for param_name, param in self.model.named_parameters():
-            if param.requires_grad and (suffix is None or not (param_name.endswith(suffix) or f"{suffix}." in param_name)):
+            if param.requires_grad and (
+                suffix is None or not (param_name.endswith(suffix) or f"{suffix}." in param_name)
+            ):
                 param.requires_grad_(False)
 
     @property

@@ -1,4 +1,5 @@
-"""The experiment end to end on a tiny random model and generated tasks: every method, resumption after a kill."""
+"""The simulation end to end on a tiny random model and generated tasks: every method is a collaboration of peer
+programs on a hub; the runner evaluates what they published; a SIGKILLed run resumes to the same table."""
 
 from __future__ import annotations
 
@@ -74,16 +75,35 @@ def test_moe_router_settings_are_chosen_on_validation_questions(unbroken):
 
 def test_every_round_of_every_peer_is_on_the_hub_once(unbroken):
     run_dir, _ = unbroken
+    from sorlora.repo_ids import full_id_hub
     from sorlora_gossip import LocalHub, Peer
 
-    hub = LocalHub(run_dir / "hub", namespace=TINY.hub_namespace)
+    hub = full_id_hub(LocalHub(run_dir / "hub", namespace=TINY.hub_namespace))
     for method in ("solora", "lora"):
         for p in range(TINY.peers):
-            peer = Peer(hub, f"{method}-peer{p:02d}")
+            peer = Peer(hub, f"{TINY.hub_namespace}/{method}-peer{p:02d}")
             assert peer.last_pushed_round() == TINY.rounds - 1
-            commits = hub.list_commits(peer.repo_id)
-            pushes = [c for c in commits if "round-" in c.message]
-            assert len(pushes) == TINY.rounds
+            pushes = [c.message for c in hub.list_commits(peer.repo_id) if "round-" in c.message]
+            assert len(pushes) == TINY.rounds and len(set(pushes)) == TINY.rounds, pushes
+
+
+def test_the_peers_agreed_on_one_plan_and_counted_the_inter_cluster_bytes(unbroken):
+    run_dir, summary = unbroken
+    from sorlora.collab import Collaboration
+    from sorlora.plan import compute_plan
+    from sorlora_gossip import LocalHub
+
+    hub = LocalHub(run_dir / "hub", namespace=TINY.hub_namespace)
+    collab = Collaboration(hub, f"{TINY.hub_namespace}/collab-solora")
+    closing = collab.closing()
+    assert len(closing.registrations) == TINY.peers
+    plan = collab.read_plan()
+    assert plan == compute_plan(collab.terms(), closing.registrations, collab_commit=closing.commit)
+    assert summary["methods"]["solora"]["clusters"] == [[plan["members"].index(p) for p in c] for c in plan["clusters"]]
+    solora = summary["methods"]["solora"]
+    if len(plan["clusters"]) > 1:
+        assert solora["inter_cluster_bytes"] > 0
+    assert all(r["inter_cluster_bytes"] == 0 for m, r in summary["methods"].items() if m != "solora")
 
 
 def test_killed_run_resumes_to_the_same_table(unbroken, tmp_path):
@@ -102,12 +122,12 @@ def test_killed_run_resumes_to_the_same_table(unbroken, tmp_path):
         str(run_dir),
         "--no-progress",
     ]
-    env = dict(os.environ, **{CRASH_ENV: "solora:1:peer02"})
+    env = dict(os.environ, **{CRASH_ENV: f"{TINY.hub_namespace}/solora-peer02:pushed:1"})
     crashed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert crashed.returncode == 137, crashed.stderr[-2000:]
+    assert crashed.returncode == -9, crashed.stderr[-2000:]  # SIGKILL, mid-round: pushed round 1, not pulled
     assert not (run_dir / "results.json").exists()
-    assert (run_dir / "methods" / "solora" / "round-0000.json").exists()
-    assert not (run_dir / "methods" / "solora" / "round-0001.json").exists()
+    state = json.loads((run_dir / "methods" / "solora" / "peers" / "peer02" / "state.json").read_text())
+    assert (state["phase"], state["round"]) == ("train", 1), "the kill struck before the state moved on"
     env.pop(CRASH_ENV)
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -136,11 +156,13 @@ def test_run_publishes_peer_cards_final_adapters_and_the_moe(unbroken, tmp_path)
 
     run_dir, summary = unbroken
     hub = LocalHub(run_dir / "hub", namespace=TINY.hub_namespace)
-    repo = hub.repo_id("solora-peer01")
+    repo = hub.repo_id("solora-peer01")  # hub namespace = TINY.hub_namespace: the simulated users' namespace
     files = set(hub.list_files(repo, revision="final"))
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "update.safetensors"} <= files
     card = check_card(ModelCard.load(hub.download(repo, "README.md", revision="final")), kind="adapter")
     assert card.data.base_model == "tiny-random-llama"
+    report = json.loads(hub.read_bytes(repo, "report.json", revision="final"))
+    assert [rec["round"] for rec in report["records"]] == list(range(TINY.rounds))
     # the published adapter is a real PEFT adapter that loads onto the base model
     import peft_sorlora  # noqa: F401  (registers the method before from_pretrained)
 
@@ -149,10 +171,33 @@ def test_run_publishes_peer_cards_final_adapters_and_the_moe(unbroken, tmp_path)
         (tmp_path / name).write_bytes(hub.read_bytes(repo, name, revision="final"))
     loaded = PeftModel.from_pretrained(base, tmp_path)
     assert loaded.peft_config["default"].layer_sparsity
-    # the merged implicit MoE: saved with its card (results as model-index) and committed to the hub
-    moe_card = check_card(ModelCard.load(run_dir / "moe" / "README.md"), kind="moe")
-    assert moe_card.data.eval_results, "the run's results appear as model-index eval results"
-    assert "experts.safetensors" in hub.list_files(hub.repo_id("solora-moe"))
-    assert not hub.repo_exists(hub.repo_id("lora-peer00")) or "README.md" not in hub.list_files(
-        hub.repo_id("lora-peer00")
-    ), "dense LoRA baseline repos carry no SO-LoRA card"
+    # every peer of the MoE method published its own implicit MoE, which loads with the Auto class
+    from transformers import AutoModelForCausalLM
+
+    import moe_router  # noqa: F401  (registers the model type)
+
+    moe_repo = hub.repo_id("solora-peer01-moe")
+    local = tmp_path / "moe"
+    for name in hub.list_files(moe_repo):
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(hub.read_bytes(moe_repo, name, revision="main"))
+    moe = AutoModelForCausalLM.from_pretrained(local)
+    assert moe.config.model_type == "solora_moe" and moe.num_experts == len(summary["methods"]["solora"]["clusters"])
+    assert "README.md" not in hub.list_files(hub.repo_id("lora-peer00"), revision="final"), (
+        "dense LoRA baseline repos carry no SO-LoRA card"
+    )
+
+
+def test_no_absolute_local_path_in_anything_published(unbroken):
+    run_dir, _ = unbroken
+    from sorlora_gossip import LocalHub
+
+    hub = LocalHub(run_dir / "hub", namespace=TINY.hub_namespace)
+    for repo in hub.list_repos():
+        for revision in {"main", *hub.list_refs(repo).tags}:
+            for name in hub.list_files(repo, revision=revision):
+                data = hub.read_bytes(repo, name, revision=revision)
+                assert b"site-packages" not in data and str(run_dir).encode() not in data, (repo, revision, name)
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".md", ".safetensors") and "hub" not in path.parts:
+            assert b"site-packages" not in path.read_bytes(), path
