@@ -30,9 +30,7 @@ def _hub_arguments(parser: argparse.ArgumentParser) -> None:
 def _open(args: argparse.Namespace, namespace: str | None = None):
     from sorlora_gossip.hub import open_hub
 
-    from .repo_ids import full_id_hub
-
-    return full_id_hub(open_hub(args.hub, namespace=namespace, token=os.environ.get(args.token_env) or None))
+    return open_hub(args.hub, namespace=namespace, token=os.environ.get(args.token_env) or None)
 
 
 def _read_records(path: Path) -> list[tuple[int, dict]]:

@@ -20,14 +20,17 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from peft_sorlora import PayloadError
 from sorlora_gossip.hub.base import (
     DEFAULT_BRANCH,
     EntryNotFound,
     Hub,
     PushConflictError,
     RepoNotFound,
+    RequestTooLarge,
 )
 from sorlora_gossip.layout import ADMITTED_KEY, COLLAB_FILE, MEMBERS_DIR, PLAN_FILE, member_path
+from sorlora_gossip.untrusted import read_json
 
 from .terms import COLLAB_FORMAT, MAX_JSON_BYTES, CollabTerms, Registration, TermsError
 
@@ -51,18 +54,17 @@ def _time(text: str) -> float:
 
 
 def _read_capped(hub: Hub, repo_id: str, path: str, revision: str, limit: int) -> bytes:
-    data = hub.read_bytes(repo_id, path, revision=revision)
-    if len(data) > limit:
-        raise TermsError(f"{repo_id}/{path}@{revision[:12]}: {len(data)} bytes, more than the {limit} allowed")
-    return data
+    try:
+        return hub.read_bytes(repo_id, path, revision=revision, max_bytes=limit)
+    except RequestTooLarge as exc:
+        raise TermsError(f"{repo_id}/{path}@{revision[:12]}: larger than the {limit} bytes allowed") from exc
 
 
 def _read_json(hub: Hub, repo_id: str, path: str, revision: str) -> Any:
-    data = _read_capped(hub, repo_id, path, revision, MAX_JSON_BYTES)
     try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TermsError(f"{repo_id}/{path}@{revision[:12]} is not valid JSON: {exc}") from exc
+        return read_json(hub, repo_id, path, revision=revision, max_bytes=MAX_JSON_BYTES)
+    except PayloadError as exc:
+        raise TermsError(str(exc)) from exc
 
 
 @dataclass(frozen=True)

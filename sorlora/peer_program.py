@@ -50,7 +50,6 @@ from sorlora_gossip.layout import UPDATE_FILE, round_tag
 
 from .collab import Collaboration, RegistrationClosed
 from .plan import PlanMismatch, compute_plan, plan_differences
-from .repo_ids import full_id_hub
 from .tasks import Example, collate_for_training, encode_for_training
 from .terms import CollabTerms, Registration, TermsError
 from .workspace import Workspace, adapter_name
@@ -161,7 +160,7 @@ class PeerProgram:
     ) -> None:
         if peer_id.count("/") != 1:
             raise ValueError(f"peer id must be a repo id 'user/name', got {peer_id!r}")
-        self.hub, self.peer_id, self.data = full_id_hub(hub), peer_id, data
+        self.hub, self.peer_id, self.data = hub, peer_id, data
         self.user, self.name = peer_id.split("/")
         self.collab = Collaboration(self.hub, collab_id)
         self.state_dir = Path(state_dir)

@@ -39,7 +39,6 @@ from .final_models import FINAL_MODELS, Published
 from .methods import METHOD_SPECS, MethodSpec
 from .peer_program import CRASH_ENV, EXPERT_FILE, FINAL_TAG, REPORT_FILE, TINY_BASE_ID, load_base
 from .plan import plan_graph
-from .repo_ids import full_id_hub
 from .tasks import Task, load_task, synthetic_task
 from .terms import CollabTerms
 from .workspace import Workspace, adapter_name
@@ -165,7 +164,7 @@ class Runner:
             self.hub, self.hub_location = self._hub, getattr(self._hub, "endpoint", None) or str(self._hub.root)
         else:
             self.hub, self.hub_location = open_run_hub(self.cfg, self.run_dir)
-        self.hub = full_id_hub(self.hub)
+        self.hub = self.hub
         self.shards = task_shards(self.cfg, self.tasks)
 
     # ------------------------------------------------------------------ the run

@@ -75,10 +75,9 @@ def test_moe_router_settings_are_chosen_on_validation_questions(unbroken):
 
 def test_every_round_of_every_peer_is_on_the_hub_once(unbroken):
     run_dir, _ = unbroken
-    from sorlora.repo_ids import full_id_hub
     from sorlora_gossip import LocalHub, Peer
 
-    hub = full_id_hub(LocalHub(run_dir / "hub", namespace=TINY.hub_namespace))
+    hub = LocalHub(run_dir / "hub", namespace=TINY.hub_namespace)
     for method in ("solora", "lora"):
         for p in range(TINY.peers):
             peer = Peer(hub, f"{TINY.hub_namespace}/{method}-peer{p:02d}")

@@ -14,7 +14,6 @@ import pytest
 import ray
 
 from sorlora.peer_program import CRASH_ENV
-from sorlora.repo_ids import full_id_hub
 from sorlora.runner import run_experiment
 from sorlora_gossip import LocalHub, Peer
 
@@ -65,7 +64,7 @@ def _published(run_dir, method: str) -> dict[str, bytes]:
 
 
 def _assert_each_round_once(run_dir, method: str) -> None:
-    hub = full_id_hub(LocalHub(run_dir / "hub", namespace=CFG.hub_namespace))
+    hub = LocalHub(run_dir / "hub", namespace=CFG.hub_namespace)
     for p in range(CFG.peers):
         peer = Peer(hub, f"{CFG.hub_namespace}/{method}-peer{p:02d}")
         assert peer.last_pushed_round() == CFG.rounds - 1
