@@ -23,6 +23,7 @@ point and started again resumes from there and from its own revisions on the hub
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -128,6 +129,22 @@ def _save_view(path: Path, view: dict[str, Any]) -> None:
 
 def _load_view(path: Path, payload_cls: type) -> dict[str, Any]:
     return {n: payload_cls.from_bytes(bytes(t.numpy())) for n, t in sorted(load_file(str(path)).items())}
+
+
+class _DropSkips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "skipping neighbour" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_skips():
+    """Silence Peer's per-pass "skipping neighbour" warnings while polling without waiting."""
+    peer_logger, drop = logging.getLogger("sorlora_gossip.peer"), _DropSkips()
+    peer_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        peer_logger.removeFilter(drop)
 
 
 class PeerProgram:
@@ -428,7 +445,8 @@ class PeerProgram:
         p = self._pending
         missing = [n for n in names if n not in p["updates"] and n not in p["rejected"]]
         if missing:
-            pull = self.peer.pull_round(round, missing, timeout=0.0, poll_interval=0.0)
+            with _quiet_skips():  # one pass is not a skip yet: this program decides at the round timeout
+                pull = self.peer.pull_round(round, missing, timeout=0.0, poll_interval=0.0)
             p["updates"].update(pull.updates)
             p["bytes"].update(pull.bytes)
             p["revisions"].update(pull.revisions)
@@ -460,12 +478,10 @@ class PeerProgram:
     def _pull(self) -> None:
         r = self.state["round"]
         neighbours = self.plan["neighbours"][self.peer_id]
-        if r > 0:
-            structures = self._pull_structures(neighbours)  # only after a restart: known from round 0 otherwise
-            if structures is None:
-                return
         got = self._poll(r, neighbours)
         if got is None:
+            return
+        if r > 0 and self._pull_structures(list(got["updates"])) is None:  # only after a restart: known otherwise
             return
         received = {self._index_of(n): u for n, u in got["updates"].items()}
         if r == 0:
@@ -514,11 +530,11 @@ class PeerProgram:
         """Pull every other cluster's members of this round and form their experts (never averaged in)."""
         r = self.state["round"]
         others = [q for c in self.plan["clusters"] if self.peer_id not in c for q in c]
-        structures = self._pull_structures(others)
-        if structures is None:
-            return
         got = self._poll(r, others)
         if got is None:
+            return
+        structures = self._pull_structures(list(got["updates"]))  # pushed before round r: there already
+        if structures is None:
             return
         experts: dict[int, dict[int, Any]] = {}
         for c, members in enumerate(self.plan["clusters"]):
