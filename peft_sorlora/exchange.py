@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .calibration import solora_layers
-from .config import PAYLOAD_DTYPES
+from .config import PAYLOAD_DTYPES, PROJECTIONS
 
 __all__ = [
     "FORMAT",
@@ -37,12 +38,24 @@ __all__ = [
     "read_payload_metadata",
     "check_payload_header",
     "parse_json",
+    "header_bound",
+    "MAX_ABS_VALUE",
+    "MAX_HEADER_BYTES",
     "MAX_JSON_DEPTH",
 ]
 
 FORMAT = "solora-sparse-update/1"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _REQUIRED = ("format", "base_model", "config_hash", "round", "dtype", "projection", "projection_seed", "slot", "r")
+_INTEGERS = ("round", "projection_seed", "slot", "r")
+MAX_ABS_VALUE = 1e4  # |B| entries beyond this are refused: trained B values are O(1e-2); 3e38 overflows outputs
+MAX_HEADER_BYTES = 16 << 20  # safetensors' own cap is 100 MB; a payload's index of a few hundred tensors is ~100 KB
+MAX_RANK = 4096
+
+
+def header_bound(num_tensors: int) -> int:
+    """The most bytes a payload's length prefix and JSON header may take for ``num_tensors`` tensors."""
+    return 8 + 8192 + 512 * num_tensors
 
 
 class PayloadError(ValueError):
@@ -162,6 +175,35 @@ class SparseUpdate:
         """Transmitted parameters: the number of masked B values (nnz)."""
         return sum(int(v.numel()) for v in self.values.values())
 
+    @property
+    def structure(self) -> dict[str, torch.Tensor] | None:
+        """What later (values-only) payloads of this peer are checked against: its masks (None without them)."""
+        return self.masks
+
+    @property
+    def layout(self) -> dict[str, tuple[int, ...]] | None:
+        """Layer key -> ``(out_features, r, in_features)`` when the payload carries structure."""
+        return None if self.shapes is None else dict(sorted(self.shapes.items()))
+
+    def max_bytes(self, *, structure: bool) -> int:
+        """The most bytes a payload of the same peer may take: values-only (``structure=False``), exactly this
+        payload's mask entries times the value size plus the header; with structure, any masks on these shapes."""
+        if self.masks is None or self.shapes is None:
+            raise ValueError("max_bytes needs a payload that carries its structure (round 0)")
+        itemsize = torch.empty((), dtype=_DTYPES[self.metadata["dtype"]]).element_size()
+        if not structure:
+            return header_bound(len(self.masks)) + sum(int(m.sum()) for m in self.masks.values()) * itemsize
+        entries = sum(out * r for out, r, _ in self.shapes.values())
+        return header_bound(3 * len(self.masks)) + entries * (itemsize + 1) + 24 * len(self.masks)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the payload's bytes (what ``peer.json`` records and pullers check)."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def stats(self) -> UpdateStats:
+        """Communication cost of this payload (see :func:`update_stats`)."""
+        return update_stats(self)
+
     def to_bytes(self) -> bytes:
         """Serialise as safetensors bytes, the header holding ``metadata``."""
         tensors: dict[str, torch.Tensor] = {f"values::{k}": v.contiguous() for k, v in self.values.items()}
@@ -183,9 +225,11 @@ class SparseUpdate:
     ) -> SparseUpdate:
         """Parse and validate a payload; raise :class:`PayloadError` saying what is wrong.
 
-        Refused: bytes that are not safetensors (truncated, corrupted), a foreign format tag, a missing header field,
-        a base model or config hash other than expected, NaN/Inf values, values whose count does not match the mask
-        (the payload's own, or ``masks`` from the peer's round-0 payload for value-only payloads).
+        Refused: bytes that are not safetensors (truncated, corrupted), a foreign format tag, a missing or malformed
+        header field (non-integer round/slot/seed/rank, unknown projection, non-finite or non-positive lora_alpha),
+        a base model or config hash other than expected, NaN/Inf values or values beyond :data:`MAX_ABS_VALUE`,
+        values whose count does not match the mask (the payload's own, or ``masks`` from the peer's round-0 payload
+        for value-only payloads), masks or shapes that do not fit together.
         """
         metadata = check_payload_header(
             data,
@@ -193,13 +237,15 @@ class SparseUpdate:
             required=_REQUIRED,
             expected_base_model=expected_base_model,
             expected_config_hash=expected_config_hash,
+            integers=_INTEGERS,
+            positive_floats=("lora_alpha",),
         )
         if metadata["dtype"] not in PAYLOAD_DTYPES:
             raise PayloadError(f"payload dtype {metadata['dtype']!r} is not one of {PAYLOAD_DTYPES}")
-        try:
-            int(metadata["round"]), int(metadata["slot"]), int(metadata["projection_seed"]), int(metadata["r"])
-        except ValueError as exc:
-            raise PayloadError(f"payload header has a non-integer field: {exc}") from exc
+        if metadata["projection"] not in PROJECTIONS:
+            raise PayloadError(f"payload projection {metadata['projection']!r} is not one of {PROJECTIONS}")
+        if not 1 <= int(metadata["r"]) <= MAX_RANK:
+            raise PayloadError(f"payload rank r={metadata['r']} is outside [1, {MAX_RANK}]")
         try:
             tensors = load_safetensors(data)
         except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -212,6 +258,8 @@ class SparseUpdate:
             elif kind == "mask":
                 own_masks[key] = tensor
             elif kind == "shape":
+                if tensor.dtype != torch.int64 or tuple(tensor.shape) != (3,) or bool((tensor <= 0).any()):
+                    raise PayloadError(f"payload shape of layer {key!r} is not 3 positive integers")
                 shapes[key] = tuple(int(x) for x in tensor.tolist())
             else:
                 raise PayloadError(f"payload holds an unexpected tensor {name!r}")
@@ -237,13 +285,14 @@ class SparseUpdate:
                 raise PayloadError(f"values of layer {key!r} must be 1-D, got shape {tuple(v.shape)}")
             if dtype is not None and v.dtype != dtype:
                 raise PayloadError(f"values of layer {key!r} are {v.dtype}, header says {self.metadata['dtype']}")
-            if not torch.isfinite(v).all():
-                raise PayloadError(f"values of layer {key!r} contain NaN or Inf")
+            check_values(key, v)
         if self.masks is not None:
             if set(self.masks) != set(self.values) or set(self.shapes or {}) != set(self.values):
                 raise PayloadError("payload masks, shapes and values name different layers")
             for key, mask in self.masks.items():
                 shape = self.shapes[key]
+                if mask.dtype != torch.bool:
+                    raise PayloadError(f"layer {key!r}: mask is {mask.dtype}, expected torch.bool")
                 if len(shape) != 3 or tuple(mask.shape) != (shape[0], shape[1]) or shape[1] != r:
                     raise PayloadError(f"layer {key!r}: mask shape {tuple(mask.shape)} does not match {shape}, r={r}")
         if masks is not None:
@@ -271,6 +320,17 @@ class SparseUpdate:
         return dense
 
 
+def check_values(key: str, values: torch.Tensor) -> None:
+    """Refuse NaN/Inf and entries beyond :data:`MAX_ABS_VALUE` in one layer's values."""
+    if not values.is_floating_point():
+        raise PayloadError(f"values of layer {key!r} are {values.dtype}, not floating point")
+    if not torch.isfinite(values).all():
+        raise PayloadError(f"values of layer {key!r} contain NaN or Inf")
+    if values.numel() and float(values.abs().max()) > MAX_ABS_VALUE:
+        raise PayloadError(f"values of layer {key!r} reach {float(values.abs().max()):.3g}, beyond the "
+                           f"{MAX_ABS_VALUE:g} bound")  # fmt: skip
+
+
 def canonical_safetensors(data: bytes) -> bytes:
     """The same safetensors bytes with the JSON header's keys sorted, so equal content gives equal bytes.
 
@@ -290,9 +350,23 @@ def check_payload_header(
     required: tuple[str, ...] = (),
     expected_base_model: str | None = None,
     expected_config_hash: str | None = None,
+    integers: tuple[str, ...] = (),
+    positive_floats: tuple[str, ...] = (),
 ) -> dict[str, str]:
-    """Read a payload's header and refuse a foreign format, missing fields, or another base model / config hash."""
+    """Read a payload's header and refuse a foreign format, missing fields, or another base model / config hash;
+    ``integers`` must be decimal integers >= 0 and ``positive_floats`` (when present) finite numbers > 0."""
     metadata = read_payload_metadata(data)
+    for key in integers:
+        if key in metadata and not (metadata[key].isascii() and metadata[key].isdigit() and len(metadata[key]) < 19):
+            raise PayloadError(f"payload header field {key}={metadata[key][:40]!r} is not an integer >= 0")
+    for key in positive_floats:
+        if key in metadata:
+            try:
+                number = float(metadata[key])
+            except ValueError:
+                number = float("nan")
+            if not (math.isfinite(number) and number > 0):
+                raise PayloadError(f"payload header field {key}={metadata[key][:40]!r} is not a finite number > 0")
     if metadata.get("format") != format:
         raise PayloadError(f"foreign payload: format tag {metadata.get('format')!r}, expected {format!r}")
     missing = [k for k in required if k not in metadata]
@@ -320,13 +394,15 @@ def read_payload_metadata(data: bytes) -> dict[str, str]:
     if length > len(data) - 8:
         raise PayloadError(f"payload truncated: header claims {length} bytes, {len(data) - 8} present")
     try:
-        header = json.loads(bytes(data[8 : 8 + length]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadError(f"payload header is not JSON: {exc}") from exc
+        header = parse_json(bytes(data[8 : 8 + length]), max_bytes=MAX_HEADER_BYTES, what="payload header")
+    except PayloadError as exc:
+        raise PayloadError(f"payload header refused (not JSON or nested/large beyond bounds): {exc}") from exc
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict):
         raise PayloadError("foreign payload: no safetensors metadata header")
-    return {str(k): str(v) for k, v in metadata.items()}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise PayloadError("payload metadata must map strings to strings")
+    return dict(metadata)
 
 
 def get_sparse_update(
@@ -368,29 +444,47 @@ def get_sparse_update(
     )
 
 
+def _check_base_model(model: nn.Module, update: SparseUpdate, adapter_name: str | None) -> None:
+    """Refuse a payload made for another base model than the receiver's adapter (or any adapter) was made for."""
+    configs = model.peft_config
+    config = configs.get(adapter_name) if adapter_name in configs else next(iter(configs.values()))
+    ours = str(getattr(config, "base_model_name_or_path", None) or "")
+    if ours and update.base_model != ours:
+        raise PayloadError(f"payload is for base model {update.base_model!r}, this model is {ours!r}")
+
+
 def _add_adapter_from_update(model: nn.Module, update: SparseUpdate, adapter_name: str) -> None:
+    """Add ``adapter_name`` from the payload's structure, its header checked against the receiver first."""
     if not update.has_structure:
         raise PayloadError(
             f"cannot create adapter {adapter_name!r} from a value-only payload: need its round-0 payload"
         )
     if not hasattr(model, "add_adapter") or not getattr(model, "peft_config", None):
         raise ValueError("apply_sparse_update(create=True) needs a PeftModel that already has an SO-LoRA adapter")
+    _check_base_model(model, update, None)
     reference = next(iter(model.peft_config.values()))
     config = copy.deepcopy(reference)
-    config.projection = update.metadata["projection"]
-    config.projection_seed = int(update.metadata["projection_seed"])
-    config.slot = int(update.metadata["slot"])
-    config.r = int(update.metadata["r"])
-    config.lora_alpha = float(update.metadata.get("lora_alpha", config.lora_alpha))
-    config.target_modules = sorted(update.values)
-    config.layers_to_transform, config.layers_pattern = None, None
-    config.layer_sparsity = {k: float(m.float().mean()) for k, m in update.masks.items()}
-    config.inference_mode = True
-    model.add_adapter(adapter_name, config)
-    keys = {layer.layer_key for layer in solora_layers(model, adapter_name)}
-    if keys != set(update.values):
-        model.delete_adapter(adapter_name)
-        raise PayloadError(f"payload layers do not match this model's layers: {sorted(set(update.values) ^ keys)[:5]}")
+    try:
+        config.projection = update.metadata["projection"]
+        config.projection_seed = int(update.metadata["projection_seed"])
+        config.slot = int(update.metadata["slot"])
+        config.r = int(update.metadata["r"])
+        config.lora_alpha = float(update.metadata.get("lora_alpha", config.lora_alpha))
+        if not (math.isfinite(config.lora_alpha) and config.lora_alpha > 0):
+            raise ValueError(f"lora_alpha {config.lora_alpha} is not a finite number > 0")
+        config.target_modules = sorted(update.values)
+        config.layers_to_transform, config.layers_pattern = None, None
+        config.layer_sparsity = {k: float(m.float().mean()) for k, m in update.masks.items()}
+        config.inference_mode = True
+        config.__post_init__()
+    except (KeyError, ValueError, TypeError) as exc:
+        raise PayloadError(f"payload header cannot make an adapter here: {exc}") from exc
+    try:
+        model.add_adapter(adapter_name, config)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        if adapter_name in model.peft_config:
+            model.delete_adapter(adapter_name)
+        raise PayloadError(f"payload cannot make adapter {adapter_name!r} on this model: {exc}") from exc
 
 
 @torch.no_grad()
@@ -399,14 +493,39 @@ def apply_sparse_update(
 ) -> None:
     """Write ``update``'s values into the B of ``adapter_name`` at its mask (masks replaced if carried).
 
-    With ``create=True`` a missing adapter is first added from the payload's structure (A regenerated from the
-    projection mode, seed and slot), so a peer can hold its neighbours' adapters beside its own.
+    All or nothing: the whole payload is checked first (base model, config hash, layers, mask shapes against the
+    layers, value counts, finiteness and bounds), then applied; a refused payload leaves the model as it was, and
+    with ``create=True`` a missing adapter is first added from the payload's structure (A regenerated from the
+    projection mode, seed and slot) and removed again if the payload is refused. Payload problems raise
+    :class:`PayloadError`.
     """
     configs = getattr(model, "peft_config", {})
+    created = False
     if adapter_name not in configs:
         if not create:
             raise ValueError(f"model has no adapter {adapter_name!r} (pass create=True to add it from the payload)")
         _add_adapter_from_update(model, update, adapter_name)
+        created = True
+    try:
+        layers = _checked_layers(model, update, adapter_name)
+    except BaseException:
+        if created:
+            model.delete_adapter(adapter_name)
+        raise
+    for key, layer in layers.items():  # nothing below can refuse the payload: it is applied whole
+        if update.masks is not None:
+            layer.set_mask(adapter_name, update.masks[key])
+        b = layer.solora_B[adapter_name]
+        mask = layer.solora_mask[adapter_name]
+        b.zero_()
+        b[mask] = update.values[key].to(device=b.device, dtype=b.dtype)
+    if update.masks is not None and configs[adapter_name].layer_sparsity is None:
+        configs[adapter_name].layer_sparsity = {k: float(m.float().mean()) for k, m in update.masks.items()}
+
+
+def _checked_layers(model: nn.Module, update: SparseUpdate, adapter_name: str) -> dict:
+    """The adapter's layers by key, once every check of ``update`` against them passed (PayloadError otherwise)."""
+    _check_base_model(model, update, adapter_name)
     ours = config_fingerprint(model, adapter_name)
     if update.config_hash != ours:
         raise PayloadError(
@@ -417,17 +536,15 @@ def apply_sparse_update(
         raise PayloadError(
             f"payload layers differ from adapter {adapter_name!r}: {sorted(set(layers) ^ set(update.values))[:5]}"
         )
+    for key, layer in layers.items():
+        expected = (layer.out_features, layer.r[adapter_name])
+        if update.masks is not None and (
+            tuple(update.masks[key].shape) != expected or update.masks[key].dtype != torch.bool
+        ):
+            raise PayloadError(f"layer {key!r}: payload mask {tuple(update.masks[key].shape)} does not fit {expected}")
     masks = update.masks or {k: layer.solora_mask[adapter_name].cpu() for k, layer in layers.items()}
     update.validate(masks=masks)
-    for key, layer in layers.items():
-        if update.masks is not None:
-            layer.set_mask(adapter_name, update.masks[key])
-        b = layer.solora_B[adapter_name]
-        mask = layer.solora_mask[adapter_name]
-        b.zero_()
-        b[mask] = update.values[key].to(device=b.device, dtype=b.dtype)
-    if update.masks is not None and configs[adapter_name].layer_sparsity is None:
-        configs[adapter_name].layer_sparsity = {k: float(m.float().mean()) for k, m in update.masks.items()}
+    return layers
 
 
 def update_stats(update: SparseUpdate) -> UpdateStats:

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 
@@ -43,6 +42,7 @@ from .hub.base import (
     RepoNotFound,
     RequestTooLarge,
     RevisionNotFound,
+    SecondWriterError,
     deadline,
     validate_path,
     validate_ref,
@@ -59,6 +59,7 @@ from .layout import (
     parse_peer_info,
     round_tag,
 )
+from .payload import Payload
 
 __all__ = [
     "ADAPTER_CONFIG_FILE",
@@ -77,6 +78,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30  # a round-0 payload when this peer has none of its own to size it by
 PULL_GRACE_S = 2.0  # beyond a pull's timeout, how long a transfer under way may still be retried
 
 
@@ -234,9 +236,10 @@ class Peer:
         base_model: str | None = None,
         config_hash: str | None = None,
         max_push_attempts: int = 8,
-        payload_cls: type = SparseUpdate,
+        payload_cls: type[Payload] = SparseUpdate,
         adapter_config: Mapping[str, Any] | None = None,
         cards: bool = True,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
         self.hub = hub
         self.payload_cls = payload_cls
@@ -245,7 +248,11 @@ class Peer:
         self.task, self.cluster = task, cluster
         self.base_model, self.config_hash = base_model, config_hash
         self.max_push_attempts = max_push_attempts
-        self._masks: dict[str, dict[str, torch.Tensor]] = {}
+        self.max_payload_bytes = max_payload_bytes
+        self._masks: dict[str, Any] = {}  # neighbour -> its round-0 payload's structure
+        self._caps: dict[str, int] = {}  # neighbour -> most bytes its values-only payloads may take
+        self._own: Payload | None = None  # this peer's round-0 payload: the layout neighbours must share
+        self._last_sha256: str | None = None
         self._head: str | None = None
         self._last_round: int | None = None
         self._synced = False
@@ -282,15 +289,51 @@ class Peer:
             return None
         last = int(info["round"])
         try:
-            self.hub.resolve(self.repo_id, round_tag(last))
+            tagged = self.hub.resolve(self.repo_id, round_tag(last))
         except RevisionNotFound:
+            tagged = None
             logger.warning("peer %s: round %d was committed but not tagged (crash?); tagging %s", self.peer_id, last,
                            head[:12])  # fmt: skip
-            self.hub.create_tag(self.repo_id, round_tag(last), revision=head, exist_ok=True)
+        if tagged != head and not (tagged and self._is_round_commit(self.repo_id, tagged, last, info["sha256"])):
+            self._ensure_tag(round_tag(last), head, last, info["sha256"])
         self.base_model = self.base_model or info.get("base_model")
         self.config_hash = self.config_hash or info.get("config_hash")
         self._head, self._last_round, self._synced = head, last, True
+        self._last_sha256 = info["sha256"]
         return last
+
+    def _ensure_tag(self, tag: str, sha: str, round: int, checksum: str) -> None:
+        """Tag ``sha`` as ``round``'s revision. A tag already there is kept only if it names a commit of this repo's
+        main history with that round's ``peer.json``; one squatted by another writer is replaced (an owner may
+        delete its tags), or the push fails saying so: a neighbour would take the squatter's commit for ours."""
+        self.hub.create_tag(self.repo_id, tag, revision=sha, exist_ok=True)
+        tagged = self.hub.resolve(self.repo_id, tag)
+        if tagged == sha or self._is_round_commit(self.repo_id, tagged, round, checksum):
+            return
+        logger.warning("peer %s: tag %s points at %s, not at this round's commit %s (squatted): replacing it",
+                       self.peer_id, tag, tagged[:12], sha[:12])  # fmt: skip
+        try:
+            self.hub.delete_tag(self.repo_id, tag)
+            self.hub.create_tag(self.repo_id, tag, revision=sha, exist_ok=True)
+        except HubError as exc:
+            raise HubError(f"peer {self.peer_id!r}: tag {tag} was squatted (points at {tagged}) and cannot be "
+                           f"replaced: {exc}", repo_id=self.repo_id, revision=tag) from exc  # fmt: skip
+        if self.hub.resolve(self.repo_id, tag) != sha:
+            raise HubError(f"peer {self.peer_id!r}: tag {tag} keeps being moved away from {sha}",
+                           repo_id=self.repo_id, revision=tag)  # fmt: skip
+
+    def _is_round_commit(
+        self, repo_id: str, sha: str, round: int, checksum: str | None = None, *, history: list | None = None
+    ) -> bool:
+        """Whether ``sha`` is on ``repo_id``'s main history and its ``peer.json`` says ``round`` (and ``checksum``)."""
+        try:
+            history = history if history is not None else self.hub.list_commits(repo_id, revision=DEFAULT_BRANCH)
+            if sha not in {c.sha for c in history}:
+                return False
+            info = self._read_info(repo_id, sha, round=round)
+        except (HubError, PayloadError):
+            return False
+        return checksum is None or info["sha256"] == checksum
 
     # -- push --------------------------------------------------------------------------------------------------
 
@@ -348,8 +391,10 @@ class Peer:
             return head_info.get("round") == round and head_info.get("sha256") == checksum
 
         sha = self._commit(f"{self.peer_id}: {tag}", build, landed=landed)
-        self.hub.create_tag(self.repo_id, tag, revision=sha, exist_ok=True)
-        self._head, self._last_round = sha, round
+        self._ensure_tag(tag, sha, round, checksum)
+        self._head, self._last_round, self._last_sha256 = sha, round, checksum
+        if round == 0:
+            self._own = update
         return PushResult(round=round, sha=sha, bytes=len(data), sha256=checksum, created=True)
 
     def publish_adapter(
@@ -447,7 +492,7 @@ class Peer:
             try:
                 sha = self.hub.create_commit(self.repo_id, files, commit_message=message, parent_commit=parent)
             except PushConflictError:
-                parent = self.hub.resolve(self.repo_id, DEFAULT_BRANCH)
+                seen, parent = parent, self.hub.resolve(self.repo_id, DEFAULT_BRANCH)
                 logger.info("peer %s: push conflict on %r, head moved to %s (attempt %d)", self.peer_id, message,
                             parent[:12], attempt + 1)  # fmt: skip
                 try:  # do not commit twice
@@ -456,10 +501,31 @@ class Peer:
                         return parent
                 except (EntryNotFound, PayloadError):
                     pass
+                self._check_single_writer(seen, parent)
                 continue
             self._parent_state = (sha, state)
             return sha
         raise HubError(f"peer {self.peer_id!r}: {message!r} not pushed after {self.max_push_attempts} conflicts")
+
+    def _check_single_writer(self, seen: str, head: str) -> None:
+        """Refuse to push when another live writer of this peer id moved the repo: the new head must extend the
+        history this writer saw, and carry the same ``peer.json`` round and payload (card edits are fine)."""
+        if seen not in {c.sha for c in self.hub.list_commits(self.repo_id, revision=head)}:
+            raise SecondWriterError(f"peer {self.peer_id!r}: {self.repo_id} was rewritten ({head[:12]} does not "
+                                    f"extend {seen[:12]}); is a second copy of this peer running?",
+                                    repo_id=self.repo_id, revision=head)  # fmt: skip
+        try:
+            info = self._read_info(self.repo_id, head)
+            found: tuple[object, object] = (info["round"], info["sha256"])
+        except EntryNotFound:
+            found = (None, None)
+        except PayloadError:
+            found = ("unreadable", None)
+        if found != (self._last_round, self._last_sha256):
+            raise SecondWriterError(f"peer {self.peer_id!r}: another writer pushed round {found[0]} to {self.repo_id} "
+                                    f"({head[:12]}) after this one's round {self._last_round}; refusing to push over it "
+                                    "(is a second copy of this peer running?)", repo_id=self.repo_id,
+                                    revision=head)  # fmt: skip
 
     # -- the card ----------------------------------------------------------------------------------------------
 
@@ -598,8 +664,16 @@ class Peer:
                         pending.remove(peer)
                         self._reject(result, peer, None, exc)
                         continue
+                    try:
+                        pinned = self._round_commit(repos[peer], round, sha)
+                    except HubError as exc:
+                        last_error[peer] = str(exc)
+                        continue
+                    if pinned is None:
+                        last_error[peer] = f"{tag} names {sha[:12]}, off {repos[peer]}'s history (squatted?)"
+                        continue
                     pending.remove(peer)
-                    self._fetch(peer, repos[peer], round, sha, result)
+                    self._fetch(peer, repos[peer], round, pinned, result)
                     if progress is not None and peer in result.bytes:
                         progress(peer, result.bytes[peer])
                 if not pending or time.monotonic() >= end:
@@ -626,33 +700,93 @@ class Peer:
         result.updates[peer], result.infos[peer] = update, info
         result.revisions[peer], result.bytes[peer] = sha, nbytes
 
-    def _load(self, peer: str, repo_id: str, round: int, sha: str) -> tuple[SparseUpdate, dict, int, str]:
+    def _load(self, peer: str, repo_id: str, round: int, sha: str) -> tuple[Payload, dict, int, str]:
+        """Validate and parse ``peer``'s revision ``sha`` for ``round``; return (update, peer.json, bytes, sha)."""
         try:
+            sizes = self.hub.file_sizes(repo_id, revision=sha)
             info = self._read_info(repo_id, sha, round=round)
-            data = self.hub.read_bytes(repo_id, UPDATE_FILE, revision=sha)
         except EntryNotFound as exc:
-            raise PayloadError(f"revision lacks {UPDATE_FILE} or {INFO_FILE}: {exc}") from exc
+            raise PayloadError(f"revision lacks {INFO_FILE}: {exc}", repo_id=repo_id, revision=sha) from exc
+        cap = self._payload_cap(peer, round)
+        if UPDATE_FILE not in sizes:
+            raise PayloadError(f"revision lacks {UPDATE_FILE}", repo_id=repo_id, revision=sha)
+        if sizes[UPDATE_FILE] != info["bytes"] or sizes[UPDATE_FILE] > cap:
+            raise PayloadError(f"{UPDATE_FILE} is {sizes[UPDATE_FILE]} bytes; {INFO_FILE} says {info['bytes']} and a "
+                               f"round-{round} payload may take at most {cap}: not downloaded", repo_id=repo_id,
+                               revision=sha)  # fmt: skip
+        try:
+            data = self.hub.read_bytes(repo_id, UPDATE_FILE, revision=sha, max_bytes=cap)
+        except RequestTooLarge as exc:
+            raise PayloadError(str(exc), repo_id=repo_id, revision=sha) from exc
         if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise PayloadError(
                 f"{UPDATE_FILE} does not match {INFO_FILE} ({len(data)} bytes vs {info['bytes']}, checksum differs): "
                 "corrupted or truncated"
             )
-        masks = None if round == 0 else self._neighbour_masks(peer, repo_id)
+        if round == 0:
+            own = self._own_payload()
+            expected = own.structure if own is not None and own.masks is None else None  # dense: same tensors
+        else:
+            expected = self._neighbour_masks(peer, repo_id)
         update = self.payload_cls.from_bytes(
-            data, expected_base_model=self.base_model, expected_config_hash=self.config_hash, masks=masks
+            data, expected_base_model=self.base_model, expected_config_hash=self.config_hash, masks=expected
         )
         if update.round != round:
             raise PayloadError(f"payload header says round {update.round}, the tag says {round}")
         if (round == 0) != update.has_structure:
             raise PayloadError(f"round {round} payload has_structure={update.has_structure}: wrong kind of payload")
         if round == 0:
-            self._masks[peer] = update.masks
+            own = self._own_payload()
+            if own is not None and own.layout is not None and update.layout != own.layout:
+                raise PayloadError("round-0 payload's layers or shapes differ from this peer's")
+            self._masks[peer] = update.structure
+            self._caps[peer] = update.max_bytes(structure=False)
         return update, info, len(data), sha
 
-    def _neighbour_masks(self, peer: str, repo_id: str) -> dict[str, torch.Tensor]:
+    def _round_commit(self, repo_id: str, round: int, sha: str) -> str | None:
+        """The commit to pin for ``round``: the tag's, when it is on the owner's main history with that round's
+        ``peer.json``; otherwise (a squatted tag) the owner's own commit for the round, found in that history by its
+        message and checked the same way; None while there is none (the owner has not pushed the round yet)."""
+        history = self.hub.list_commits(repo_id, revision=DEFAULT_BRANCH)
+        if sha in {c.sha for c in history}:
+            try:
+                if self._read_info(repo_id, sha)["round"] == round:
+                    return sha
+            except (HubError, PayloadError):
+                return sha  # a broken revision of the owner's: rejected with the reason when it is loaded
+        tag = round_tag(round)
+        for commit in history:
+            if commit.sha != sha and commit.message.endswith(f": {tag}"):
+                if self._is_round_commit(repo_id, commit.sha, round, history=history):
+                    logger.warning("peer %s: %s of %s names %s, not that round's commit (squatted?); pinning %s from "
+                                   "its history", self.peer_id, tag, repo_id, sha[:12], commit.sha[:12])  # fmt: skip
+                    return commit.sha
+        return None
+
+    def _payload_cap(self, peer: str, round: int) -> int:
+        """The most bytes ``peer``'s round payload may take, known before downloading it."""
+        if round > 0 and peer in self._caps:
+            return self._caps[peer]
+        own = self._own_payload()
+        return own.max_bytes(structure=True) if own is not None else self.max_payload_bytes
+
+    def _own_payload(self) -> Payload | None:
+        """This peer's round-0 payload (read back from its repo when this process did not push it)."""
+        if self._own is None and self._last_round is not None:
+            try:
+                data = self.hub.read_bytes(self.repo_id, UPDATE_FILE, revision=round_tag(0),
+                                           max_bytes=self.max_payload_bytes)  # fmt: skip
+                self._own = self.payload_cls.from_bytes(data)
+            except (HubError, PayloadError) as exc:
+                logger.warning("peer %s: own round-0 payload unreadable (%s)", self.peer_id, exc)
+        return self._own
+
+    def _neighbour_masks(self, peer: str, repo_id: str) -> Any:
         """The masks from ``peer``'s round-0 payload (fetched at its ``round-0000`` tag if not seen yet)."""
         if peer not in self._masks:
-            sha = self.hub.resolve(repo_id, round_tag(0))
+            sha = self._round_commit(repo_id, 0, self.hub.resolve(repo_id, round_tag(0)))
+            if sha is None:
+                raise PayloadError(f"its {round_tag(0)} is not on its history", repo_id=repo_id)
             try:
                 self._load(peer, repo_id, 0, sha)
             except PayloadError as exc:

@@ -181,6 +181,9 @@ class HfHub(Hub):
         if isinstance(exc, (HfHubHTTPError, httpx2.HTTPStatusError)):
             response = getattr(exc, "response", None)
             code = response.headers.get("X-Error-Code") if response is not None else None
+            said = response.headers.get("X-Error-Message") if response is not None else None
+            if said:
+                message = f"{what}: HTTP {_status(exc)}: {said}"
             if code is None and "Entry not found" in str(exc):
                 code = "EntryNotFound"
             return error_for_status(_status(exc), code, message, repo_id=repo_id, revision=revision)

@@ -612,6 +612,10 @@ class _Server(ThreadingHTTPServer):
     def active_connections(self) -> int:
         return self._active
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up or times out is routine: one debug line, not a traceback on stderr."""
+        logger.debug("hub-serve: connection from %s ended with an error", client_address[0], exc_info=True)
+
 
 class HubServer:
     """A Hub-compatible HTTP server over a LocalHub folder; use as a context manager, point clients at ``.endpoint``.
