@@ -7,6 +7,7 @@ metadata, so text users add on the Hub survives every push.
 
 from model_cards.adapter import AdapterCardInfo, RoundRecord, adapter_card, summarize_config
 from model_cards.moe import ExpertInfo, MoECardInfo, moe_card
+from model_cards.publish import push_with_card
 from model_cards.sections import parse_sections, update_card, update_card_file, write_card
 from model_cards.validate import check_card, extract_python_snippets
 
@@ -20,6 +21,7 @@ __all__ = [
     "extract_python_snippets",
     "moe_card",
     "parse_sections",
+    "push_with_card",
     "summarize_config",
     "update_card",
     "update_card_file",

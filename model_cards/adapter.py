@@ -97,8 +97,8 @@ class AdapterCardInfo:
 
     repo_id: str  # the repo (or local directory) the card describes; the loading snippet names it
     base_model: str  # Hub id (or local directory) of the base model
-    peer_id: str
-    task: str
+    peer_id: str | None  # None: an adapter trained outside a decentralized run (e.g. PeftModel.push_to_hub)
+    task: str | None
     config: Mapping[str, Any]  # see summarize_config
     dataset: str | None = None
     cluster: int | str | None = None  # None before clustering
@@ -112,6 +112,8 @@ class AdapterCardInfo:
     def __post_init__(self) -> None:
         for name in ("repo_id", "base_model", "peer_id", "task"):
             value = getattr(self, name)
+            if value is None and name in ("peer_id", "task"):
+                continue
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"AdapterCardInfo.{name} must be a non-empty string, got {value!r}.")
         if self.revision is not None and (not isinstance(self.revision, str) or not self.revision.strip()):
@@ -140,7 +142,8 @@ def _tags(info: AdapterCardInfo, *, lora_export: bool) -> list[str]:
     tags = ["peft", *BASE_TAGS]
     if lora_export:
         tags.append("lora")  # an export is plain LoRA; native SO-LoRA checkpoints must not claim to be
-    tags.append(tag_slug(info.task))
+    if info.task:
+        tags.append(tag_slug(info.task))
     if info.dataset:
         tags.append(tag_slug(info.dataset))
     return unique(tags)

@@ -257,38 +257,77 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
         if save_base:
             with self.unwrapped() as base:
                 base.save_pretrained(os.path.join(save_directory, BASE_SUBFOLDER))
-        if getattr(self, "_pending_card", None) is None:  # push_to_hub writes the card just before its upload
-            card = self.model_card(str(save_directory), card_info)
-            if card is not None:
-                importlib.import_module("model_cards").update_card_file(os.path.join(save_directory, CARD_FILE), card)
+        pending = getattr(self, "_pending_card", None) or {}
+        card = self.model_card(pending.get("repo_id") or str(save_directory), card_info)
+        if card is not None:
+            path = os.path.join(save_directory, CARD_FILE)
+            if pending and os.path.isfile(path):  # pushing: the repo's tags and the push's accumulate with ours
+                existing = type(card).load(path).data.tags or []
+                card.data.tags = list(
+                    dict.fromkeys([*(card.data.tags or []), *existing, *(self.model_tags or []), *pending["tags"]])
+                )
+            elif pending:
+                card.data.tags = list(
+                    dict.fromkeys([*(card.data.tags or []), *(self.model_tags or []), *pending["tags"]])
+                )
+            importlib.import_module("model_cards").update_card_file(path, card)
 
-    def push_to_hub(self, repo_id: str, *, save_base: bool | None = None, card_info: Any = None, **kwargs: Any) -> Any:
-        """Upload config, experts and card (and the base when ``save_base``) with transformers' ``push_to_hub``.
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        save_base: bool | None = None,
+        card_info: Any = None,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Upload config, experts, the remote code and the card (and the base when ``save_base``) in one commit.
 
-        The card is merged into the README.md already in the repo (user text kept); ``card_info`` as in
-        :meth:`save_pretrained`. Tags accumulate as transformers does it: the repo's, ``model_tags``, ``tags=``, ours.
+        Saved into a folder that holds the repo's current README.md, so the card is merged into it (user text kept);
+        ``card_info`` as in :meth:`save_pretrained`, with the card naming ``repo_id``. Tags accumulate: the repo's,
+        ``model_tags``, ``tags=``, ours. Uses ``huggingface_hub``'s public API (``model_cards.push_with_card``).
         """
-        previous = self.config.base_in_repo
-        self.config.base_in_repo = previous if save_base is None else bool(save_base)
-        self._pending_card = {"card_info": card_info}
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
         try:
-            return super().push_to_hub(repo_id, **kwargs)
+            publish = importlib.import_module("model_cards.publish")
+        except ImportError as exc:
+            raise ImportError(f"push_to_hub needs the model_cards package (pip install peft-sorlora): {exc}") from exc
+
+        def save(folder: str, normalised_id: str) -> None:
+            self._pending_card = {"repo_id": normalised_id, "tags": list(tags or [])}
+            try:
+                self.save_pretrained(folder, save_base=save_base, card_info=card_info)
+            finally:
+                self._pending_card = None
+
+        base = self.config.base_model_name_or_path
+        in_repo = self.config.base_in_repo if save_base is None else bool(save_base)
+        if not in_repo and base and (os.path.isabs(base) or os.path.exists(base)):
+            raise ValueError(
+                f"the base model is referenced by the local path {base!r}, which no one else can load: name it by its "
+                "Hub id (peft_sorlora.set_base_identity(base, 'owner/name') before building) or push with save_base=True"
+            )
+        previous = self.config.base_in_repo
+        try:
+            return publish.push_with_card(
+                repo_id,
+                save,
+                token=token,
+                private=private,
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message or "Upload implicit MoE",
+                commit_description=commit_description,
+            )
         finally:
             self.config.base_in_repo = previous
-            self._pending_card = None
-
-    def _upload_modified_files(self, working_dir: str | os.PathLike, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-        """transformers' upload step of ``push_to_hub``: first merge our card into the README.md it prepared there
-        (the repo's existing card with the push's tags, or its placeholder for a new repo)."""
-        pending = getattr(self, "_pending_card", None)
-        card = None if pending is None else self.model_card(repo_id, pending["card_info"])
-        path = os.path.join(working_dir, CARD_FILE)
-        if card is not None:
-            if os.path.isfile(path):
-                prepared = type(card).load(path)
-                card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *(prepared.data.tags or [])]))
-            importlib.import_module("model_cards").update_card_file(path, card)
-        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     def model_card(self, repo_id: str, card_info: Any = None) -> Any:
         """The MoE card (:func:`model_cards.moe_card`) for this model as repo ``repo_id``: base model, experts with
@@ -331,6 +370,9 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
             "base_in_repo": bool(config.base_in_repo),
         }
         fields.update(card_info or {})
+        pending = getattr(self, "_pending_card", None)
+        if pending:  # a push names the repo it goes to, whatever card_info says
+            fields["repo_id"] = pending["repo_id"]
         return cards.moe_card(cards.MoECardInfo(**fields))
 
     @classmethod

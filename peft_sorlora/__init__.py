@@ -25,11 +25,14 @@ from .exchange import (
     get_sparse_update,
     update_stats,
 )
+from .hub import install as install_hub_integration
+from .hub import portable_base_id
 from .layer import Linear, MaskCalibration, SOLoRALayer
 from .model import SOLoRAModel
 from .projection import projection_matrix
 
 register(SOLoRAConfig, SOLoRAModel)
+install_hub_integration()
 
 __version__ = "0.1.0"
 
@@ -57,4 +60,5 @@ __all__ = [
     "base_fingerprint",
     "set_base_identity",
     "BUNDLED_BASE_ID",
+    "portable_base_id",
 ]

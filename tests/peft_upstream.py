@@ -13,6 +13,7 @@ test of the class is left out (those exercise other PEFT methods by name).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import sys
@@ -60,7 +61,11 @@ def _tests_root(version: str) -> Path:
     return root
 
 
-def _stub_unused_imports() -> None:
+@contextlib.contextmanager
+def _unused_imports_stubbed():
+    """Stand-ins for the uninstalled modules while the upstream files import, removed again afterwards (so that
+    ``importlib.util.find_spec`` checks elsewhere, e.g. transformers' ``is_datasets_available``, see no fake)."""
+    added = []
     for name, attributes in _UNUSED_IMPORTS.items():
         try:
             importlib.import_module(name)
@@ -70,6 +75,12 @@ def _stub_unused_imports() -> None:
             for attribute in attributes:
                 setattr(stub, attribute, None)
             sys.modules[name] = stub
+            added.append(name)
+    try:
+        yield
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
 
 
 def upstream_module(name: str) -> types.ModuleType:
@@ -78,8 +89,8 @@ def upstream_module(name: str) -> types.ModuleType:
     root = _tests_root(version)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    _stub_unused_imports()
-    return importlib.import_module(f"{PACKAGE}.{name}")
+    with _unused_imports_stubbed():
+        return importlib.import_module(f"{PACKAGE}.{name}")
 
 
 def _copy(function: types.FunctionType, marks: list[Any]) -> types.FunctionType:

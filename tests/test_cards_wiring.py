@@ -266,6 +266,7 @@ def test_moe_push_to_hub_card_keeps_hub_edits(moe, tmp_path, hub_server):
         import moe_router
         from huggingface_hub import HfApi, hf_hub_download
         model = moe_router.ImplicitMoEForCausalLM.from_pretrained({str(local)!r})
+        model.config.base_model_name_or_path = "gossip/tiny-base"  # a pushed MoE names its base by Hub id, not path
         model.push_to_hub({repo_id!r}, tags=["demo"])
         text = open(hf_hub_download({repo_id!r}, "README.md")).read()
         HfApi().upload_file(path_or_fileobj=text.replace("## Notes\\n", "## Notes\\n\\n{HAND_WRITTEN}\\n").encode(),

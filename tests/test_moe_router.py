@@ -133,7 +133,7 @@ def test_routing_prefers_the_expert_of_the_inputs_task(base_dir, experts):
     moe = ImplicitMoEForCausalLM.from_adapters(
         load_base(base_dir), adapters=updates, calibration=calibration, router_top_k=R
     )
-    assert moe.config.refine == "task_stats"
+    assert moe.config.refine == "routing"  # the default with calibration: the best-measured setting
     for t in range(NUM_TASKS):
         shares = routing_shares(moe, task_batch(t, seed=7))
         assert shares.shape == (NUM_TASKS,)
@@ -223,7 +223,7 @@ def test_save_load_local_auto_class_generate_and_remote_code(base_dir, experts, 
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling.ImplicitMoEForCausalLM"
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
     assert isinstance(loaded, ImplicitMoEForCausalLM)
-    assert loaded.config.refine == "task_stats" and loaded.config.router_top_k == R
+    assert loaded.config.refine == "routing" and loaded.config.router_top_k == R
     torch.testing.assert_close(logits(loaded, batch), expected, atol=0, rtol=0)
     generated = loaded.generate(input_ids=batch["input_ids"][:1], max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, batch["input_ids"].shape[1] + 4)
