@@ -242,3 +242,24 @@ def evaluate_many(
     """:func:`evaluate` on every task's test split: {task name: result}."""
     kw = dict(batch_size=batch_size, max_len=max_len, truncation=truncation)
     return {t.name: evaluate(model, tokenizer, t, **kw) for t in tasks}
+
+
+def per_question(results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, list[float | None]]]:
+    """{task: {"correct": [...], "correct_norm": [...]}} from :func:`evaluate` results (for paired statistics)."""
+    return {t: {"correct": list(r["correct"]), "correct_norm": list(r["correct_norm"])} for t, r in results.items()}
+
+
+def mean_per_question(
+    outcomes: Sequence[Mapping[str, Mapping[str, Sequence[float | None]]]],
+) -> dict[str, dict[str, list[float | None]]]:
+    """Per question, the mean over several models' :func:`per_question` outcomes (e.g. every peer's own model);
+    a question skipped for truncation (None) is skipped for all of them."""
+    if not outcomes:
+        raise ValueError("need the outcomes of at least one model")
+    out: dict[str, dict[str, list[float | None]]] = {}
+    for task, first in outcomes[0].items():
+        out[task] = {}
+        for key in first:
+            columns = zip(*(o[task][key] for o in outcomes))
+            out[task][key] = [None if None in c else float(sum(c)) / len(c) for c in columns]
+    return out

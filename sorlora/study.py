@@ -1,10 +1,11 @@
 """A study that can rank the methods: the same comparison over several seeds, paired per question, with CIs.
 
 Every seed is an ordinary, resumable ``sorlora run`` of the study's settings with ``seed`` changed — the seed also
-resamples the data split, the adapters' initialisation and the training order. Each seed adds two rows scored on
-the same questions: ``zero-shot`` (the base model alone) and ``solora:sum`` (the ``solora`` run's experts on the
-same weights with every component kept: the plain sum of all clusters' updates instead of the implicit-MoE
-router). The per-question outcomes of every method are stored per seed (``seed-<s>/seed_result.json``), so a
+resamples the data split, the adapters' initialisation and the training order. Besides every method's row, each
+seed holds the rows of the evaluation variants a run reports on the same weights (``solora:sum``: the ``solora``
+experts with every component kept, the plain sum of all clusters' updates instead of the implicit-MoE router;
+``solora:hard``: each task served by the cluster of the peers that hold it) and ``zero-shot`` (the base model
+alone), all scored on the same questions. The per-question outcomes of every method are stored per seed (``seed-<s>/seed_result.json``), so a
 finished seed is never redone and more seeds can be added later. The statistics (:mod:`sorlora.stats`): a
 hierarchical bootstrap over seeds and questions, 95% intervals, Holm-corrected pre-registered contrasts and the
 smallest difference each contrast could detect with 80% power.
@@ -29,7 +30,6 @@ from .stats import PREREGISTERED_CONTRASTS, compare_methods, estimate
 __all__ = ["StudySettings", "STUDY_PRESETS", "run_study", "study_table", "add_study_commands", "PILOT_CANDIDATES"]
 
 ZERO_SHOT = "zero-shot"
-MOE_SUM = "solora:sum"
 
 # Offline tasks whose questions fit 96 tokens (measured: vitaminc 90%, multiemo 87%, elementary_math_qa 29% do not).
 PILOT_CANDIDATES: tuple[str, ...] = (
@@ -51,7 +51,6 @@ class StudySettings:
     config: ExperimentConfig
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     zero_shot: bool = field(default=True, metadata={"help": "add the base model alone as a row"})
-    moe_sum: bool = field(default=True, metadata={"help": "add solora's experts as a plain sum (all components)"})
     n_boot: int = field(default=4000, metadata={"help": "bootstrap replicates per estimate"})
 
     def __post_init__(self) -> None:
@@ -93,49 +92,45 @@ def _write_json(path: Path, data: Any) -> None:
 # ---------------------------------------------------------------- one seed
 
 
-def _per_question(result: Mapping[str, Any], tasks: Sequence[str], key: str) -> dict[str, list[float | None]]:
-    per_question = result.get("per_question")
-    if per_question is None:
-        raise ValueError(f"method {result.get('method')!r}: the run's results hold no per-question outcomes")
-    return {t: per_question[t][key] for t in tasks}
+def _row(accuracy: Mapping[str, float], per_question: Mapping[str, Mapping[str, list]], tasks: Sequence[str],
+         bytes_sent: int | None) -> dict[str, Any]:  # fmt: skip
+    def mean(values: list) -> float:
+        scored = [v for v in values if v is not None]
+        return float(np.mean(scored)) if scored else float("nan")
 
-
-def _extra_rows(cfg: ExperimentConfig, run_dir: Path, settings: StudySettings) -> dict[str, dict[str, Any]]:
-    """zero-shot and solora:sum rows: the base model alone and the saved MoE with every component kept."""
-    from .evaluation import evaluate  # noqa: PLC0415 - torch is only needed once a seed runs
-    from .runner import load_model, load_tasks  # noqa: PLC0415
-
-    rows: dict[str, dict[str, Any]] = {}
-    kw = dict(batch_size=cfg.eval_batch_size, max_len=cfg.max_len)
-    tasks = load_tasks(cfg)
-    if settings.zero_shot:
-        model, tokenizer, _ = load_model(cfg)
-        results = {t: evaluate(model, tokenizer, task, **kw) for t, task in tasks.items()}
-        rows[ZERO_SHOT] = _row_of(results, bytes_sent=0)
-    moe_dir = run_dir / "moe"
-    if settings.moe_sum and "solora" in cfg.methods and (moe_dir / "config.json").exists():
-        from moe_router import ImplicitMoEForCausalLM  # noqa: PLC0415
-
-        _, tokenizer, _ = load_model(cfg)
-        moe = ImplicitMoEForCausalLM.from_pretrained(moe_dir).eval()
-        moe.set_router(top_k="all", refine="none")
-        results = {t: evaluate(moe, tokenizer, task, **kw) for t, task in tasks.items()}
-        rows[MOE_SUM] = _row_of(results, bytes_sent=None)
-    return rows
-
-
-def _row_of(results: Mapping[str, Mapping[str, Any]], *, bytes_sent: int | None) -> dict[str, Any]:
     return {
-        "accuracy": {t: r["accuracy"] for t, r in results.items()},
-        "acc_norm": {t: r["acc_norm"] for t, r in results.items()},
-        "correct": {t: r["correct"] for t, r in results.items()},
-        "correct_norm": {t: r["correct_norm"] for t, r in results.items()},
+        "accuracy": {t: accuracy[t] for t in tasks},
+        "acc_norm": {t: mean(per_question[t]["correct_norm"]) for t in tasks},
+        "correct": {t: per_question[t]["correct"] for t in tasks},
+        "correct_norm": {t: per_question[t]["correct_norm"] for t in tasks},
         "bytes_transmitted": bytes_sent,
     }
 
 
+def _method_rows(name: str, result: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """A method's row and one row per evaluation variant on the same weights (e.g. ``solora:sum``)."""
+    if "per_question" not in result:
+        raise ValueError(f"method {name!r}: the run's results hold no per-question outcomes")
+    sent = result["bytes_transmitted"]
+    rows = {name: _row(result["accuracy"], result["per_question"], tasks, sent)}
+    for variant, v in (result.get("variants") or {}).items():
+        rows[f"{name}:{variant}"] = _row(v["accuracy"], v["per_question"], tasks, sent)
+    return rows
+
+
+def _zero_shot(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The base model alone on the seed's test questions."""
+    from .evaluation import evaluate, per_question  # noqa: PLC0415 - torch is only needed once a seed runs
+    from .runner import load_model, load_tasks  # noqa: PLC0415
+
+    model, tokenizer, _ = load_model(cfg)
+    kw = dict(batch_size=cfg.eval_batch_size, max_len=cfg.max_len)
+    results = {t: evaluate(model, tokenizer, task, **kw) for t, task in load_tasks(cfg).items()}
+    return _row({t: r["accuracy"] for t, r in results.items()}, per_question(results), cfg.tasks, 0)
+
+
 def run_seed(settings: StudySettings, study_dir: Path, seed: int, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or read back) one seed: every method, plus the zero-shot and plain-sum rows, with per-question outcomes."""
+    """Run (or read back) one seed: every method (and its variants) plus the zero-shot row, per question."""
     from .runner import run_experiment  # noqa: PLC0415
 
     seed_dir = study_dir / f"seed-{seed}"
@@ -149,15 +144,10 @@ def run_seed(settings: StudySettings, study_dir: Path, seed: int, *, progress: b
     run_seconds = time.perf_counter() - started
     methods: dict[str, dict[str, Any]] = {}
     for name, result in summary["methods"].items():
-        methods[name] = {
-            "accuracy": result["accuracy"],
-            "acc_norm": result.get("acc_norm", {}),
-            "correct": _per_question(result, cfg.tasks, "correct"),
-            "correct_norm": _per_question(result, cfg.tasks, "correct_norm"),
-            "bytes_transmitted": result["bytes_transmitted"],
-        }
+        methods.update(_method_rows(name, result, cfg.tasks))
     extra_started = time.perf_counter()
-    methods.update(_extra_rows(cfg, seed_dir / "run", settings))
+    if settings.zero_shot:
+        methods[ZERO_SHOT] = _zero_shot(cfg)
     record = {
         "seed": seed,
         "methods": methods,

@@ -227,3 +227,13 @@ def test_truncation_report_counts_every_split(tiny):
     assert report["zeta"]["validation"]["n"] == 4
     assert report["zeta"]["train"]["max_tokens"] == max(training_length(e, tokenizer) for e in task.train)
     assert truncation_report({"zeta": task}, tokenizer, max_len=512)["zeta"]["test"]["truncated"] == 0
+
+
+def test_per_question_means_over_models_keep_skipped_questions_skipped():
+    from sorlora.evaluation import mean_per_question
+
+    a = {"t": {"correct": [1, 0, None], "correct_norm": [1, 1, None]}}
+    b = {"t": {"correct": [1, 1, None], "correct_norm": [0, 1, None]}}
+    assert mean_per_question([a, b]) == {"t": {"correct": [1.0, 0.5, None], "correct_norm": [0.5, 1.0, None]}}
+    with pytest.raises(ValueError, match="at least one"):
+        mean_per_question([])
