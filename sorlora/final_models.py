@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from moe_router import ImplicitMoEForCausalLM
 
-from .evaluation import evaluate
+from .evaluation import evaluate, mean_per_question, per_question
 from .tasks import Task
 from .workspace import Workspace, adapter_name
 
@@ -128,12 +128,23 @@ class Published:
         index = {p: i for i, p in enumerate(self.plan["members"])}
         return {adapter_name(index[p]): self.parts[p] for p in peers if p in self.parts}
 
-    def evaluate_view(self, view: Mapping[str, Any], tasks: Mapping[str, Task]) -> dict[str, float]:
+    def score_view(self, view: Mapping[str, Any], tasks: Mapping[str, Task]) -> dict[str, dict[str, Any]]:
+        """Full :func:`~sorlora.evaluation.evaluate` results (per-question outcomes included) of ``view``."""
         self.ws.load_view(view)
         self.ws.activate(list(view))
-        return {
-            t: evaluate(self.ws.network, self.tokenizer, task, **self.eval_kw)["accuracy"] for t, task in tasks.items()
-        }
+        return score(self.ws.network, self.tokenizer, tasks, **self.eval_kw)
+
+    def evaluate_view(self, view: Mapping[str, Any], tasks: Mapping[str, Task]) -> dict[str, float]:
+        return {t: r["accuracy"] for t, r in self.score_view(view, tasks).items()}
+
+
+def score(model: Any, tokenizer: Any, tasks: Mapping[str, Task], **eval_kw: Any) -> dict[str, dict[str, Any]]:
+    """:func:`~sorlora.evaluation.evaluate` of one model on every task."""
+    return {t: evaluate(model, tokenizer, task, **eval_kw) for t, task in tasks.items()}
+
+
+def _accuracy(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    return {t: r["accuracy"] for t, r in results.items()}
 
 
 class FinalModel:
@@ -143,33 +154,42 @@ class FinalModel:
         """Publish what this final model needs beyond the peer's own adapter (default: nothing)."""
 
     def evaluate(self, pub: Published, tasks: Mapping[str, Task], *, validation: Mapping[str, Task] | None) -> tuple:
-        """(accuracy per task, extra result fields)."""
+        """(accuracy per task, extra result fields). The extra fields hold ``per_question`` (the outcomes behind the
+        accuracies, for paired statistics) and may hold ``variants``: other evaluations of the same weights,
+        ``{name: {"accuracy": ..., "per_question": ...}}``."""
         raise NotImplementedError
+
+
+def _holder_cluster(pub: Published, task: str) -> int:
+    """Index in the plan of the cluster holding most of the peers whose task is ``task`` (hard routing by task)."""
+    holders = [p for p in pub.plan["members"] if pub.tasks_of[p] == task]
+    clusters = pub.plan["clusters"]
+    return max(range(len(clusters)), key=lambda c: sum(p in clusters[c] for p in holders))
 
 
 class PerPeer(FinalModel):
     def evaluate(self, pub, tasks, *, validation):
-        per_task: dict[str, list[float]] = {t: [] for t in tasks}
-        for p in tqdm(pub.plan["members"], desc="evaluate peers", disable=not pub.progress, leave=False):
-            for t, acc in pub.evaluate_view(pub.view([p]), tasks).items():
-                per_task[t].append(acc)
-        return {t: float(np.mean(v)) for t, v in per_task.items()}, {}
+        results = [
+            pub.score_view(pub.view([p]), tasks)
+            for p in tqdm(pub.plan["members"], desc="evaluate peers", disable=not pub.progress, leave=False)
+        ]
+        accuracy = {t: float(np.mean([r[t]["accuracy"] for r in results])) for t in tasks}
+        return accuracy, {"per_question": mean_per_question([per_question(r) for r in results])}
 
 
 class OneCluster(FinalModel):
     def evaluate(self, pub, tasks, *, validation):
-        first = pub.plan["clusters"][0]
-        return pub.evaluate_view(pub.view(first), tasks), {}
+        results = pub.score_view(pub.view(pub.plan["clusters"][0]), tasks)
+        return _accuracy(results), {"per_question": per_question(results)}
 
 
 class Oracle(FinalModel):
     def evaluate(self, pub, tasks, *, validation):
-        out = {}
+        results = {}
         for t, task in tasks.items():
-            holder = next(p for p in pub.plan["members"] if pub.tasks_of[p] == t)
-            cluster = next(c for c in pub.plan["clusters"] if holder in c)
-            out[t] = pub.evaluate_view(pub.view(cluster), {t: task})[t]
-        return out, {}
+            cluster = pub.plan["clusters"][_holder_cluster(pub, t)]
+            results[t] = pub.score_view(pub.view(cluster), {t: task})[t]
+        return _accuracy(results), {"per_question": per_question(results)}
 
 
 class ImplicitMoE(FinalModel):
@@ -216,8 +236,22 @@ class ImplicitMoE(FinalModel):
         router = None
         if validation:
             router = choose_router(moe, validation, pub.tokenizer, rank=pub.rank, **pub.eval_kw)
-        acc = evaluate_moe(moe, tasks, pub.tokenizer, progress=pub.progress, **pub.eval_kw)
-        return acc, {"router": router, "moe_config": json.loads(moe.config.to_json_string())}
+        results = score(moe, pub.tokenizer, tasks, **pub.eval_kw)
+        variants = {}
+        # The same weights without the router: every component of every cluster kept (the plain sum) ...
+        with moe.router_settings(routing="sum", refine="none"):
+            plain = score(moe, pub.tokenizer, tasks, **pub.eval_kw)
+        variants["sum"] = {"accuracy": _accuracy(plain), "per_question": per_question(plain)}
+        # ... and hard routing by the true task: only the expert of the cluster that holds the task.
+        if moe.num_experts == len(pub.plan["clusters"]):
+            hard = {}
+            with moe.router_settings(routing="oracle"):
+                for t, task in tasks.items():
+                    with moe.routed(_holder_cluster(pub, t)):
+                        hard[t] = evaluate(moe, pub.tokenizer, task, **pub.eval_kw)
+            variants["hard"] = {"accuracy": _accuracy(hard), "per_question": per_question(hard)}
+        extra = {"router": router, "moe_config": json.loads(moe.config.to_json_string())}
+        return _accuracy(results), {**extra, "per_question": per_question(results), "variants": variants}
 
 
 FINAL_MODELS: dict[str, FinalModel] = {

@@ -259,6 +259,8 @@ class Runner:
             "clusters": [[plan["members"].index(p) for p in c] for c in plan["clusters"]],
             "collision_rate": self._collision_rate(spec, plan, regs),
             "router": extra.get("router"),
+            "per_question": extra.get("per_question"),  # the outcomes behind "accuracy" (paired statistics)
+            "variants": extra.get("variants", {}),  # other evaluations of the same weights (e.g. solora's plain sum)
             "n_test": {t: len(task.test) for t, task in self.tasks.items()},
             "inter_cluster_bytes": int(inter),
             "skipped": {

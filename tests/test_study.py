@@ -75,9 +75,12 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
         assert (tmp_path / name).stat().st_size > 0, name
     stored = json.loads((tmp_path / "study.json").read_text())
     assert stored["settings"]["seeds"] == [0, 1]
-    assert {"lora", "lori", "solora-single", "solora", "zero-shot"} <= set(stored["accuracy"])
+    assert {"lora", "lori", "solora-single", "solora", "solora:sum", "solora:hard", "zero-shot"} == set(
+        stored["accuracy"]
+    ), "every method, the MoE's plain sum and hard routing on the same weights, and the base model alone"
+    assert [c["name"] for c in stored["contrasts"]][-1] == "solora − solora:sum" and not stored["skipped_contrasts"]
     assert stored["questions_per_seed"] == cfg.n_test * len(cfg.tasks)
-    assert len(result["contrasts"]) >= 4
+    assert len(result["contrasts"]) == 5
     seeds = [json.loads((tmp_path / f"seed-{s}" / "seed_result.json").read_text()) for s in (0, 1)]
     assert seeds[0]["methods"]["lora"]["correct"] != seeds[1]["methods"]["lora"]["correct"] or (
         seeds[0]["methods"]["lora"]["accuracy"] != seeds[1]["methods"]["lora"]["accuracy"]
