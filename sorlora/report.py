@@ -10,6 +10,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .stats import planned_detectable_difference
+
 __all__ = ["results_table", "write_report"]
 
 
@@ -52,12 +54,15 @@ def results_table(summary: dict[str, Any]) -> str:
     n_test = next(iter(methods.values()))["n_test"] if methods else {}
     n_total = sum(n_test.values())
     noise = 100 * math.sqrt(0.25 / n_total) if n_total else float("nan")
+    detectable = 100 * planned_detectable_difference(n_total, 1, seed_sd=0.0) if n_total else float("nan")
     cfg = summary["config"]
     lines.append("")
     lines.append(
         f"Accuracy in % (multiple-choice log-likelihood, mean over peers' models), {n_total} test questions "
         f"({', '.join(f'{t}: {n}' for t, n in n_test.items())}); the average carries about ±{noise:.1f} points of "
-        f"sampling noise (1 s.e. at 50%). Base model {summary.get('base_model')}; {cfg['peers']} peers, "
+        f"sampling noise (1 s.e. at 50%), and one seed can only detect differences between two methods of about "
+        f"{detectable:.0f} points (paired, 80% power, if 30% of questions are answered differently; `sorlora study` "
+        f"runs several seeds). Base model {summary.get('base_model')}; {cfg['peers']} peers, "
         f"{cfg['rounds']} rounds × {cfg['local_steps']} steps, batch {cfg['batch_size']}, rank {cfg['rank']}, "
         f"sparsity {cfg['sparsity']}, seed {cfg['seed']}."
     )
