@@ -67,6 +67,10 @@ class AdapterKind:
         """``update`` completed with the structure of the same peer's round-0 payload."""
         return update
 
+    def init_slot(self, index: int) -> int:
+        """Whose random initialisation member ``index`` draws (default: its own)."""
+        return index
+
 
 @dataclass(frozen=True)
 class SOLoRAKind(AdapterKind):
@@ -125,6 +129,10 @@ class DenseLoRAKind(AdapterKind):
     payload_cls: type = DenseUpdate
     calibrates: bool = False
     sparse: bool = False
+    shared_init: bool = False  # every peer starts from the same random A (FedAvg then averages aligned factors)
+
+    def init_slot(self, index: int) -> int:
+        return 0 if self.shared_init else index
 
     def peft_config(self, terms: Any, *, slot: int, base_model: str) -> LoraConfig:
         return LoraConfig(
@@ -159,4 +167,5 @@ ADAPTER_KINDS: dict[str, AdapterKind] = {
     "solora": SOLoRAKind(),
     "lori": SOLoRAKind(name="lori", projection="gaussian", shared_projection=True, allocation="uniform"),
     "lora": DenseLoRAKind(),
+    "lora-shared-a": DenseLoRAKind(name="lora-shared-a", shared_init=True),
 }

@@ -13,6 +13,8 @@ __all__ = ["ExperimentConfig", "METHODS", "PRESETS", "preset"]
 
 # The methods compared in one run (method.md §5). See sorlora/methods.py for what each one does.
 METHODS = ("lora", "lori", "solora-single", "solora", "local", "oracle")
+# Further baselines a run may name in `methods` (not run by default): see sorlora/methods.py.
+EXTRA_METHODS = ("lora-shared-a",)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class ExperimentConfig:
             "solora": 3e-3,
             "local": 3e-3,
             "oracle": 3e-3,
+            "lora-shared-a": 3e-3,
         }
     )
     degree: int = 2  # neighbours per peer in the random topology of the lora/lori baselines
@@ -75,9 +78,9 @@ class ExperimentConfig:
     ray_timeout: float = 3600.0  # seconds the driver waits for one phase of one peer (ray.get timeout)
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in METHODS + EXTRA_METHODS]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+            raise ValueError(f"unknown methods {unknown}; choose from {METHODS + EXTRA_METHODS}")
         for name in ("peers", "rounds", "local_steps", "batch_size", "max_len", "n_test", "rank"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -39,6 +39,10 @@ class MethodSpec:
 
 METHOD_SPECS: dict[str, MethodSpec] = {
     "lora": MethodSpec("lora", ADAPTER_KINDS["lora"], topology="random", aggregation="fedavg"),
+    # lora with every peer's A drawn from one seed: averaging A and B separately no longer mixes unaligned factors
+    "lora-shared-a": MethodSpec(
+        "lora-shared-a", ADAPTER_KINDS["lora-shared-a"], topology="random", aggregation="fedavg"
+    ),
     "lori": MethodSpec("lori", ADAPTER_KINDS["lori"], topology="random", aggregation="masked"),
     "solora-single": MethodSpec(
         "solora-single",

@@ -56,7 +56,7 @@ class Workspace:
         """Create adapter ``name`` for member ``index`` (a dense LoRA's random A is drawn from a per-member seed)."""
         config = self.adapter_config(index)
         with torch.random.fork_rng():
-            torch.manual_seed(derive_seed(self.terms.seed, "adapter", index) % 2**31)
+            torch.manual_seed(derive_seed(self.terms.seed, "adapter", self.kind.init_slot(index)) % 2**31)
             if self.model is None:
                 self.model = get_peft_model(self.base, config, adapter_name=name)
             else:
