@@ -8,7 +8,6 @@ The project CLI mounts these with :func:`add_collab_commands`.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 from pathlib import Path
@@ -33,52 +32,20 @@ def _open(args: argparse.Namespace, namespace: str | None = None):
     return open_hub(args.hub, namespace=namespace, token=os.environ.get(args.token_env) or None)
 
 
-def _read_records(path: Path) -> list[tuple[int, dict]]:
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return [(i + 2, dict(row)) for i, row in enumerate(csv.DictReader(handle))]
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append((i, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-    return out
-
-
 def load_peer_data(data: str | None, task: str | None, *, seed: int = 0):
-    """A peer's own data: a JSONL/CSV file of multiple-choice items (``prompt``, ``options``, ``answer``) or a
-    registry task by name (its training split). Bad records raise one line naming the file, line and field."""
+    """A peer's own data: a JSONL/CSV task file (multiple choice ``prompt``/``options``/``answer``, or
+    ``text``/``label``; see :func:`sorlora.tasks.read_task_file`) whose records all train (a ``split`` field keeps
+    only its ``train`` records), or a registry task by name (its training split). A bad record raises one line
+    naming the file, the line and the field."""
     from .peer_program import PeerData
-    from .tasks import Example, load_task
+    from .tasks import load_task, read_task_file
 
     if data is None:
         if not task:
             raise ValueError("give --data FILE (your own data) or --task NAME (a registry task)")
         return PeerData(task=task, train=load_task(task, n_train=None, n_test=1, seed=seed).train)
-    from . import tasks as task_module
-
-    loader = getattr(task_module, "load_task_file", None)
-    if loader is not None:  # the project's file loader (JSONL/CSV, multiple-choice or text/label)
-        loaded = loader(data)
-        return PeerData(task=task or loaded.name, train=list(loaded.train) + list(loaded.test))
-    path = Path(data)
-    if not path.is_file():
-        raise ValueError(f"--data {data}: no such file")
-    examples = []
-    for line, record in _read_records(path):
-        for field in ("prompt", "options", "answer"):
-            if field not in record:
-                raise ValueError(f"{path}:{line}: missing field {field!r}")
-        options = record["options"]
-        if isinstance(options, str):
-            options = json.loads(options) if options.startswith("[") else options.split("|")
-        try:
-            examples.append(Example(str(record["prompt"]), tuple(str(o) for o in options), int(record["answer"])))
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{path}:{line}: field 'answer' or 'options': {exc}") from None
-    return PeerData(task=task or path.stem, train=examples)
+    _, pools = read_task_file(data)
+    return PeerData(task=task or Path(data).stem, train=pools.get("all") or pools["train"])
 
 
 def _create(args: argparse.Namespace) -> int:

@@ -35,8 +35,13 @@ class PeerActor:
     """One peer in its own process: opens the hub, builds its program from its launch, runs it to the end."""
 
     def __init__(self, hub_location: str, namespace: str, collab_id: str, launch: PeerLaunch, model: str | None,
-                 threads: int | None) -> None:  # fmt: skip
+                 threads: int | None, crash_at: str | None = None) -> None:  # fmt: skip
         import torch
+
+        from .peer_program import CRASH_ENV
+
+        if crash_at:  # the driver's simulated kill, forwarded (it fires once per state directory)
+            os.environ[CRASH_ENV] = crash_at
 
         from sorlora_gossip.hub import open_hub
 
@@ -106,7 +111,10 @@ class RayEngine:
             max_restarts=cfg.ray_max_restarts, max_task_retries=cfg.ray_max_restarts,  # a retried run resumes
         )  # fmt: skip
         namespace = getattr(hub, "namespace", cfg.hub_namespace)
-        actors = [actor_cls.remote(self.hub_location, namespace, collab_id, launch, self.model, self.threads)
+        from .peer_program import CRASH_ENV
+
+        crash_at = os.environ.get(CRASH_ENV)
+        actors = [actor_cls.remote(self.hub_location, namespace, collab_id, launch, self.model, self.threads, crash_at)
                   for launch in launches]  # fmt: skip
         try:
             refs = {actor.run.remote(): launch for actor, launch in zip(actors, launches)}
