@@ -1,23 +1,60 @@
-"""One contract for both hub backends: LocalHub (a folder) and HfHub (real huggingface_hub over HTTP to HubServer)."""
+"""One contract for every hub backend: LocalHub (a folder), HfHub (real huggingface_hub over HTTP) to HubServer, and
+HfHub to a minimal Hub-compatible server lacking the optional endpoints (``/api/validate-yaml``, repo listing)."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import re
 
 import pytest
 
+from sorlora_gossip import Peer
+from sorlora_gossip.cli import add_gossip_commands
 from sorlora_gossip.hub import (
+    EndpointNotSupported,
     EntryNotFound,
     HfHub,
+    HubServer,
     InvalidNameError,
     PushConflictError,
     RefExistsError,
     RepoNotFound,
     RevisionNotFound,
 )
+from sorlora_gossip.layout import CARD_FILE
+
+from .conftest import FAST_BACKOFF
+from .gossip_payloads import calibrated_mlp, update_for_round
 
 SHA = re.compile(r"[0-9a-f]{40}")
 BINARY = bytes(range(256)) * 4
+
+
+@pytest.fixture
+def minimal_server(tmp_path):
+    """A Hub-compatible server without the optional endpoints (validate-yaml, repo listing)."""
+    with HubServer(tmp_path / "minimal-root", minimal=True) as server:
+        yield server
+
+
+@pytest.fixture
+def minimal_hub(minimal_server, tmp_path):
+    return HfHub(minimal_server.endpoint, namespace="gossip", cache_dir=tmp_path / "minimal-cache", **FAST_BACKOFF)
+
+
+@pytest.fixture(params=["local", "hf", "minimal"])
+def hub(request):
+    """Every backend in turn (overrides conftest's two): LocalHub, HfHub to HubServer, HfHub to a minimal server."""
+    return request.getfixturevalue(f"{request.param}_hub")
+
+
+def _listed(hub, namespace=None):
+    """``hub.list_repos``, or None where the endpoint cannot list (an optional part of the Hub API)."""
+    try:
+        return hub.list_repos(namespace)
+    except EndpointNotSupported:
+        return None
 
 
 def test_create_repo_is_idempotent_and_starts_with_one_commit(hub):
@@ -33,7 +70,7 @@ def test_create_repo_is_idempotent_and_starts_with_one_commit(hub):
     assert hub.list_files(repo) == []
     with pytest.raises(RefExistsError):
         hub.create_repo(repo, exist_ok=False)
-    assert hub.list_repos() == [repo]
+    assert _listed(hub) in ([repo], None), "listed exactly, where the endpoint lists repos at all"
 
 
 def test_commit_adds_files_and_old_revisions_stay_immutable(hub):
@@ -186,10 +223,11 @@ def _transcript(hub) -> list:
     return out
 
 
-def test_both_backends_give_the_same_results_and_errors(local_hub, hf_hub):
+def test_both_backends_give_the_same_results_and_errors(local_hub, hf_hub, minimal_hub):
     assert isinstance(hf_hub, HfHub)
     local, remote = _transcript(local_hub), _transcript(hf_hub)
     assert local == remote
+    assert _transcript(minimal_hub) == local, "a minimal Hub-compatible server: the same contract"
     errors = [entry[1] for entry in local if entry[0] == "error"]
     assert errors == [
         "PushConflictError",
@@ -223,3 +261,27 @@ def test_local_hub_is_content_addressed_and_shares_a_root(local_hub):
     assert not path_a.stat().st_mode & 0o222, "blobs are read-only"
     other = type(local_hub)(local_hub.root, namespace="gossip")
     assert other.resolve(repo_a) == local_hub.resolve(repo_a)
+
+
+def test_minimal_server_cards_degrade_to_a_warning_and_status_still_works(minimal_hub, minimal_server, caplog,
+                                                                           capsys, tmp_path, monkeypatch):  # fmt: skip
+    model = calibrated_mlp()
+    peer = Peer(minimal_hub, "carded", task="t", adapter_config=model.peft_config["default"].to_dict())
+    caplog.set_level(logging.WARNING)
+    for r in range(2):
+        assert peer.push_round(r, update_for_round(model, r, seed=0)).created
+    assert "validate-yaml" in caplog.text, "the missing optional endpoint is reported"
+    assert caplog.text.count("lacks /api/validate-yaml") == 1, "once, not at every push"
+    assert CARD_FILE in minimal_hub.list_files(peer.repo_id), "the card still travels, unvalidated"
+    with pytest.raises(EndpointNotSupported):
+        minimal_hub.list_repos()
+    parser = argparse.ArgumentParser()
+    add_gossip_commands(parser.add_subparsers(dest="command"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cli-cache"))
+    for extra in ([], ["--peers", "carded"]):
+        args = parser.parse_args(["status", "--hub", minimal_server.endpoint, "--namespace", "gossip", *extra])
+        assert args.func(args) == 0
+    out = capsys.readouterr()
+    assert "does not list repos" in out.err and "--peers" in out.err
+    assert "0 peer(s)" in out.out and "1 peer(s)" in out.out
+    assert "carded" in out.out.splitlines()[-2]
