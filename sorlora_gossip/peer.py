@@ -702,6 +702,11 @@ class Peer:
 
     def _load(self, peer: str, repo_id: str, round: int, sha: str) -> tuple[Payload, dict, int, str]:
         """Validate and parse ``peer``'s revision ``sha`` for ``round``; return (update, peer.json, bytes, sha)."""
+        if round == 0:
+            own = self._own_payload()
+            expected = own.structure if own is not None and own.masks is None else None  # dense: same tensors
+        else:
+            expected = self._neighbour_masks(peer, repo_id)  # first: it sizes this payload exactly
         try:
             sizes = self.hub.file_sizes(repo_id, revision=sha)
             info = self._read_info(repo_id, sha, round=round)
@@ -723,11 +728,6 @@ class Peer:
                 f"{UPDATE_FILE} does not match {INFO_FILE} ({len(data)} bytes vs {info['bytes']}, checksum differs): "
                 "corrupted or truncated"
             )
-        if round == 0:
-            own = self._own_payload()
-            expected = own.structure if own is not None and own.masks is None else None  # dense: same tensors
-        else:
-            expected = self._neighbour_masks(peer, repo_id)
         update = self.payload_cls.from_bytes(
             data, expected_base_model=self.base_model, expected_config_hash=self.config_hash, masks=expected
         )
