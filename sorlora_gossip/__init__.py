@@ -17,12 +17,14 @@ from .accounting import (
     total_stats,
 )
 from .aggregation import cluster_experts, fedavg, masked_average, masked_average_updates, member_views, restrict_to_mask
+from .cards import AdapterCards, RoundHook, publish_adapter
 from .dense import DenseUpdate
 from .hub import (
     EntryNotFound,
     HfHub,
     Hub,
     HubError,
+    HubForbidden,
     HubServer,
     HubUnavailable,
     LocalHub,
@@ -31,6 +33,7 @@ from .hub import (
     RevisionNotFound,
     open_hub,
 )
+from .payload import Payload
 from .peer import Peer, PushResult, Rejection, RoundPull, round_tag
 from .plot import plot_topology
 from .topology import (
@@ -43,6 +46,7 @@ from .topology import (
     ring,
     single_cluster,
 )
+from .untrusted import read_json
 from .wireless import (
     ChannelParams,
     channel_gains,
@@ -61,6 +65,7 @@ __all__ = [
     "Hub",
     "HubError",
     "HubServer",
+    "HubForbidden",
     "HubUnavailable",
     "LocalHub",
     "PushConflictError",
@@ -73,7 +78,12 @@ __all__ = [
     "Rejection",
     "RoundPull",
     "round_tag",
+    "read_json",
+    "Payload",
     "DenseUpdate",
+    "AdapterCards",
+    "RoundHook",
+    "publish_adapter",
     # topology and channel
     "ChannelParams",
     "place_peers",

@@ -14,7 +14,9 @@ A peer is identified by its full repo id; a registration names it. ``hub-serve``
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 
 from huggingface_hub.constants import REPOCARD_NAME
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
@@ -33,6 +35,8 @@ __all__ = [
     "PLAN_FILE",
     "ROUND_TAG_RE",
     "UPDATE_FILE",
+    "check_history",
+    "check_metrics",
     "collab_write_allowed",
     "member_path",
     "parse_peer_info",
@@ -97,3 +101,28 @@ def parse_peer_info(data: bytes, *, repo_id: str, round: int | None = None) -> d
     if not isinstance(info.get("bytes"), int) or info["bytes"] < 0 or not isinstance(info.get("sha256"), str):
         raise PayloadError(f"{INFO_FILE} lacks the payload's byte count or sha256")
     return info
+
+
+def check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
+    """``metrics`` as a str -> float dict; NaN/Inf raise (JSON and the card need finite numbers)."""
+    checked = {str(k): float(v) for k, v in (metrics or {}).items()}
+    bad = [k for k, v in checked.items() if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"metrics must be finite numbers, got NaN/Inf for {bad}")
+    return checked
+
+
+def check_history(history: object) -> list[dict]:
+    """A ``peer.json`` history: a list of {round, bytes, params_transmitted, neighbours}; raise PayloadError if not."""
+    if not isinstance(history, list):
+        raise PayloadError(f"{INFO_FILE} history is a {type(history).__name__}, expected a list")
+    for entry in history:
+        ok = isinstance(entry, dict) and all(
+            isinstance(entry.get(k), int) and entry[k] >= 0 for k in ("round", "bytes", "params_transmitted")
+        )
+        neighbours = entry.get("neighbours") if isinstance(entry, dict) else None
+        if not ok or not (
+            neighbours is None or (isinstance(neighbours, list) and all(isinstance(n, str) for n in neighbours))
+        ):
+            raise PayloadError(f"{INFO_FILE} history entry {entry!r} is malformed")
+    return history

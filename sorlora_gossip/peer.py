@@ -1,14 +1,20 @@
-"""A gossip peer: pushes one hub revision per round and pulls its neighbours' revisions for the same round.
+"""A gossip peer: the push/pull protocol. It pushes one hub revision per round and pulls its neighbours' revisions
+for the same round; the on-hub layout and ``peer.json`` schema live in :mod:`sorlora_gossip.layout`, what is built on
+top (the adapter card, the final adapter) in :mod:`sorlora_gossip.cards`, reached through a :class:`RoundHook`.
 
-Each peer owns the repo ``<namespace>/<peer_id>``. Round ``N`` is one commit holding ``update.safetensors`` (the
-peft_sorlora sparse update: masks, shapes and projection seed in round 0, values only afterwards), ``peer.json``
-(peer id, round, task, cluster, bytes, SHA-256 of the payload, base model, config hash, local metrics, which
-neighbour revisions the previous pull used, and the cumulative per-round ``history``) and, when the peer knows its
-SO-LoRA config, ``README.md`` (the adapter card, see :mod:`model_cards`), tagged ``round-000N``. The card is merged
-into the one at the parent revision on every push, so text users add on the hub between rounds is kept; pulls read
-only ``update.safetensors`` and ``peer.json``; :meth:`Peer.publish_adapter` adds a loadable PEFT adapter, tagged.
-A pull pins each neighbour to the commit its ``round-000N`` tag names, so a round can be replayed exactly. Payloads are validated (checksum, safetensors header,
-finiteness, shapes, base model, config hash); a bad one is rejected with the peer and revision named, and the round
+Each peer owns the repo ``hub.repo_id(peer_id)`` (``namespace/peer_id``, or ``peer_id`` itself when it is a full repo
+id). Round ``N`` is one commit holding ``update.safetensors`` (a :class:`~sorlora_gossip.payload.Payload`: SO-LoRA's
+masks, shapes and projection seed in round 0, values only afterwards, or a dense LoRA state), ``peer.json`` (peer id,
+round, task, cluster, bytes, SHA-256 of the payload, base model, config hash, local metrics, which neighbour
+revisions the previous pull used, and the cumulative per-round ``history``) and the hook's files, tagged
+``round-000N``. A second live writer of one peer id is refused (:class:`SecondWriterError`); a squatted round tag is
+replaced.
+
+A pull trusts nothing: a neighbour's tag counts only for a commit on its main history whose ``peer.json`` says that
+round, and the revision is pinned by its sha, so a round can be replayed exactly; sizes are checked before
+downloading (a values-only payload's exactly, from the neighbour's round-0 masks); JSON is size-capped and
+recursion-safe; payloads are validated (checksum, header fields, finiteness and bounds, shapes, base model, config
+hash). A bad neighbour, or one whose repo refuses us, is rejected with the peer, revision and reason, and the round
 goes on without it. Nothing is unpickled: payloads are safetensors, metadata is JSON.
 """
 
@@ -17,19 +23,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_safetensors
-
-from model_cards import AdapterCardInfo, RoundRecord, adapter_card, summarize_config, update_card
 from peft_sorlora import PayloadError, SparseUpdate
 
+from .cards import AdapterCards, RoundHook, publish_adapter
 from .hub.base import (
     DEFAULT_BRANCH,
     EntryNotFound,
@@ -38,14 +40,11 @@ from .hub.base import (
     HubError,
     HubUnavailable,
     PushConflictError,
-    RefExistsError,
     RepoNotFound,
     RequestTooLarge,
     RevisionNotFound,
     SecondWriterError,
     deadline,
-    validate_path,
-    validate_ref,
 )
 from .layout import (
     ADAPTER_CONFIG_FILE,
@@ -54,8 +53,9 @@ from .layout import (
     INFO_FILE,
     INFO_FORMAT,
     MAX_INFO_BYTES,
-    ROUND_TAG_RE,
     UPDATE_FILE,
+    check_history,
+    check_metrics,
     parse_peer_info,
     round_tag,
 )
@@ -82,85 +82,8 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30  # a round-0 payload when this peer has none
 PULL_GRACE_S = 2.0  # beyond a pull's timeout, how long a transfer under way may still be retried
 
 
-def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
-    """``metrics`` as a str -> float dict; NaN/Inf raise (JSON and the card need finite numbers)."""
-    checked = {str(k): float(v) for k, v in (metrics or {}).items()}
-    bad = [k for k, v in checked.items() if not math.isfinite(v)]
-    if bad:
-        raise ValueError(f"metrics must be finite numbers, got NaN/Inf for {bad}")
-    return checked
-
-
 def _json_bytes(info: Mapping[str, object]) -> bytes:
     return json.dumps(info, indent=1, sort_keys=True, allow_nan=False).encode()
-
-
-def _check_history(history: object) -> list[dict]:
-    """A ``peer.json`` history: a list of {round, bytes, params_transmitted, neighbours}; raise PayloadError if not."""
-    if not isinstance(history, list):
-        raise PayloadError(f"{INFO_FILE} history is a {type(history).__name__}, expected a list")
-    for entry in history:
-        ok = isinstance(entry, dict) and all(
-            isinstance(entry.get(k), int) and entry[k] >= 0 for k in ("round", "bytes", "params_transmitted")
-        )
-        neighbours = entry.get("neighbours") if isinstance(entry, dict) else None
-        if not ok or not (
-            neighbours is None or (isinstance(neighbours, list) and all(isinstance(n, str) for n in neighbours))
-        ):
-            raise PayloadError(f"{INFO_FILE} history entry {entry!r} is malformed")
-    return history
-
-
-def _last_params(history: Sequence[dict]) -> int | None:
-    """Parameters the peer trains: what each of its rounds transmits (the masked entries), from its last round."""
-    return history[-1]["params_transmitted"] if history else None
-
-
-def _read(source: FileSource) -> bytes:
-    return source.read_bytes() if isinstance(source, Path) else bytes(source)
-
-
-def _adapter_files(files: Mapping[str, bytes | Path]) -> dict[str, FileSource]:
-    """Check the files of a PEFT adapter (config JSON, safetensors weights) and return them path -> bytes/Path."""
-    checked: dict[str, FileSource] = {}
-    for name, source in files.items():
-        validate_path(name)
-        if name == CARD_FILE:
-            raise ValueError(f"{CARD_FILE} is generated by publish_adapter; edit it on the hub instead (it is kept)")
-        if not isinstance(source, (bytes, bytearray, Path)):
-            raise ValueError(f"file {name!r} must be bytes or a pathlib.Path, got {type(source).__name__}")
-        if isinstance(source, Path) and not source.is_file():
-            raise ValueError(f"file {name!r}: {source} is not a file")
-        checked[name] = bytes(source) if isinstance(source, bytearray) else source
-    missing = [name for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE) if name not in checked]
-    if missing:
-        raise ValueError(f"an adapter needs {missing} (as PeftModel.save_pretrained writes them)")
-    try:
-        config = json.loads(_read(checked[ADAPTER_CONFIG_FILE]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{ADAPTER_CONFIG_FILE} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict) or config.get("peft_type") not in ("SOLORA", "LORA"):
-        kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise ValueError(f"{ADAPTER_CONFIG_FILE} is for peft_type {kind!r}, expected 'SOLORA' (or a 'LORA' export)")
-    weights = checked[ADAPTER_WEIGHTS_FILE]
-    try:
-        if isinstance(weights, Path):
-            with safe_open(str(weights), framework="pt"):
-                pass
-        else:
-            load_safetensors(weights)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
-        raise ValueError(f"{ADAPTER_WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
-    return checked
-
-
-@dataclass(frozen=True)
-class _TreeState:
-    """What a commit of this peer left in its tree: the history in ``peer.json`` and the card (if it was read)."""
-
-    history: list[dict]
-    card_text: str | None
-    card_read: bool
 
 
 @dataclass(frozen=True)
@@ -220,10 +143,13 @@ class Peer:
     round-0 update, or from its last pushed ``peer.json`` when resuming). ``payload_cls`` parses pulled payloads:
     :class:`~peft_sorlora.SparseUpdate` (default) or :class:`sorlora_gossip.dense.DenseUpdate` for the dense LoRA baseline.
 
-    ``adapter_config`` (the peer's ``SOLoRAConfig.to_dict()``) turns on the adapter card: every push then also writes
-    ``README.md``. Without it (the CLI, the dense LoRA baseline, whose LoRA config a SO-LoRA card cannot describe) no
-    card is written; ``cards=False`` turns cards off even with a config. A card that cannot be made (no base model
-    name, damaged markers in the hub's README) is logged and left out: it never blocks the exchange.
+    ``hook``: what a round's commit carries beyond the exchange (:class:`~sorlora_gossip.cards.RoundHook`), built on
+    top of the peer. ``adapter_config`` (the peer's ``SOLoRAConfig.to_dict()``) is shorthand for the adapter card
+    hook (:class:`~sorlora_gossip.cards.AdapterCards`): every push then also writes ``README.md``. Without either
+    (the CLI, the dense LoRA baseline, whose LoRA config a SO-LoRA card cannot describe) no card is written;
+    ``cards=False`` turns the card off even with a config. A card that cannot be made is logged and left out: it
+    never blocks the exchange. ``max_payload_bytes``: the largest round-0 payload accepted from a neighbour while this
+    peer has no round-0 payload of its own to size it by.
     """
 
     def __init__(
@@ -240,6 +166,7 @@ class Peer:
         adapter_config: Mapping[str, Any] | None = None,
         cards: bool = True,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        hook: RoundHook | None = None,
     ) -> None:
         self.hub = hub
         self.payload_cls = payload_cls
@@ -258,13 +185,12 @@ class Peer:
         self._synced = False
         self._last_pull: RoundPull | None = None
         self.adapter_config = None if adapter_config is None else dict(adapter_config)
-        self.cards = bool(cards) and self.adapter_config is not None
-        if self.cards:
-            summarize_config(self.adapter_config)  # a config the card cannot show fails here, not at round 5
-            if not task:
-                raise ValueError(f"peer {peer_id!r}: an adapter card names the peer's task; pass task= or cards=False")
-        # (commit sha, history, README text) of this peer's last commit, so a push needs no read of its own files
-        self._parent_state: tuple[str, _TreeState] | None = None
+        if hook is None and cards and self.adapter_config is not None:
+            hook = AdapterCards(self.adapter_config, task=task, peer_id=peer_id)  # fails now, not at round 5
+        self.hook = hook
+        self.cards = hook is not None
+        # (commit sha, history) of this peer's last commit, so a push needs no read of its own peer.json
+        self._parent_state: tuple[str, list[dict]] | None = None
 
     def __repr__(self) -> str:
         return f"Peer({self.peer_id!r}, hub={self.hub!r}, task={self.task!r}, cluster={self.cluster!r})"
@@ -372,19 +298,19 @@ class Peer:
             raise ValueError(f"peer {self.peer_id!r}: cannot push round {round}, the next round is {expected}")
         data = data if data is not None else update.to_bytes()
         checksum = hashlib.sha256(data).hexdigest()
-        metrics = _check_metrics(metrics)
+        metrics = check_metrics(metrics)
         used = None if self._last_pull is None else sorted(self._last_pull.revisions)
         record = {"round": round, "bytes": len(data), "params_transmitted": int(update.num_values), "neighbours": used}
 
-        def build(parent: str) -> tuple[dict[str, FileSource], _TreeState]:
-            history, card_text = self._state_at(parent, card=self.cards)
-            history = [*(h for h in history if h["round"] < round), record]
+        def build(parent: str) -> tuple[dict[str, FileSource], list[dict]]:
+            history = [*(h for h in self.history_at(parent) if h["round"] < round), record]
             info = self._info(round, data, metrics, history)
             files: dict[str, FileSource] = {UPDATE_FILE: data, INFO_FILE: _json_bytes(info)}
-            new_card = self._card(card_text, history, metrics, params_updated=int(update.num_values))
-            if new_card is not None:
-                files[CARD_FILE], card_text = new_card.encode(), new_card
-            return files, _TreeState(history, card_text, card_read=self.cards)
+            if self.hook is not None:
+                extra = self.hook.round_files(self, parent=parent, history=history, metrics=metrics,
+                                              params_updated=int(update.num_values))  # fmt: skip
+                files.update({k: v for k, v in extra.items() if k not in (UPDATE_FILE, INFO_FILE)})
+            return files, history
 
         def landed(head: str) -> bool:  # our own earlier attempt may have landed (e.g. its answer was lost)
             head_info = self._read_info(self.repo_id, head)
@@ -404,49 +330,9 @@ class Peer:
         tag: str = "final",
         metrics: Mapping[str, float] | None = None,
     ) -> str:
-        """Commit a loadable PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``, as written by
-        ``PeftModel.save_pretrained``) with the adapter card, tag the commit ``tag`` and return its sha.
-
-        The card's snippet then loads it (``PeftModel.from_pretrained(base, repo_id, revision=tag)``); a
-        ``peft.save_as_lora`` export gets the plain-LoRA card. ``metrics`` default to the last pushed round's.
-        """
-        validate_ref(tag)
-        if ROUND_TAG_RE.fullmatch(tag):
-            raise ValueError(f"tag {tag!r} looks like a round tag; pick another name (e.g. 'final')")
-        payload = _adapter_files(files)
-        adapter_config = json.loads(_read(payload[ADAPTER_CONFIG_FILE]))
-        lora_export = adapter_config.get("peft_type") == "LORA"
-        config = self.adapter_config if lora_export else adapter_config
-        if config is None:
-            raise ValueError(f"peer {self.peer_id!r}: the card of a LoRA export shows the SO-LoRA config the peer was "
-                             "built with; pass adapter_config= to Peer")  # fmt: skip
-        if not self.task:
-            raise ValueError(f"peer {self.peer_id!r}: the adapter card names the peer's task; set Peer(task=...)")
-        base_model = self.base_model or adapter_config.get("base_model_name_or_path")
-        if not base_model:
-            raise ValueError(f"peer {self.peer_id!r}: no base model to name in the card (Peer(base_model=...))")
-        if not self._synced:
-            self.hub.create_repo(self.repo_id, exist_ok=True)
-            self.last_pushed_round()
-        try:
-            self.hub.resolve(self.repo_id, tag)
-        except RevisionNotFound:
-            pass
-        else:
-            raise RefExistsError(f"peer {self.peer_id!r}: tag {tag!r} already exists in {self.repo_id}")
-
-        def build(parent: str) -> tuple[dict[str, FileSource], _TreeState]:
-            history, existing = self._state_at(parent, card=True)
-            shown = _check_metrics(metrics) if metrics is not None else self._metrics_at(parent)
-            info = self._card_info(history, shown, params_updated=_last_params(history), config=config,
-                                   base_model=base_model, revision=tag)  # fmt: skip
-            card_text = update_card(existing, adapter_card(info, lora_export=lora_export))
-            return {**payload, CARD_FILE: card_text.encode()}, _TreeState(history, card_text, card_read=True)
-
-        sha = self._commit(f"{self.peer_id}: adapter ({tag})", build)
-        self.hub.create_tag(self.repo_id, tag, revision=sha, exist_ok=False)
-        self._head = sha
-        return sha
+        """Commit a loadable PEFT adapter with its card and tag it ``tag`` (see
+        :func:`sorlora_gossip.cards.publish_adapter`, which this calls); returns the commit sha."""
+        return publish_adapter(self, files, tag=tag, metrics=metrics)
 
     def _check_identity(self, update: SparseUpdate) -> None:
         for name, ours, theirs in (
@@ -480,7 +366,7 @@ class Peer:
     def _commit(
         self,
         message: str,
-        build: Callable[[str], tuple[dict[str, FileSource], _TreeState]],
+        build: Callable[[str], tuple[dict[str, FileSource], list[dict]]],
         *,
         landed: Callable[[str], bool] | None = None,
     ) -> str:
@@ -488,7 +374,7 @@ class Peer:
         hub, another writer), rebuild them on the new head, so what is merged from the parent is never stale."""
         parent = self._head or self.hub.resolve(self.repo_id, DEFAULT_BRANCH)
         for attempt in range(self.max_push_attempts):
-            files, state = build(parent)
+            files, history = build(parent)
             try:
                 sha = self.hub.create_commit(self.repo_id, files, commit_message=message, parent_commit=parent)
             except PushConflictError:
@@ -503,7 +389,9 @@ class Peer:
                     pass
                 self._check_single_writer(seen, parent)
                 continue
-            self._parent_state = (sha, state)
+            self._parent_state = (sha, history)
+            if self.hook is not None:
+                self.hook.committed(sha)
             return sha
         raise HubError(f"peer {self.peer_id!r}: {message!r} not pushed after {self.max_push_attempts} conflicts")
 
@@ -544,77 +432,32 @@ class Peer:
         except EntryNotFound:
             return None
 
-    def _state_at(self, revision: str, *, card: bool) -> tuple[list[dict], str | None]:
-        """History (from ``peer.json``) and, when ``card``, the card text (``README.md``) of this repo at ``revision``."""
+    def history_at(self, revision: str) -> list[dict]:
+        """This peer's per-round history (from its ``peer.json``) at ``revision`` of its repo (for hooks too)."""
         if self._parent_state is not None and self._parent_state[0] == revision:
-            state = self._parent_state[1]
-            if state.card_read or not card:
-                return list(state.history), state.card_text
-        history: list[dict] = []
+            return list(self._parent_state[1])
         try:
             info = self._info_at(revision)
-            history = [] if info is None else _check_history(info.get("history", []))
+            return [] if info is None else list(check_history(info.get("history", [])))
         except PayloadError as exc:  # our own history is unreadable: start a new one rather than stop the exchange
             logger.warning("peer %s: %s at %s unusable, history restarts: %s", self.peer_id, INFO_FILE, revision[:12],
                            exc)  # fmt: skip
-        card_text = None
-        if card:
-            try:
-                card_text = self.hub.read_bytes(self.repo_id, CARD_FILE, revision=revision).decode("utf-8-sig")
-            except EntryNotFound:
-                pass
-        return history, card_text
+            return []
 
-    def _metrics_at(self, revision: str) -> dict[str, float]:
+    def metrics_at(self, revision: str) -> dict[str, float]:
         """The metrics of this peer's last round at ``revision`` (none before its first round)."""
         info = self._info_at(revision)
-        return _check_metrics(info.get("metrics") if info is not None else None)
+        return check_metrics(info.get("metrics") if info is not None else None)
 
-    def _card_info(
-        self,
-        history: list[dict],
-        metrics: Mapping[str, float],
-        *,
-        params_updated: int | None,
-        config: Mapping[str, Any] | None = None,
-        base_model: str | None = None,
-        revision: str | None = None,
-    ) -> AdapterCardInfo:
-        neighbours = next((h["neighbours"] for h in reversed(history) if h.get("neighbours") is not None), [])
-        return AdapterCardInfo(
-            repo_id=self.repo_id,
-            base_model=base_model or self.base_model or "",
-            peer_id=self.peer_id,
-            task=self.task or "",
-            config=config if config is not None else self.adapter_config or {},
-            cluster=self.cluster,
-            neighbours=list(neighbours),
-            rounds=[
-                RoundRecord(
-                    round=h["round"],
-                    params_transmitted=h["params_transmitted"],
-                    bytes_sent=h["bytes"],
-                    neighbours=None if h.get("neighbours") is None else len(h["neighbours"]),
-                )
-                for h in history
-            ],
-            params_updated=params_updated,
-            metrics=metrics,
-            revision=revision,
-        )
-
-    def _card(
-        self, existing: str | None, history: list[dict], metrics: Mapping[str, float], *, params_updated: int
-    ) -> str | None:
-        """The round's card merged into ``existing`` (user text kept); None when cards are off or it cannot be made."""
-        if not self.cards:
-            return None
-        try:
-            card = adapter_card(self._card_info(history, metrics, params_updated=params_updated))
-            return update_card(existing, card)
-        except ValueError as exc:
-            logger.warning("peer %s: README.md not updated this round: %s", self.peer_id, exc)
-            return None
+    def commit_files(self, message: str, build: Callable[[str], dict[str, FileSource]]) -> str:
+        """Commit ``build(parent)`` on this peer's repo (rebuilt on the new head after a conflict; a second writer
+        refused): the entry point for what is built on top of the peer, such as the final adapter publication."""
+        if not self._synced:
+            self.hub.create_repo(self.repo_id, exist_ok=True)
+            self.last_pushed_round()
+        sha = self._commit(message, lambda parent: (build(parent), self.history_at(parent)))
+        self._head = sha
+        return sha
 
     # -- pull --------------------------------------------------------------------------------------------------
 

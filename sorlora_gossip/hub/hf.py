@@ -73,11 +73,18 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _request_url(exc: BaseException) -> str:
-    try:
-        return str(exc.response.request.url)  # type: ignore[attr-defined]
-    except (AttributeError, RuntimeError):
-        return ""
+def _request_url(exc: BaseException | None) -> str:
+    for get in (lambda e: e.response.request.url, lambda e: e.request.url):
+        try:
+            return str(get(exc))
+        except (AttributeError, RuntimeError):
+            continue
+    return ""
+
+
+# Requests huggingface_hub already retries itself (http_backoff inside create_commit): retrying them again here would
+# multiply the two policies, so their transient failures are final for this class.
+_RETRIED_INSIDE = ("/preupload/",)
 
 
 class HfHub(Hub):
@@ -155,6 +162,10 @@ class HfHub(Hub):
             except Exception as exc:  # mapped below; nothing is swallowed
                 if not _transient(exc):
                     raise self._map(what, exc, repo_id=repo_id, revision=revision) from exc
+                if any(part in _request_url(exc) for part in _RETRIED_INSIDE):
+                    raise HubUnavailable(f"{what}: endpoint {self.endpoint} still failing after huggingface_hub's "
+                                         f"retries ({_first_line(exc)})", repo_id=repo_id,
+                                         revision=revision) from exc  # fmt: skip
                 failure = exc
             delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
             retry_after = getattr(getattr(failure, "response", None), "headers", {}).get("Retry-After")
