@@ -143,7 +143,7 @@ class Runner:
 
     # ------------------------------------------------------------------ set-up
     def _prepare_dir(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        """Refuse a run directory holding other settings (before anything is loaded)."""
         path = self.run_dir / "config.json"
         if path.exists():
             stored = ExperimentConfig.from_file(path)
@@ -152,7 +152,12 @@ class Runner:
                     f"{self.run_dir} holds a run with other settings (config fingerprint {stored.fingerprint()} vs "
                     f"{self.cfg.fingerprint()}): use another --run-dir or delete it"
                 )
-        else:
+
+    def _record_config(self) -> None:
+        """Claim the run directory for these settings, once model and data loaded (a failed start claims nothing)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "config.json"
+        if not path.exists():
             write_json(path, self.cfg.to_dict())
 
     def _load(self) -> None:
@@ -174,6 +179,7 @@ class Runner:
 
         self._prepare_dir()
         self._load()
+        self._record_config()
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         results = {method: self.run_method(method) for method in self.cfg.methods}
