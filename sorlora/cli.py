@@ -86,8 +86,22 @@ def _preflight(cfg, run_dir: Path):
     tasks = load_tasks(cfg)
     task_shards(cfg, tasks)
     if cfg.hub:  # a remote hub: reachable, and the token accepted, before minutes of model loading
-        open_run_hub(cfg, run_dir)[0].list_repos()
+        _probe_hub(open_run_hub(cfg, run_dir)[0])
     return tasks
+
+
+def _probe_hub(hub) -> None:
+    """One cheap request to ``hub``: raises HubUnavailable (down) or HubAuthError (token refused), else returns.
+
+    Asks for a repo that need not exist (``model_info``, retried only by HfHub's own policy; ``list_models`` would
+    add huggingface_hub's retries on top).
+    """
+    from sorlora_gossip.hub import EntryNotFound, RepoNotFound, RevisionNotFound
+
+    try:
+        hub.resolve(hub.repo_id("sorlora-reachability-probe"))
+    except (RepoNotFound, RevisionNotFound, EntryNotFound):
+        pass
 
 
 def _quiet_library_warnings() -> None:

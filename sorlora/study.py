@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, apply_settings
 from .stats import PREREGISTERED_CONTRASTS, compare_methods, estimate
 
 __all__ = ["StudySettings", "STUDY_PRESETS", "run_study", "study_table", "add_study_commands", "PILOT_CANDIDATES"]
@@ -324,17 +324,7 @@ def _settings_from_args(args: argparse.Namespace) -> StudySettings:
         raise ValueError(f"unknown study preset {args.preset!r}; choose from {sorted(STUDY_PRESETS)}")
     settings = STUDY_PRESETS[args.preset]
     cfg = ExperimentConfig.from_file(args.config) if args.config else settings.config
-    changes: dict[str, Any] = {}
-    for item in args.set or []:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        changes[key] = tuple(value) if isinstance(value, list) else value
-    cfg = ExperimentConfig.from_dict({**cfg.to_dict(), **changes})
+    cfg = apply_settings(cfg, args.set or [])  # the same typed --set as sorlora run
     seeds = tuple(int(s) for s in args.seeds.split(",")) if getattr(args, "seeds", None) else settings.seeds
     return dataclasses.replace(settings, config=cfg, seeds=seeds)
 
@@ -361,7 +351,9 @@ def _cmd_pilot(args: argparse.Namespace) -> int:
 def _add_common(parser: argparse.ArgumentParser, *, preset: str, run_dir: str) -> None:
     parser.add_argument("--preset", default=preset, help=f"named study settings: {', '.join(STUDY_PRESETS)}")
     parser.add_argument("--config", help="a JSON file of ExperimentConfig fields (instead of the preset's)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (JSON value)")
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="change one setting (as in sorlora run --help)"
+    )
     parser.add_argument("--run-dir", default=run_dir, help="where the runs and the results go")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

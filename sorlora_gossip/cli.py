@@ -8,6 +8,7 @@ users and tokens from a file (``--tokens-file``), never from the command line, a
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -126,7 +127,12 @@ def _serve(args: argparse.Namespace) -> int:
         server = HubServer(args.root, host=args.host, port=args.port, namespace=args.namespace, tokens=tokens,
                            private=args.private, max_body_bytes=args.max_body_mb << 20,
                            request_timeout=args.request_timeout, max_connections=args.max_connections)  # fmt: skip
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:  # the sorlora CLI turns this into one line: "choose another --port"
+            raise
+        print(f"hub-serve: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
         print(f"hub-serve: {exc}", file=sys.stderr)
         return 2
     users = f"{len(tokens)} user(s)" if tokens else "open (no tokens: loopback only)"

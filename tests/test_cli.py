@@ -169,12 +169,12 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_command(tmp_pat
 def test_wrong_token_is_one_line_before_the_model_loads(tmp_path, tiny_config, capsys, monkeypatch):
     from sorlora_gossip.hub import HubServer
 
-    monkeypatch.setenv("HF_TOKEN", "wrong-token")
-    with HubServer(tmp_path / "served", token="right-token", private=True, namespace="sorlora") as server:
+    monkeypatch.setenv("HF_TOKEN", "wrong-token-0123456789")
+    with HubServer(tmp_path / "served", token="right-token-0123456789", private=True, namespace="sorlora") as server:
         code, _, err = run_cli(["run", "--config", str(tiny_config), "--hub", server.endpoint,
                                 "--run-dir", str(tmp_path / "run")], capsys)  # fmt: skip
     assert_one_line(code, err, "refused the credentials", "$HF_TOKEN")
-    assert "wrong-token" not in err, "the token is never printed"
+    assert "wrong-token-0123456789" not in err, "the token is never printed"
 
 
 def test_wrong_token_on_push_is_one_line(tmp_path, capsys, monkeypatch):
@@ -184,8 +184,8 @@ def test_wrong_token_on_push_is_one_line(tmp_path, capsys, monkeypatch):
 
     payload = tmp_path / "u.safetensors"
     payload.write_bytes(update_for_round(calibrated_mlp(), 0, seed=0).to_bytes())
-    monkeypatch.setenv("HF_TOKEN", "wrong-token")
-    with HubServer(tmp_path / "served", token="right-token") as server:
+    monkeypatch.setenv("HF_TOKEN", "wrong-token-0123456789")
+    with HubServer(tmp_path / "served", token="right-token-0123456789") as server:
         code, _, err = run_cli(["push", "--hub", server.endpoint, "--namespace", "gossip", "--peer", "a",
                                 "--round", "0", "--payload", str(payload)], capsys)  # fmt: skip
         assert not server.hub.list_repos(), "nothing was written with the wrong token"
@@ -206,9 +206,11 @@ def test_busy_port_is_one_line(tmp_path, capsys):
 def test_hub_down_is_one_line(tmp_path, tiny_config, capsys):
     """A hub nobody serves: refused before the model loads, as one line (the retry policy is HfHub's)."""
     port = free_port()
+    start = time.monotonic()
     code, _, err = run_cli(["run", "--config", str(tiny_config), "--hub", f"http://127.0.0.1:{port}",
                             "--run-dir", str(tmp_path / "run")], capsys)  # fmt: skip
     assert_one_line(code, err, "hub is unreachable", f"127.0.0.1:{port}")
+    assert time.monotonic() - start < 60, "reported within seconds (about 10 s of HfHub's backoff), not minutes"
     assert not (tmp_path / "run").exists()
 
 
