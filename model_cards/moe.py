@@ -165,6 +165,7 @@ def moe_card(info: MoECardInfo) -> ModelCard:
         card_data,
         template_path=str(MOE_TEMPLATE),
         repo_literal=python_literal(info.repo_id),
+        base_in_repo=info.base_in_repo,
         arxiv_id=ARXIV_ID,
         router_top_k=info.router_top_k,
         refined=info.refinement not in (False, None, "", "none"),

@@ -1,9 +1,9 @@
 """SO-LoRA adapters on the Hub the way PEFT users expect: the project's adapter card on ``save_pretrained`` and
-``push_to_hub``.
+``push_to_hub`` (and ``print_trainable_parameters`` telling how many entries of B really train).
 
 PEFT writes its placeholder card in ``PeftModel.save_pretrained``, and ``PeftModel.push_to_hub`` (transformers'
 ``PushToHubMixin``) overwrites whatever ``save_pretrained`` wrote with transformers' placeholder card. PEFT has no
-hook for a method's card, so ``import peft_sorlora`` wraps these two public ``PeftModel`` methods
+hook for a method's card, so ``import peft_sorlora`` wraps these public ``PeftModel`` methods
 (:func:`install`): for a model whose active adapter is SO-LoRA they write the :mod:`model_cards` adapter card (Hub
 metadata ``library_name: peft``, ``base_model``, tags, and the "import peft_sorlora first" loading snippet), merged
 into the README already in the folder or repo so user text survives; for every other model they are PEFT's own.
@@ -147,9 +147,27 @@ def _push_to_hub(
     )
 
 
+def _print_trainable_parameters(original, self: PeftModel) -> None:
+    """PEFT's line, plus, for SO-LoRA, how many entries of B really train (PEFT counts all of B)."""
+    original(self)
+    config = _solora_config(self)
+    if config is not None:
+        kept, total = trainable_entries(self, self.active_adapter)
+        state = "masks frozen" if config.layer_sparsity is not None else "masks chosen by the first training batch(es)"
+        print(f"SO-LoRA: {kept:,d} of the {total:,d} entries of B train ({100 * kept / max(total, 1):.2f}%; {state})")
+
+
+_WRAPPERS = {
+    "create_or_update_model_card": _create_or_update_model_card,
+    "push_to_hub": _push_to_hub,
+    "print_trainable_parameters": _print_trainable_parameters,
+}
+
+
 def install() -> None:
-    """Wrap ``PeftModel.create_or_update_model_card`` and ``PeftModel.push_to_hub`` once (idempotent)."""
-    for name, wrapper in (("create_or_update_model_card", _create_or_update_model_card), ("push_to_hub", _push_to_hub)):
+    """Wrap ``PeftModel``'s ``create_or_update_model_card``, ``push_to_hub`` and ``print_trainable_parameters`` once
+    (idempotent); each wrapper is PEFT's own method for models whose active adapter is not SO-LoRA."""
+    for name, wrapper in _WRAPPERS.items():
         current = getattr(PeftModel, name)
         if getattr(current, _INSTALLED, None) is not None:
             continue

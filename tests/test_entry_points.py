@@ -138,3 +138,15 @@ def test_trainable_entries_before_and_after_the_masks_freeze():
     assert kept == round(0.25 * total)
     peft_sorlora.calibrate(model, [_batch()])
     assert trainable_entries(model) == (kept, total)
+
+
+def test_print_trainable_parameters_says_how_many_entries_of_b_train(capsys):
+    model = get_peft_model(tiny_llama(), _config())
+    kept, total = trainable_entries(model)
+    model.print_trainable_parameters()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("trainable params:")  # PEFT's own line stays
+    assert (
+        out[1]
+        == f"SO-LoRA: {kept:,d} of the {total:,d} entries of B train (25.00%; masks chosen by the first training batch(es))"
+    )

@@ -157,6 +157,8 @@ def test_push_adapter_and_moe_then_load_both_with_auto_classes_elsewhere(hub_ser
         (snippet,) = extract_python_snippets(usage)
         assert f'"{repo}"' in snippet
         assert ("import peft_sorlora" if kind == "adapter" else "import moe_router") in snippet
+        if kind == "moe":  # the two ways this test loaded it, as the card tells them
+            assert f'from_pretrained("{repo}", trust_remote_code=True)' in usage and f"`{BASE}` by its id" in usage
 
     leaks = ("site-packages", str(tmp_path), repo_root, "/tmp/", os.path.expanduser("~"))
     for repo in (BASE, ADAPTER, MOE):
