@@ -247,6 +247,9 @@ class HfHub(Hub):
             return info.oid
 
         what = f"create_commit {repo_id}@{revision}"
+        # one cheap request under this class's retry policy first: a dead or refusing endpoint answers here, within
+        # seconds, instead of after huggingface_hub's own retries of the preupload call inside create_commit
+        self._resolve(repo_id, revision)
         try:
             return self._call(what, commit, on=(repo_id, revision))
         except HubError as exc:
