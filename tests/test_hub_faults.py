@@ -383,3 +383,32 @@ def test_token_is_sent_but_never_logged_or_shown(tmp_path, caplog):
     shown = caplog.text + repr(hub) + str(denied.value) + repr(denied.value.__cause__)
     assert token not in shown and "SeCrEt" not in shown
     assert "***" in repr(hub)
+
+
+def test_last_pushed_round_before_the_first_push_then_push(hub):
+    model = calibrated_mlp()
+    peer = Peer(hub, "fresh")
+    assert peer.last_pushed_round() is None, "no repo yet"
+    assert peer.push_round(0, update_for_round(model, 0, seed=0)).created, "the push still creates the repo"
+    assert Peer(hub, "fresh").last_pushed_round() == 0
+
+
+def test_a_dead_endpoint_gives_project_errors_within_seconds(tmp_path):
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    dead = HfHub(f"http://127.0.0.1:{port}", namespace="gossip", cache_dir=tmp_path / "c", backoff=0.05)
+    model = calibrated_mlp()
+    for call in (
+        lambda: dead.create_repo("gossip/x"),
+        lambda: dead.create_commit("gossip/x", {"a": b"1"}, commit_message="m"),
+        lambda: Peer(dead, "x").push_round(0, update_for_round(model, 0, seed=0)),
+    ):
+        start = time.monotonic()
+        with pytest.raises(HubUnavailable) as failed:
+            call()
+        assert time.monotonic() - start < 10, "no stacked retry policies"
+        assert f"127.0.0.1:{port}" in str(failed.value)
