@@ -11,6 +11,8 @@ anything else of ours).
 
 from __future__ import annotations
 
+import pytest
+
 import peft_sorlora
 from peft_sorlora import SOLoRAConfig
 
@@ -129,3 +131,15 @@ TestSOLoRAMultipleActiveAdapters = matrix_class(
     upstream.TestMultipleActiveAdapters,
     {id(upstream.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES): MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES},
 )
+
+
+def test_the_matrix_fails_clearly_when_the_sdist_cannot_be_fetched(tmp_path, monkeypatch):
+    from sorlora.data_sources import DataSourceError
+
+    from .peft_upstream import _tests_root
+
+    monkeypatch.setenv("SORLORA_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # as offline as it gets: pip may not look anywhere
+    with pytest.raises(DataSourceError, match=r"pip download --no-deps peft==0\.0\.0"):
+        _tests_root("0.0.0")
+    assert not (tmp_path / "empty-cache" / "peft-0.0.0-tests" / "peft_upstream_tests").exists()
