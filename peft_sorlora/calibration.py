@@ -134,7 +134,13 @@ def calibrate(
             layer.solora_B[name].requires_grad_(flag)
     if seen == 0:
         raise ValueError("calibrate needs at least one batch")
-    fractions = finalize_masks(model, name, config)
+    # one group (the tuner's) freezes all layers and pools the observations of several processes first
+    (group,) = groups.values() if len(groups) == 1 else (None,)
+    fractions = (
+        group.freeze()
+        if group is not None and len(group.layers) == len(layers)
+        else finalize_masks(model, name, config)
+    )
     for layer in layers:
         if layer.solora_B[name].grad is not None:
             layer.solora_B[name].grad = None

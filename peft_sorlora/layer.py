@@ -60,8 +60,23 @@ class MaskCalibration:
             self.config.mask_calibration_steps,
         )
 
+    def _pool_across_processes(self) -> None:
+        """Under ``torch.distributed`` (DDP, accelerate, Trainer on several processes) sum the observations of all
+        ranks first, so every rank freezes the same masks (each saw only its shard of the batches)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        for layer in self.layers:
+            observation = layer.observations[self.adapter_name]
+            torch.distributed.all_reduce(observation.grad_sum)
+            if observation.collect_inputs:
+                tokens = torch.tensor([float(observation.num_tokens)], dtype=torch.float64)
+                torch.distributed.all_reduce(tokens)
+                torch.distributed.all_reduce(observation.second_moment)
+                observation.num_tokens = int(tokens.item())
+
     def freeze(self) -> dict[str, float]:
         """Freeze the masks of every layer of the adapter; returns the kept fraction per layer."""
+        self._pool_across_processes()
         fractions = freeze_masks(self.layers, self.adapter_name, self.config)
         kept = sum(int(layer.solora_mask[self.adapter_name].sum()) for layer in self.layers)
         total = sum(layer.solora_mask[self.adapter_name].numel() for layer in self.layers)

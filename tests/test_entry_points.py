@@ -150,3 +150,48 @@ def test_print_trainable_parameters_says_how_many_entries_of_b_train(capsys):
         out[1]
         == f"SO-LoRA: {kept:,d} of the {total:,d} entries of B train (25.00%; masks chosen by the first training batch(es))"
     )
+
+
+DISTRIBUTED = """
+import os, sys, torch, torch.distributed as dist
+from peft import get_peft_model
+sys.path.insert(0, os.environ["REPO"])
+import peft_sorlora
+from peft_sorlora.layer import SOLoRALayer
+from tests.solora_models import tiny_llama
+
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + os.environ["RENDEZVOUS"], rank=rank, world_size=2)
+config = peft_sorlora.SOLoRAConfig(r=4, target_modules=["q_proj", "v_proj"], sparsity=0.25,
+                                   sparsity_allocation="spectral_entropy")
+model = torch.nn.parallel.DistributedDataParallel(get_peft_model(tiny_llama(), config))
+ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(100 + rank))  # each rank its shard
+optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+for _ in range(2):
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+masks = {n: m.solora_mask["default"] for n, m in model.module.named_modules() if isinstance(m, SOLoRALayer)}
+torch.save(masks, os.environ["OUT"] + f"/masks-{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_several_processes_freeze_the_same_masks(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, REPO=str(Path(__file__).parents[1]), RENDEZVOUS=str(tmp_path / "rdzv"), OUT=str(tmp_path))
+    procs = [
+        subprocess.Popen([sys.executable, "-c", DISTRIBUTED, str(r)], env=env, stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    first, second = (torch.load(tmp_path / f"masks-{r}.pt") for r in range(2))
+    assert first.keys() == second.keys() and first
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name}: ranks chose different masks"
