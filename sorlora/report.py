@@ -66,7 +66,23 @@ def results_table(summary: dict[str, Any]) -> str:
         f"{cfg['rounds']} rounds × {cfg['local_steps']} steps, batch {cfg['batch_size']}, rank {cfg['rank']}, "
         f"sparsity {cfg['sparsity']}, seed {cfg['seed']}."
     )
+    skipped = _skipped_questions(methods)
+    if skipped:
+        lines.append(
+            f"Questions not scored because they do not fit max_len={cfg['max_len']} tokens (skipped for every "
+            "method, never cut): " + ", ".join(f"{t}: {k} of {n_test[t]}" for t, k in skipped.items()) + "."
+        )
     return "\n".join(lines) + "\n"
+
+
+def _skipped_questions(methods: dict[str, Any]) -> dict[str, int]:
+    """Per task, how many test questions a run skipped for truncation (None in its per-question outcomes)."""
+    for res in methods.values():
+        per_question = res.get("per_question")
+        if per_question:
+            counts = {t: sum(c is None for c in q["correct"]) for t, q in per_question.items()}
+            return {t: k for t, k in counts.items() if k}
+    return {}
 
 
 def _plot(path: Path, title: str, ylabel: str, series: dict[str, list[float]], *, cumulative: bool = False) -> None:
