@@ -105,6 +105,14 @@ def run_pilot(
     model, tokenizer, base_id = base = load_model(cfg)
     kw = dict(batch_size=cfg.eval_batch_size, max_len=cfg.max_len)
     rows: dict[str, dict[str, Any]] = {}
+
+    def write() -> dict[str, Any]:  # after every task, so a stopped pilot keeps what it measured
+        result = {"config": cfg.to_dict(), "margin": margin, "max_truncated": max_truncated, "tasks": rows,
+                  "kept": [n for n, r in rows.items() if r["kept"]]}  # fmt: skip
+        write_json(run_dir / "pilot.json", result)
+        (run_dir / "pilot.md").write_text("# Task pilot (validation questions only)\n\n" + pilot_table(result))
+        return result
+
     for name in tasks:
         started = time.perf_counter()
         task = load_task(name, n_train=cfg.n_train, n_test=cfg.n_test, n_validation=cfg.n_validation, seed=cfg.seed)
@@ -138,16 +146,8 @@ def run_pilot(
             reason="learns" if kept else f"gain below {100 * margin:.0f} points or its interval includes 0",
             seconds=time.perf_counter() - started,
         )
-    result = {
-        "config": cfg.to_dict(),
-        "margin": margin,
-        "max_truncated": max_truncated,
-        "tasks": rows,
-        "kept": [n for n, r in rows.items() if r["kept"]],
-    }
-    write_json(run_dir / "pilot.json", result)
-    (run_dir / "pilot.md").write_text("# Task pilot (validation questions only)\n\n" + pilot_table(result))
-    return result
+        write()
+    return write()
 
 
 def _safe(name: str) -> str:
