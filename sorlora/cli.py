@@ -255,6 +255,8 @@ def _explain(exc: BaseException, args: argparse.Namespace) -> str | None:
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
         where = f"{getattr(args, 'host', '')}:{getattr(args, 'port', '')}"
         return f"address {where} is already in use: choose another --port or stop the program serving it"
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, PermissionError)) and exc.filename and exc.strerror:
+        return f"{exc.filename!r}: {exc.strerror.lower()} (check the path)"
     if isinstance(exc, (UsageError, HubError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError)):
         return _one_line(exc)
     if isinstance(exc, (IsADirectoryError, FileExistsError)):

@@ -95,6 +95,15 @@ TABLE = [
     (["status", "--hub", "{tmp}/no-hub-here"], ["no hub folder", "http(s)://"]),
     (["pull", "--hub", "{tmp}/no-hub-here", "--peer", "a", "--round", "x", "--neighbours", "b"], ["invalid int"]),
     (["frobnicate"], ["invalid choice: 'frobnicate'"]),
+    (
+        ["push", "--hub", "{tmp}", "--peer", "a", "--round", "0", "--payload", "{tmp}/none.safetensors"],
+        ["none.safetensors': no such file or directory (check the path)"],
+    ),
+    (["study", "--set", "rounds=two"], ["rounds must be int", "'two'"]),
+    (
+        ["collab", "create", "--hub", "{tmp}", "--collab", "ns/c", "--config", "{tmp}/no-terms.json"],
+        ["no-terms.json': no such file or directory"],
+    ),
 ]
 
 
@@ -135,14 +144,23 @@ def test_run_help_lists_every_setting_with_type_default_and_help(capsys):
     assert "rounds (int; default 3)" in text and "tasks (list of str; default" in text
 
 
+def _commands(parser, prefix="sorlora"):
+    """(name, parser) of every command and nested subcommand (e.g. ``sorlora collab create``)."""
+    for action in parser._actions:
+        if isinstance(action.choices, dict):
+            for name, sub in action.choices.items():
+                yield f"{prefix} {name}", sub
+                yield from _commands(sub, f"{prefix} {name}")
+
+
 def test_every_command_explains_every_option():
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
-    assert {"run", "tune-lr", "status", "push", "pull", "hub-serve"} <= set(subparsers.choices)
-    for name, sub in subparsers.choices.items():
+    commands = dict(_commands(build_parser()))
+    assert {"sorlora run", "sorlora tune-lr", "sorlora status", "sorlora push", "sorlora pull",
+            "sorlora hub-serve"} <= set(commands)  # fmt: skip
+    for name, sub in commands.items():
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
-                assert action.help, f"sorlora {name} {action.option_strings[0]} has no help"
+                assert action.help, f"{name} {action.option_strings[0]} has no help"
 
 
 def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_command(tmp_path, tiny_config, capsys, monkeypatch):
@@ -170,7 +188,7 @@ def test_wrong_token_is_one_line_before_the_model_loads(tmp_path, tiny_config, c
     from sorlora_gossip.hub import HubServer
 
     monkeypatch.setenv("HF_TOKEN", "wrong-token-0123456789")
-    with HubServer(tmp_path / "served", token="right-token-0123456789", private=True, namespace="sorlora") as server:
+    with HubServer(tmp_path / "served", token="right-token-0123456789", namespace="sorlora") as server:
         code, _, err = run_cli(["run", "--config", str(tiny_config), "--hub", server.endpoint,
                                 "--run-dir", str(tmp_path / "run")], capsys)  # fmt: skip
     assert_one_line(code, err, "refused the credentials", "$HF_TOKEN")
