@@ -339,7 +339,9 @@ class PeerProgram:
         calib = self.batches(CALIBRATION)[0]
         kept = sizes = value_bytes = None
         stats = None
-        if kind.calibrates:  # the budget depends on the inputs only, not on A: measure it on a scratch adapter
+        if kind.calibrates and self.spec.topology == "cluster":
+            # the cluster plan needs the layer budget, which depends on the inputs only, not on A: measure it on a
+            # scratch adapter (the calibrate phase measures it again with the real slot: the same counts)
             scratch = "registering"
             ws.remove_adapter(scratch)
             ws.add_adapter(scratch, 0)

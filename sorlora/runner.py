@@ -28,6 +28,7 @@ from peft_sorlora.exchange import UpdateStats
 from sorlora_gossip import Hub, LocalHub
 from sorlora_gossip.accounting import round_stats
 from sorlora_gossip.hub import HfHub
+from sorlora_gossip.layout import UPDATE_FILE, round_tag
 from sorlora_gossip.plot import plot_topology
 from sorlora_gossip.topology import cluster_collision_rate
 from sorlora_gossip.wireless import place_peers
@@ -263,7 +264,7 @@ class Runner:
             "train_loss": [float(np.mean([rec["loss"] for rec in recs])) for recs in rounds],
             "bytes_by_round": [int(sum(rec.get("bytes_pulled", 0) for rec in recs)) for recs in rounds],
             "clusters": [[plan["members"].index(p) for p in c] for c in plan["clusters"]],
-            "collision_rate": self._collision_rate(spec, plan, regs),
+            "collision_rate": self._collision_rate(spec, plan),
             "router": extra.get("router"),
             "per_question": extra.get("per_question"),  # the outcomes behind "accuracy" (paired statistics)
             "variants": extra.get("variants", {}),  # other evaluations of the same weights (e.g. solora's plain sum)
@@ -288,19 +289,22 @@ class Runner:
             out.append(pub.evaluate_view(view, tasks))
         return out
 
-    def _collision_rate(self, spec: MethodSpec, plan: dict[str, Any], regs: Mapping[str, Any]) -> float | None:
-        """Mean collision rate of the groups that average B together (clusters, or a peer and its neighbours)."""
+    def _collision_rate(self, spec: MethodSpec, plan: dict[str, Any]) -> float | None:
+        """Mean collision rate of the groups that average B together (clusters, or a peer and its neighbours), from
+        the masks in the members' round-0 revisions on the hub."""
         if not spec.kind.sparse:
             return None
-        if spec.forward == "own":
-            groups = [[p, *plan["neighbours"][p]] for p in plan["members"]]
-        else:
-            groups = plan["clusters"]
-        layers = sorted(regs[plan["members"][0]].sizes)
-        sizes = [regs[plan["members"][0]].sizes[k] for k in layers]
+        structure = {}
+        for p in plan["members"]:
+            repo = self.hub.repo_id(p)
+            data = self.hub.read_bytes(repo, UPDATE_FILE, revision=self.hub.resolve(repo, round_tag(0)))
+            structure[p] = spec.kind.payload_cls.from_bytes(data)
+        groups = [[p, *plan["neighbours"][p]] for p in plan["members"]] if spec.forward == "own" else plan["clusters"]
+        first = structure[plan["members"][0]]
+        sizes = [m.numel() for _, m in sorted(first.masks.items())]
         rates = []
         for members in groups:
-            s = [[regs[p].kept[k] / regs[p].sizes[k] for k in layers] for p in members]
+            s = [[float(m.float().mean()) for _, m in sorted(structure[p].masks.items())] for p in members]
             rates.append(cluster_collision_rate(s, layer_weights=sizes))
         return float(np.mean(rates))
 
