@@ -351,7 +351,7 @@ def settings_help() -> str:
     lines = []
     for f in dataclasses.fields(ExperimentConfig):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+        shown = "none" if default is None else json.dumps(list(default) if isinstance(default, tuple) else default)
         if len(shown) > 60:
             shown = shown[:57] + "..."
         lines.append(f"  {f.name} ({_type_name(hints[f.name])}; default {shown})")
@@ -362,10 +362,16 @@ def settings_help() -> str:
 PRESETS: dict[str, ExperimentConfig] = {
     # `make demo`: the default comparison on the real SmolLM2, sized for 2 CPU cores in about 15 minutes.
     "demo": ExperimentConfig(),
-    # A small run of the whole pipeline on the real model, every method: measured 13 min 22 s wall (782 s CPU) on a
-    # shared 2-core machine (over 8 min reported on an unshared one).
+    # A small run of the whole pipeline on the real model, every method: not "a couple of minutes" - measured 13 min
+    # 22 s wall (782 s CPU) on a shared 2-core machine (over 8 min reported on an unshared one); see README.
     "smoke": ExperimentConfig(
-        peers=2, rounds=1, local_steps=2, n_test=8, n_curve=4, n_train=32, tasks=("intent_recognition", "strategyqa")
+        peers=2,
+        rounds=1,
+        local_steps=2,
+        n_test=8,
+        n_curve=4,
+        n_train=32,
+        tasks=("intent_recognition", "strategyqa"),
     ),
 }
 
