@@ -65,7 +65,7 @@ class ExperimentConfig:
         None, help="base model: none = the bundled SmolLM2-135M-Instruct; else a Hub id or a local folder"
     )
     tasks: tuple[str, ...] = _setting(
-        ("intent_recognition", "strategyqa", "bbc_news", "vitaminc_fact_verification"),
+        ("intent_recognition", "strategyqa", "bbc_news", "rotten_tomatoes"),
         help="tasks, one per peer in turn: registered names (sorlora/tasks.py), synthetic-<word>, or JSONL/CSV files",
     )
     methods: tuple[str, ...] = _setting(METHODS, help=f"methods to compare, any of {', '.join(ALL_METHODS)}")
