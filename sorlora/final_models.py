@@ -36,7 +36,7 @@ def build_moe(
     *,
     calibration: Mapping[tuple[int, int], Mapping[str, torch.Tensor]],
     router_top_k: int | str | None,
-    refine: str = "task_stats",
+    refine: str = "routing",
 ) -> ImplicitMoEForCausalLM:
     """An implicit MoE over a clean copy of the workspace's base model, one expert per cluster.
 
