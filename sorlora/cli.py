@@ -72,16 +72,10 @@ def _preflight(cfg, run_dir: Path):
 
     Returns the loaded tasks (handed to the runner, so they are read once).
     """
-    from .config import ExperimentConfig
-    from .runner import load_tasks, open_run_hub, task_shards
+    from .runner import check_run_dir_settings, load_tasks, open_run_hub, task_shards
 
     _check_run_dir(run_dir)
-    stored = run_dir / "config.json"
-    if stored.is_file() and ExperimentConfig.from_file(stored).fingerprint() != cfg.fingerprint():
-        raise UsageError(
-            f"{run_dir} holds a run with other settings: use another --run-dir, the same settings to resume, "
-            "or delete the folder"
-        )
+    check_run_dir_settings(cfg, run_dir)
     _check_model(cfg.model)
     tasks = load_tasks(cfg)
     task_shards(cfg, tasks)

@@ -44,7 +44,16 @@ from .tasks import Task, load_task, synthetic_task
 from .terms import CollabTerms
 from .workspace import Workspace, adapter_name
 
-__all__ = ["Runner", "run_experiment", "load_tasks", "load_model", "terms_for", "CRASH_ENV", "write_json"]
+__all__ = [
+    "Runner",
+    "run_experiment",
+    "check_run_dir_settings",
+    "load_tasks",
+    "load_model",
+    "terms_for",
+    "CRASH_ENV",
+    "write_json",
+]
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -122,6 +131,22 @@ def peer_repo(cfg: ExperimentConfig, method: str, peer: int) -> str:
     return f"{cfg.hub_namespace}/{method}-{adapter_name(peer)}"
 
 
+def check_run_dir_settings(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Raise ValueError if ``run_dir`` already holds a run with other settings (its ``config.json``).
+
+    The same settings resume that run; the CLI calls this before any model loads, the runner before it starts.
+    """
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return
+    stored = ExperimentConfig.from_file(path)
+    if stored.fingerprint() != cfg.fingerprint():
+        raise ValueError(
+            f"{run_dir} holds a run with other settings (config fingerprint {stored.fingerprint()} vs "
+            f"{cfg.fingerprint()}): use another --run-dir, the same settings to resume, or delete the folder"
+        )
+
+
 class Runner:
     """Runs (or resumes) one simulation in ``run_dir``; see the module docstring."""
 
@@ -145,14 +170,7 @@ class Runner:
     # ------------------------------------------------------------------ set-up
     def _prepare_dir(self) -> None:
         """Refuse a run directory holding other settings (before anything is loaded)."""
-        path = self.run_dir / "config.json"
-        if path.exists():
-            stored = ExperimentConfig.from_file(path)
-            if stored.fingerprint() != self.cfg.fingerprint():
-                raise ValueError(
-                    f"{self.run_dir} holds a run with other settings (config fingerprint {stored.fingerprint()} vs "
-                    f"{self.cfg.fingerprint()}): use another --run-dir or delete it"
-                )
+        check_run_dir_settings(self.cfg, self.run_dir)
 
     def _record_config(self) -> None:
         """Claim the run directory for these settings, once model and data loaded (a failed start claims nothing)."""
