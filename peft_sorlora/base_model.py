@@ -27,6 +27,7 @@ __all__ = [
     "BUNDLED_BASE_ID",
     "base_fingerprint",
     "bundled_base_path",
+    "is_portable_base_id",
     "load_base_model",
     "set_base_identity",
 ]
@@ -66,9 +67,21 @@ def _clear_quantization(model: torch.nn.Module) -> None:
         model.quantization_method = None
 
 
+def is_portable_base_id(name: object) -> bool:
+    """Whether ``name`` can name a base model on every machine: a Hub id or a ``weights-sha256-...`` name, not a
+    path (absolute, relative with ``.``/``~``, or Windows-style)."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and not os.path.isabs(name)
+        and "\\" not in name
+        and not name.startswith((".", "~"))
+    )
+
+
 def set_base_identity(model: torch.nn.Module, base_id: str) -> torch.nn.Module:
     """Name ``model`` by the portable ``base_id`` (what PEFT then records as ``base_model_name_or_path``)."""
-    if not isinstance(base_id, str) or not base_id or os.path.isabs(base_id) or "\\" in base_id:
+    if not is_portable_base_id(base_id):
         raise ValueError(f"a base model identity must be a Hub id or a fingerprint name, not {base_id!r}")
     model.config._name_or_path = base_id
     model.name_or_path = base_id
@@ -86,7 +99,7 @@ def base_fingerprint(model: torch.nn.Module) -> str:
         return cached
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if "solora_" in name or "lora_" in name:
+        if "lora_" in name:  # adapter tensors (LoRA and SO-LoRA), not base weights
             continue
         name = name.replace(".base_layer.", ".")
         t = tensor.detach().to("cpu").contiguous()

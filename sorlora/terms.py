@@ -16,9 +16,10 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from peft_sorlora.base_model import is_portable_base_id
 
 __all__ = [
     "COLLAB_FORMAT",
@@ -50,7 +51,7 @@ def sha256_json(data: Any) -> str:
 
 
 def _portable(base_model: str) -> str:
-    if not base_model or os.path.isabs(base_model) or "\\" in base_model or base_model.startswith((".", "~")):
+    if not is_portable_base_id(base_model):
         raise TermsError(f"collab.json: base_model must be a Hub id or a fingerprint name, not a path: {base_model!r}")
     return base_model
 
