@@ -90,6 +90,12 @@ class ExperimentConfig:
     payload_dtype: Literal["float32", "float16", "bfloat16"] = _setting(
         "float32", help="dtype of the values in exchanged payloads"
     )
+    precision: Literal["float32", "bfloat16"] = _setting(
+        "float32",
+        help="compute precision of training, calibration and evaluation: float32, or bfloat16 mixed precision "
+        "(autocast; weights, optimizer state and payloads stay float32; ~1.5-2x faster where the CPU or GPU "
+        "has bfloat16 units, slow where it has not); see sorlora/precision.py",
+    )
     lr: dict[str, float] = _setting(
         help="learning rate per method: one number sets every method's, a JSON object only the methods it names",
         factory=lambda: {m: 3e-3 for m in ALL_METHODS},
@@ -187,6 +193,10 @@ class ExperimentConfig:
     def task_of(self, peer: int) -> str:
         """The task of peer ``peer``."""
         return self.tasks[peer % len(self.tasks)]
+
+    def eval_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`sorlora.evaluation.evaluate` these settings give."""
+        return {"batch_size": self.eval_batch_size, "max_len": self.max_len, "precision": self.precision}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

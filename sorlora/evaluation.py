@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .precision import autocast
 from .tasks import Example, Task, context_continuation_ids, n_special_prefix, truncate_context
 
 logger = logging.getLogger(__name__)
@@ -165,8 +166,10 @@ def evaluate(
     batch_size: int = 8,
     max_len: int = 256,
     truncation: str = "skip",
+    precision: str = "float32",
 ) -> dict[str, Any]:
-    """Zero-shot multiple-choice accuracy of ``model`` on ``task.test``.
+    """Zero-shot multiple-choice accuracy of ``model`` on ``task.test``, computed at ``precision``
+    (sorlora/precision.py; log-probabilities are always taken in float32).
 
     Returns accuracy (highest summed log-likelihood), acc_norm (log-likelihood per character of the option, as
     lm-eval's acc_norm), n (questions scored), n_correct, n_truncated (questions that do not fit ``max_len``),
@@ -197,9 +200,10 @@ def evaluate(
     model.eval()
     started = time.perf_counter()
     try:
-        loglikelihoods = option_loglikelihoods(
-            model, tokenizer, [examples[i] for i in scored], batch_size=batch_size, max_len=max_len
-        )
+        with autocast(precision, next(model.parameters()).device):
+            loglikelihoods = option_loglikelihoods(
+                model, tokenizer, [examples[i] for i in scored], batch_size=batch_size, max_len=max_len
+            )
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - started
@@ -238,9 +242,10 @@ def evaluate_many(
     batch_size: int = 8,
     max_len: int = 256,
     truncation: str = "skip",
+    precision: str = "float32",
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate` on every task's test split: {task name: result}."""
-    kw = dict(batch_size=batch_size, max_len=max_len, truncation=truncation)
+    kw = dict(batch_size=batch_size, max_len=max_len, truncation=truncation, precision=precision)
     return {t.name: evaluate(model, tokenizer, t, **kw) for t in tasks}
 
 

@@ -60,14 +60,13 @@ def evaluate_moe(
     tasks: Mapping[str, Task],
     tokenizer: Any,
     *,
-    batch_size: int,
-    max_len: int,
     progress: bool = False,
+    **eval_kw: Any,
 ) -> dict[str, float]:
-    """Accuracy per task of the implicit MoE."""
+    """Accuracy per task of the implicit MoE (``eval_kw``: :func:`~sorlora.evaluation.evaluate`'s options)."""
     out = {}
     for name, task in tqdm(tasks.items(), desc="evaluate MoE", disable=not progress, leave=False):
-        out[name] = evaluate(moe, tokenizer, task, batch_size=batch_size, max_len=max_len)["accuracy"]
+        out[name] = evaluate(moe, tokenizer, task, **eval_kw)["accuracy"]
     return out
 
 
@@ -77,12 +76,11 @@ def choose_router(
     tokenizer: Any,
     *,
     rank: int,
-    batch_size: int,
-    max_len: int,
+    **eval_kw: Any,
 ) -> dict[str, Any]:
     """Pick the routing settings (k in {r, 2r, all} x refinement) with the best mean accuracy on validation tasks.
 
-    The chosen settings are applied to ``moe``. The router itself is never trained; only this one setting is
+    The chosen settings are applied to ``moe``; ``eval_kw`` are :func:`~sorlora.evaluation.evaluate`'s options. The router itself is never trained; only this one setting is
     chosen, on held-out questions, never on test ones.
     """
     scores: dict[str, float] = {}
@@ -90,7 +88,7 @@ def choose_router(
     for top_k in (rank, 2 * rank, "all"):
         for refine in ("task_stats", "routing", "none"):
             moe.set_router(top_k=top_k, refine=refine)
-            acc = evaluate_moe(moe, validation, tokenizer, batch_size=batch_size, max_len=max_len)
+            acc = evaluate_moe(moe, validation, tokenizer, **eval_kw)
             label = f"k={top_k},refine={refine}"
             scores[label] = sum(acc.values()) / len(acc)
             if best is None or scores[label] > best[0]:

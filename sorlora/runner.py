@@ -119,7 +119,7 @@ def terms_for(cfg: ExperimentConfig, method: str, *, base_model: str, fingerprin
         base_model=base_model, base_fingerprint=fingerprint, method=method, rank=cfg.rank, lora_alpha=cfg.lora_alpha,
         target_modules=tuple(cfg.target_modules), sparsity=cfg.sparsity, sparsity_allocation=cfg.sparsity_allocation,
         payload_dtype=cfg.payload_dtype, seed=cfg.seed, rounds=cfg.rounds, local_steps=cfg.local_steps,
-        batch_size=cfg.batch_size, max_len=cfg.max_len, lr=float(cfg.lr[method]),
+        batch_size=cfg.batch_size, max_len=cfg.max_len, lr=float(cfg.lr[method]), precision=cfg.precision,
         inter_cluster_every=cfg.inter_cluster_every, s_max=cfg.s_max, degree=cfg.degree,
         router_top_k=cfg.router_top_k, router_refine=cfg.router_refine, max_members=cfg.peers,
         round_timeout_s=cfg.pull_timeout, publish_base=base_model == TINY_BASE_ID,
@@ -257,7 +257,7 @@ class Runner:
             reports[peer] = json.loads(self.hub.read_bytes(repo, REPORT_FILE, revision=sha))
         graph = plan_graph(plan)
         plot_topology(graph, mdir / "topology.png", title=f"{spec.name}: {plan['topology']}")
-        kw = dict(batch_size=self.cfg.eval_batch_size, max_len=self.cfg.max_len)
+        kw = self.cfg.eval_kwargs()
         ws = Workspace(self.base, self.base_id, terms, spec.kind)
         pub = Published(plan=plan, tasks_of={p: r.task for p, r in regs.items()}, parts=parts, ws=ws,
                         tokenizer=self.tokenizer, hub=self.hub, eval_kw=kw, rank=terms.rank,

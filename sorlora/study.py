@@ -125,7 +125,7 @@ def _zero_shot(cfg: ExperimentConfig) -> dict[str, Any]:
     from .runner import load_model, load_tasks  # noqa: PLC0415
 
     model, tokenizer, _ = load_model(cfg)
-    kw = dict(batch_size=cfg.eval_batch_size, max_len=cfg.max_len)
+    kw = cfg.eval_kwargs()
     results = {t: evaluate(model, tokenizer, task, **kw) for t, task in load_tasks(cfg).items()}
     return _row({t: r["accuracy"] for t, r in results.items()}, per_question(results), cfg.tasks, 0)
 

@@ -21,6 +21,8 @@ from typing import Any
 
 from peft_sorlora.base_model import is_portable_base_id
 
+from .precision import PRECISIONS
+
 __all__ = [
     "COLLAB_FORMAT",
     "REGISTRATION_FORMAT",
@@ -75,6 +77,11 @@ class CollabTerms:
     batch_size: int = field(default=8, metadata={"help": "training batch size"})
     max_len: int = field(default=96, metadata={"help": "maximum tokens of a training example"})
     lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate"})
+    precision: str = field(
+        default="float32",
+        metadata={"help": "compute precision of training and calibration: float32 or bfloat16 (autocast; "
+                  "weights, optimizer and payloads stay float32); see sorlora/precision.py"},
+    )  # fmt: skip
     inter_cluster_every: int = field(
         default=0, metadata={"help": "rounds between inter-cluster exchanges (0: only after the last round)"}
     )
@@ -111,6 +118,8 @@ class CollabTerms:
                 raise TermsError(f"collab.json: {name} must be a finite number, got {getattr(self, name)!r}")
         if self.round_timeout_s <= 0 or self.lr <= 0:
             raise TermsError("collab.json: lr and round_timeout_s must be > 0")
+        if self.precision not in PRECISIONS:
+            raise TermsError(f"collab.json: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.inter_cluster_every < 0:
             raise TermsError(f"collab.json: inter_cluster_every must be >= 0, got {self.inter_cluster_every}")
 

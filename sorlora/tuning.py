@@ -103,7 +103,7 @@ def run_pilot(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer, base_id = base = load_model(cfg)
-    kw = dict(batch_size=cfg.eval_batch_size, max_len=cfg.max_len)
+    kw = cfg.eval_kwargs()
     rows: dict[str, dict[str, Any]] = {}
 
     def write() -> dict[str, Any]:  # after every task, so a stopped pilot keeps what it measured

@@ -19,8 +19,9 @@ from peft_sorlora import calibrate
 from peft_sorlora.projection import derive_seed
 
 from .adapters import AdapterKind
+from .precision import autocast
 
-__all__ = ["Workspace", "adapter_name", "peer_of"]
+__all__ = ["Workspace", "adapter_name", "answer_loss", "peer_of"]
 
 View = dict[str, object]  # adapter name -> SparseUpdate (SO-LoRA) or DenseUpdate (LoRA)
 
@@ -28,6 +29,32 @@ View = dict[str, object]  # adapter name -> SparseUpdate (SO-LoRA) or DenseUpdat
 def adapter_name(index: int) -> str:
     """The adapter name of the member with index ``index`` in the plan (its place among the sorted peer ids)."""
     return f"peer{index:02d}"
+
+
+def answer_loss(network: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The causal-LM loss of ``batch`` (mean cross-entropy of the tokens whose label is not -100), computing the
+    output layer only at the positions that predict a labelled token.
+
+    Mathematically the ``outputs.loss`` of ``network(**batch)``; but a training example's prompt carries no labels,
+    and the output layer over the whole vocabulary at every prompt position is about a quarter of a SmolLM2 train
+    step (measured 3.8 s -> 2.8 s per step of batch 8 x 96 tokens). The positions kept are those where any row has
+    a label next (transformers' ``logits_to_keep`` with indices), so the model's own logit processing still
+    applies. A model whose forward takes no ``logits_to_keep`` gets the plain ``outputs.loss``.
+    """
+    import inspect
+
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "logits_to_keep" not in inspect.signature(type(network).forward).parameters:
+        return network(**batch).loss
+    targets = labels[:, 1:]
+    positions = (targets != -100).any(dim=0).nonzero().squeeze(1)
+    if positions.numel() == 0:
+        raise ValueError("a training batch without any labelled token: nothing to learn from")
+    logits = network(**inputs, logits_to_keep=positions).logits
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets[:, positions].reshape(-1), ignore_index=-100
+    )
 
 
 def peer_of(name: str) -> int:
@@ -78,12 +105,24 @@ class Workspace:
     def calibrate(self, name: str, batches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, float]:
         """Freeze the masks of adapter ``name`` from its peer's own data; returns the per-layer sparsity."""
         self.activate([name])
-        return calibrate(self.model, [self.on_device(b) for b in batches], adapter_name=name, max_steps=len(batches))
+        with autocast(self.precision, self.device):
+            return calibrate(
+                self.model, [self.on_device(b) for b in batches], adapter_name=name, max_steps=len(batches)
+            )
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the base model (a GPU when the peer has one)."""
+        return next(self.base.parameters()).device
+
+    @property
+    def precision(self) -> str:
+        """The compute precision the terms pin (sorlora/precision.py)."""
+        return self.terms.precision
 
     def on_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``batch`` on the device of the base model (a GPU when the peer has one)."""
-        device = next(self.base.parameters()).device
-        return {k: v.to(device) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     # ------------------------------------------------------------------ views
     def own_state(self, name: str, round: int):
@@ -127,7 +166,8 @@ class Workspace:
         network.train()
         losses = []
         for batch in batches:
-            loss = network(**self.on_device(batch)).loss
+            with autocast(self.precision, self.device):
+                loss = answer_loss(network, self.on_device(batch))
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
