@@ -2,16 +2,27 @@
 
 Layout (:mod:`sorlora_gossip.layout`): ``collab.json`` (written once by the creator), ``members/<user>/<peer>.json``
 (each member's own registration, plus its task statistics ``<peer>.h0.safetensors`` for the implicit MoE's
-routing) and ``plan.json`` (written once by the first member to commit it; optimistic concurrency). Registration
-closes at the first commit of the repo's history holding ``max_members`` registrations, or at the last commit the
-Hub recorded before ``registration_deadline_s`` after creation; that commit is what every member plans from, so
-all agree without talking to each other. Everything read is size-capped and validated.
+routing) and ``plan.json`` (written once by the first member to commit it; optimistic concurrency).
+
+Registration closes at the earlier of two commits of the repo's (linear) history, both judged by what the Hub
+recorded, never by a local clock:
+
+- the first commit holding ``max_members`` registrations;
+- with ``registration_deadline_s``: the commit just before the first commit the Hub recorded later than the
+  terms commit's time plus the deadline. Until some commit is recorded after the deadline, registration is open
+  (a registration could still land before it); a member whose own clock says the deadline passed commits a
+  marker of its own (:meth:`Collaboration.close_if_due`) so that the Hub records one.
+
+That commit is what every member plans from; history only grows at its end, so once a closing exists it never
+moves, and all members agree without talking to each other. Everything read is size-capped and validated.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -38,6 +49,7 @@ __all__ = ["Collaboration", "RegistrationClosed", "create_collaboration", "stats
 
 logger = logging.getLogger(__name__)
 MAX_STATS_BYTES = 16 << 20
+DEADLINE_MARK = ".deadline"  # members/<user>/<peer>.deadline: a member saw the deadline pass (no registration)
 
 
 class RegistrationClosed(TermsError):
@@ -83,6 +95,7 @@ class Collaboration:
         self.hub = hub
         self.repo_id = collab_id
         self._terms: CollabTerms | None = None
+        self._marked_at = -math.inf  # when this object last committed a deadline marker (time.monotonic)
 
     def __repr__(self) -> str:
         return f"Collaboration({self.repo_id!r}, hub={self.hub!r})"
@@ -134,32 +147,59 @@ class Collaboration:
         return sum(1 for p in files if p.startswith(f"{MEMBERS_DIR}/") and p.count("/") == 2 and p.endswith(".json")
                    and not p.endswith(".h0.json"))  # fmt: skip
 
-    def closing(self, *, now: float | None = None) -> Closing | None:
+    def deadline(self) -> float | None:
+        """The registration deadline (seconds since the epoch, Hub time), or None when only the member limit closes."""
+        seconds = self.terms().registration_deadline_s
+        return None if seconds is None else self.created_at() + seconds
+
+    def closing(self) -> Closing | None:
         """The commit registration closed at, or None while it is open (see the module docstring)."""
         terms = self.terms()
         history = list(reversed(self.hub.list_commits(self.repo_id)))  # oldest first; the hub's history is linear
-        if self._count_at(history[-1].sha) >= terms.max_members:
-            lo, hi = 0, len(history) - 1  # first commit with max_members registrations (counts only grow)
+        candidates: list[tuple[int, str]] = []
+        last = len(history) - 1
+        deadline = self.deadline()
+        if deadline is not None:
+            after = next((i for i, c in enumerate(history) if _time(c.created_at) > deadline), None)
+            if after is not None:
+                last = after - 1  # the member limit can only close earlier than this
+                candidates.append((last, f"the registration deadline ({terms.registration_deadline_s:g} s) passed "
+                                         f"at commit {history[after].sha[:12]}"))  # fmt: skip
+        if self._count_at(history[last].sha) >= terms.max_members:
+            lo, hi = 0, last  # the first commit with max_members registrations (counts only grow)
             while lo < hi:
                 mid = (lo + hi) // 2
                 if self._count_at(history[mid].sha) >= terms.max_members:
                     hi = mid
                 else:
                     lo = mid + 1
-            commit, reason = history[lo].sha, f"{terms.max_members} members registered"
-        elif terms.registration_deadline_s is not None:
-            deadline = self.created_at() + terms.registration_deadline_s
-            later = [c for c in history if _time(c.created_at) > deadline]
-            if not later and (now is None or now <= deadline):
-                return None
-            before = [c for c in history if _time(c.created_at) <= deadline]
-            commit, reason = before[-1].sha, f"the registration deadline ({terms.registration_deadline_s:g} s) passed"
-        else:
+            candidates.append((lo, f"{terms.max_members} members registered"))
+        if not candidates:
             return None
+        index, reason = min(candidates)
+        commit = history[index].sha
         regs, refused = self.registrations_at(commit)
         for path, why in refused.items():
             logger.warning("collaboration %s: registration %s refused: %s", self.repo_id, path, why)
         return Closing(commit=commit, registrations=tuple(regs[: terms.max_members]), reason=reason)
+
+    def close_if_due(self, peer: str, *, now: float, min_interval: float = 1.0) -> Closing | None:
+        """The closing; when there is none yet but the deadline passed by the local clock ``now``, first commit
+        ``peer``'s deadline marker so the Hub records a commit after the deadline (by its own clock: a member whose
+        clock runs ahead only adds a marker from before the deadline, which closes nothing). At most one marker per
+        ``min_interval`` seconds from this object."""
+        closing = self.closing()
+        deadline = self.deadline()
+        if closing is not None or deadline is None or now <= deadline:
+            return closing
+        if time.monotonic() - self._marked_at < min_interval:
+            return None
+        self._marked_at = time.monotonic()
+        user, name = peer.split("/", 1)
+        marker = member_path(user, name).removesuffix(".json") + DEADLINE_MARK
+        body = json.dumps({"peer": peer, "local_time": now, "deadline": deadline}).encode()
+        self.hub.create_commit(self.repo_id, {marker: body}, commit_message=f"{peer}: registration deadline passed")
+        return self.closing()
 
     def register(self, registration: Registration, *, stats: dict[str, torch.Tensor] | None = None) -> str:
         """Commit ``registration`` (and the member's task statistics); idempotent; refused once registration closed."""
@@ -169,11 +209,7 @@ class Collaboration:
         if closing is not None:
             if any(r.peer == registration.peer for r in closing.registrations):
                 return closing.commit
-            raise RegistrationClosed(
-                f"collaboration {self.repo_id} closed registration at commit {closing.commit[:12]} "
-                f"({closing.reason}; members: {', '.join(r.peer for r in closing.registrations)}): "
-                f"peer {registration.peer} cannot join it; ask its creator for a new collaboration"
-            )
+            raise self.refusal(closing, registration.peer)
         files: dict[str, bytes] = {path: json.dumps(registration.to_dict(), indent=1, sort_keys=True).encode()}
         if stats is not None:
             files[stats_path(user, name)] = save_safetensors({k: v.contiguous() for k, v in sorted(stats.items())})
@@ -182,8 +218,21 @@ class Collaboration:
         except EntryNotFound:
             existing = None
         if existing is not None and json.loads(existing) == registration.to_dict():
-            return self.hub.resolve(self.repo_id)
-        return self.hub.create_commit(self.repo_id, files, commit_message=f"register {registration.peer}")
+            sha = self.hub.resolve(self.repo_id)
+        else:
+            sha = self.hub.create_commit(self.repo_id, files, commit_message=f"register {registration.peer}")
+        closing = self.closing()  # the Hub may have recorded this very commit after the deadline
+        if closing is not None and all(r.peer != registration.peer for r in closing.registrations):
+            raise self.refusal(closing, registration.peer)
+        return sha
+
+    def refusal(self, closing: Closing, peer: str) -> RegistrationClosed:
+        """The error refusing ``peer``, which is not among the members registration closed with."""
+        return RegistrationClosed(
+            f"collaboration {self.repo_id} closed registration at commit {closing.commit[:12]} "
+            f"({closing.reason}; members: {', '.join(r.peer for r in closing.registrations) or 'none'}): "
+            f"peer {peer} cannot join it; ask its creator for a new collaboration"
+        )
 
     def member_stats(self, peer: str, *, revision: str) -> dict[str, torch.Tensor]:
         """A member's task statistics (layer -> mean input), validated: finite float tensors only."""

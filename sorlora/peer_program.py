@@ -49,7 +49,7 @@ from sorlora_gossip.dense import DenseUpdate
 from sorlora_gossip.hub.base import RevisionNotFound
 from sorlora_gossip.layout import UPDATE_FILE, round_tag
 
-from .collab import Collaboration, RegistrationClosed
+from .collab import Collaboration
 from .plan import PlanMismatch, compute_plan, plan_differences
 from .tasks import Example, collate_for_training, encode_for_training
 from .terms import CollabTerms, Registration, TermsError
@@ -379,15 +379,12 @@ class PeerProgram:
         return {k: v.float().cpu() for k, v in stats.items()}
 
     def _plan(self) -> None:
-        closing = self.collab.closing(now=time.time())
+        closing = self.collab.close_if_due(self.peer_id, now=time.time())
         if closing is None:
             self.waiting = True
             return
         if self.peer_id not in [r.peer for r in closing.registrations]:
-            raise RegistrationClosed(
-                f"collaboration {self.collab.repo_id} closed registration at commit {closing.commit[:12]} "
-                f"({closing.reason}) without peer {self.peer_id}: it is not a member"
-            )
+            raise self.collab.refusal(closing, self.peer_id)
         computed = compute_plan(self.terms, closing.registrations, collab_commit=closing.commit)
         committed = self.collab.commit_plan(computed)
         diffs = plan_differences(committed, computed)

@@ -121,6 +121,11 @@ def test_every_round_of_every_peer_is_on_the_hub_exactly_once(collaboration):
         assert sorted(pushes) == sorted(set(pushes)) and len(pushes) == 3, pushes
     bob = json.loads((collaboration["tmp"] / "state" / "bob" / "state.json").read_text())
     assert bob["phase"] == "done" and (collaboration["tmp"] / "state" / "bob" / "crashed-once").exists()
+    # the killed peer's own account of its rounds: each once, its pushed bytes those of its revisions on the hub
+    report = json.loads(hub.read_bytes("bob/dev", "report.json", revision="final"))
+    assert [rec["round"] for rec in report["records"]] == [0, 1, 2]
+    on_hub = [hub.file_sizes("bob/dev", revision=f"round-{r:04d}")["update.safetensors"] for r in range(3)]
+    assert [rec["bytes_pushed"] for rec in report["records"]] == on_hub
 
 
 def test_every_peer_computed_the_committed_plan_and_counted_inter_cluster_bytes(collaboration):
