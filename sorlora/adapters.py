@@ -42,6 +42,7 @@ class AdapterKind:
     payload_cls: type
     calibrates: bool  # masks are chosen from the peer's data before round 0
     sparse: bool  # payloads are masked B values (aggregation by masked averaging)
+    shared_projection: bool = False  # every member's A is the same matrix (LoRI): B entries mean the same for all
 
     def peft_config(self, terms: Any, *, slot: int, base_model: str) -> Any:
         """The PEFT config of the adapter of the member with index ``slot``."""

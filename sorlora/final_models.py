@@ -2,6 +2,8 @@
 how an evaluator, reading what the peers published on the hub, turns it into the model(s) it scores.
 
 - ``per-peer``: every peer's own final adapter (mean accuracy over peers);
+- ``neighbourhood``: every peer's own final adapter plus the parts of its neighbours' updates its last average
+  kept, which it publishes with its final adapter (LoRI; mean accuracy over peers);
 - ``cluster``: the adapters of one cluster's members active together (one model: all members hold the same);
 - ``oracle``: per task, the cluster of the peers holding it (hard routing upper bound);
 - ``moe``: every peer builds its own implicit MoE of all clusters' experts and publishes it as a
@@ -11,6 +13,7 @@ how an evaluator, reading what the peers published on the hub, turns it into the
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +30,20 @@ from .evaluation import evaluate, mean_per_question, per_question
 from .tasks import Task
 from .workspace import Workspace, adapter_name
 
-__all__ = ["FINAL_MODELS", "FinalModel", "Published", "build_moe", "choose_router", "evaluate_moe", "load_moe"]
+__all__ = [
+    "FINAL_MODELS",
+    "FinalModel",
+    "NEIGHBOURHOOD_DIR",
+    "Published",
+    "build_moe",
+    "choose_router",
+    "evaluate_moe",
+    "load_moe",
+]
+
+logger = logging.getLogger(__name__)
+
+NEIGHBOURHOOD_DIR = "neighbourhood"  # <dir>/<adapter name>.safetensors: a neighbour's part of a peer's final view
 
 
 def build_moe(
@@ -148,8 +164,12 @@ def _accuracy(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
 class FinalModel:
     """How one kind of final model is published by a peer and scored by an evaluator."""
 
+    def final_files(self, program: Any) -> dict[str, bytes]:
+        """Files the peer's ``final`` revision carries besides its own adapter and report (default: none)."""
+        return {}
+
     def publish(self, program: Any) -> None:
-        """Publish what this final model needs beyond the peer's own adapter (default: nothing)."""
+        """Publish what this final model needs beyond the peer's final revision (default: nothing)."""
 
     def evaluate(self, pub: Published, tasks: Mapping[str, Task], *, validation: Mapping[str, Task] | None) -> tuple:
         """(accuracy per task, extra result fields). The extra fields hold ``per_question`` (the outcomes behind the
@@ -173,6 +193,63 @@ class PerPeer(FinalModel):
         ]
         accuracy = {t: float(np.mean([r[t]["accuracy"] for r in results])) for t in tasks}
         return accuracy, {"per_question": mean_per_question([per_question(r) for r in results])}
+
+
+class Neighbourhood(FinalModel):
+    """A peer's model is its whole final view: its own adapter and its neighbours' parts of its last average."""
+
+    def final_files(self, program: Any) -> dict[str, bytes]:
+        me = program.name_of(program.index)
+        return {f"{NEIGHBOURHOOD_DIR}/{name}.safetensors": part.to_bytes() for name, part in program.view.items()
+                if name != me}  # fmt: skip
+
+    @staticmethod
+    def peer_view(pub: Published, peer: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """``peer``'s final view read from its ``final`` revision, and the neighbour parts refused (with why).
+
+        Each part must parse as a payload of the pinned base under its neighbour's config, with the masks of that
+        neighbour's own final part; a part the peer did not publish (its neighbour was skipped) is simply absent.
+        """
+        from sorlora_gossip.hub.base import EntryNotFound, RequestTooLarge
+
+        from .peer_program import FINAL_TAG
+
+        index = {p: i for i, p in enumerate(pub.plan["members"])}
+        repo = pub.hub.repo_id(peer)
+        sha = pub.hub.resolve(repo, FINAL_TAG)
+        view = pub.view([peer])
+        refused: dict[str, str] = {}
+        for q in pub.plan["neighbours"][peer]:
+            theirs = pub.parts.get(q)
+            if theirs is None:
+                continue
+            path = f"{NEIGHBOURHOOD_DIR}/{adapter_name(index[q])}.safetensors"
+            try:
+                data = pub.hub.read_bytes(repo, path, revision=sha, max_bytes=theirs.max_bytes(structure=True))
+                part = type(theirs).from_bytes(data, expected_base_model=theirs.base_model,
+                                               expected_config_hash=theirs.config_hash)  # fmt: skip
+                if not part.has_structure or set(part.masks) != set(theirs.masks) or not all(
+                    torch.equal(part.masks[k], theirs.masks[k]) for k in theirs.masks
+                ):  # fmt: skip
+                    raise ValueError(f"its masks are not those of {q}'s own final adapter")
+            except EntryNotFound:
+                continue
+            except (ValueError, RequestTooLarge) as exc:  # PayloadError is a ValueError
+                refused[q] = f"{repo}/{path}@{sha[:12]}: {exc}"
+                logger.warning("final model of %s: refusing the part of %s: %s", peer, q, refused[q])
+                continue
+            view[adapter_name(index[q])] = part
+        return view, refused
+
+    def evaluate(self, pub, tasks, *, validation):
+        results, refused = [], {}
+        for p in tqdm(pub.plan["members"], desc="evaluate peers", disable=not pub.progress, leave=False):
+            view, bad = self.peer_view(pub, p)
+            if bad:
+                refused[p] = bad
+            results.append(pub.score_view(view, tasks))
+        accuracy = {t: float(np.mean([r[t]["accuracy"] for r in results])) for t in tasks}
+        return accuracy, {"per_question": mean_per_question([per_question(r) for r in results]), "refused": refused}
 
 
 class OneCluster(FinalModel):
@@ -254,6 +331,7 @@ class ImplicitMoE(FinalModel):
 
 FINAL_MODELS: dict[str, FinalModel] = {
     "per-peer": PerPeer(),
+    "neighbourhood": Neighbourhood(),
     "cluster": OneCluster(),
     "oracle": Oracle(),
     "moe": ImplicitMoE(),

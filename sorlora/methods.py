@@ -1,14 +1,18 @@
 """The methods compared in one run (method.md §5): each is an adapter kind plus peer behaviours, described as data.
 
 - ``lora``: DFL-LoRA baseline. Dense PEFT LoRA (A and B trained), FedAvg of A and B with random neighbours.
-- ``lori``: frozen random A shared by all peers (one gaussian draw) + sparse B (uniform sparsity); masked
-  averaging of B with random neighbours.
+- ``lori``: the paper's LoRI baseline. Frozen random A shared by all peers (one gaussian draw) + sparse B (uniform
+  sparsity, each peer its own mask); masked averaging of B with random neighbours. A peer trains and sends only its
+  own mask's entries, but its forward holds the average on the union of its and its neighbours' masks (its
+  neighbours' parts, frozen, each entry counted once): what neighbours contribute reaches its model. Its final
+  model is that view (own adapter + the neighbour parts, published with the final adapter).
 - ``solora-single``: SO-LoRA (per-peer orthogonal A, sparse B, layer-wise budget), all peers in one cluster; every
   peer's forward includes all members' parts.
 - ``solora``: SO-LoRA with the collision-rate cluster topology; after the last round the clusters exchange their
   experts without averaging and every peer builds and publishes them as an implicit mixture of experts.
 - ``local``: SO-LoRA, no exchange at all.
 - ``oracle``: SO-LoRA, one cluster per task, evaluated with the true task's cluster (hard routing upper bound).
+  An upper bound only with at least two peers per task: with one, its clusters never aggregate (``local``).
 
 The adapter kinds live in :mod:`sorlora.adapters`, the topologies in :data:`sorlora.plan.TOPOLOGIES` and the final
 models in :data:`sorlora.final_models.FINAL_MODELS`: a new baseline is one entry in each table it needs.
@@ -31,7 +35,9 @@ class MethodSpec:
     name: str
     kind: AdapterKind
     topology: str = "none"  # a key of sorlora.plan.TOPOLOGIES
-    forward: Literal["own", "cluster"] = "own"  # whose adapters are active in a peer's forward pass
+    # whose adapters are active in a peer's forward pass: its own; its cluster's members' parts; or its own and the
+    # parts of the neighbours it last averaged with (LoRI: a shared A, so the parts are made disjoint)
+    forward: Literal["own", "cluster", "neighbours"] = "own"
     aggregation: Literal["masked", "fedavg", "none"] = "none"
     final: str = "per-peer"  # a key of sorlora.final_models.FINAL_MODELS
     inter_cluster: bool = False  # clusters exchange their experts (without averaging) and each peer builds a MoE
@@ -43,7 +49,14 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     "lora-shared-a": MethodSpec(
         "lora-shared-a", ADAPTER_KINDS["lora-shared-a"], topology="random", aggregation="fedavg"
     ),
-    "lori": MethodSpec("lori", ADAPTER_KINDS["lori"], topology="random", aggregation="masked"),
+    "lori": MethodSpec(
+        "lori",
+        ADAPTER_KINDS["lori"],
+        topology="random",
+        forward="neighbours",
+        aggregation="masked",
+        final="neighbourhood",
+    ),  # fmt: skip
     "solora-single": MethodSpec(
         "solora-single",
         ADAPTER_KINDS["solora"],

@@ -413,7 +413,8 @@ class PeerProgram:
     def _train(self) -> None:
         r, name = self.state["round"], self.name_of(self.index)
         self.ws.load_view(self.view)
-        forward = self._cluster() if self.spec.forward == "cluster" else [self.peer_id]
+        forward = {"cluster": self._cluster(), "neighbours": [self.peer_id, *self.plan["neighbours"][self.peer_id]]}
+        forward = forward.get(self.spec.forward, [self.peer_id])
         active = [n for n in (self.name_of(self._index_of(q)) for q in forward) if n in self.view]
         losses = self.ws.train(name, active, self.batches(r), lr=self.terms.lr)
         update = self.kind.values_only(self.ws.own_state(name, round=r))
@@ -505,7 +506,12 @@ class PeerProgram:
             self._save(phase="train", round=r + 1, records=records)
 
     def _aggregate(self, received: dict[int, Any]) -> dict[str, Any]:
-        """The new view from the own trained update and the neighbours' (method.md §3)."""
+        """The new view from the own trained update and the neighbours' (method.md §3).
+
+        ``forward="neighbours"`` (LoRI): the view is the own part first, then each received neighbour's part of the
+        average; with a shared A an entry held by several masks goes to the first part only, so the view's forward
+        is the average on the union of the group's masks (a neighbour skipped this round is not in it).
+        """
         me = self.index
         with_structure = {q: self.kind.with_structure(u, self.structure[q]) for q, u in received.items()}
         own = self.kind.with_structure(self._own, self.structure[me])
@@ -518,6 +524,10 @@ class PeerProgram:
             avg = fedavg([group[q].values for q in order], weights)
             return {self.name_of(me): DenseUpdate(values=avg, metadata=own.metadata)}
         b_bar = masked_average_updates([group[q] for q in order], weights)
+        if self.spec.forward == "neighbours":
+            keep = [me, *(q for q in order if q != me)]
+            parts = member_views(b_bar, [group[q] for q in keep], exclusive=self.kind.shared_projection)
+            return {self.name_of(q): part for q, part in zip(keep, parts)}
         cluster = [self._index_of(q) for q in self._cluster()]
         keep = [me] if self.spec.forward == "own" else [q for q in sorted(cluster) if q in group]
         parts = member_views(b_bar, [group[q] for q in keep])
@@ -567,6 +577,7 @@ class PeerProgram:
             report = {"peer": self.peer_id, "task": self.data.task, "records": self.state["records"],
                       "exchanges": self.state["exchanges"], "plan_sha256": self.plan["plan_sha256"]}  # fmt: skip
             files = {EXPERT_FILE: self.view[me].to_bytes(), REPORT_FILE: json.dumps(report, indent=1).encode()}
+            files.update(FINAL_MODELS[self.spec.final].final_files(self))  # what its final model needs besides
             self.ws.load_view({me: self.view[me]})
             if self.kind.sparse:
                 with tempfile.TemporaryDirectory() as tmp:

@@ -66,6 +66,14 @@ def results_table(summary: dict[str, Any]) -> str:
         f"{cfg['rounds']} rounds × {cfg['local_steps']} steps, batch {cfg['batch_size']}, rank {cfg['rank']}, "
         f"sparsity {cfg['sparsity']}, seed {cfg['seed']}."
     )
+    lines += [_curve_note(cfg, "accuracy_vs_round.png")]
+    oracle = methods.get("oracle")
+    if oracle and oracle.get("clusters") and max(len(c) for c in oracle["clusters"]) < 2:
+        lines.append(
+            f"`oracle` has only one peer per task here ({cfg['peers']} peers, {len(tasks)} tasks): its per-task "
+            "clusters never aggregate, so it is `local`'s training scored with routing by the true task — **not an "
+            "upper bound**. Give it at least two peers per task (e.g. `--set peers=" + str(2 * len(tasks)) + "`)."
+        )
     skipped = _skipped_questions(methods)
     if skipped:
         lines.append(
@@ -73,6 +81,17 @@ def results_table(summary: dict[str, Any]) -> str:
             "method, never cut): " + ", ".join(f"{t}: {k} of {n_test[t]}" for t, k in skipped.items()) + "."
         )
     return "\n".join(lines) + "\n"
+
+
+def _curve_note(cfg: dict[str, Any], plot: str) -> str:
+    """What the accuracy-vs-round curve shows (it is not the final model)."""
+    return (
+        f"`{plot}` (and `curve` in results.json): after each round, the mean over every member of its own model at "
+        "that round (its adapter plus the cluster's or neighbours' parts its forward holds), on the first "
+        f"{cfg.get('n_curve')} test questions per task that fit max_len, dealt round-robin to the members — a noisy "
+        "subset, and not the final model: no inter-cluster exchange, no implicit-MoE router, no hard routing by task, "
+        "so its last point can differ from the table."
+    )
 
 
 def _skipped_questions(methods: dict[str, Any]) -> dict[str, int]:
@@ -112,7 +131,8 @@ def write_report(summary: dict[str, Any], run_dir: str | Path) -> dict[str, Path
     curves = {m: [sum(c.values()) / len(c) for c in r["curve"]] for m, r in methods.items()}
     paths["accuracy"] = run_dir / "accuracy_vs_round.png"
     n_curve = summary["config"].get("n_curve")
-    _plot(paths["accuracy"], f"Accuracy vs round ({n_curve} questions per task, peer 0's model)", "accuracy", curves)
+    _plot(paths["accuracy"], f"Accuracy vs round: mean over members' own views ({n_curve} questions per task)",
+          "accuracy (not the final model)", curves)  # fmt: skip
     paths["bytes"] = run_dir / "bytes_vs_round.png"
     _plot(paths["bytes"], "Cumulative bytes sent (all links)", "bytes", {m: r["bytes_by_round"] for m, r in methods.items()},
           cumulative=True)  # fmt: skip

@@ -285,7 +285,10 @@ class Runner:
             "collision_rate": self._collision_rate(spec, plan),
             "router": extra.get("router"),
             "per_question": extra.get("per_question"),  # the outcomes behind "accuracy" (paired statistics)
-            "variants": extra.get("variants", {}),  # other evaluations of the same weights (e.g. solora's plain sum)
+            "variants": extra.get("variants", {}),
+            "refused": extra.get(
+                "refused", {}
+            ),  # published parts the evaluator refused (peer -> part -> why)  # other evaluations of the same weights (e.g. solora's plain sum)
             "n_test": {t: len(task.test) for t, task in self.tasks.items()},
             "inter_cluster_bytes": int(inter),
             "skipped": {
@@ -296,15 +299,37 @@ class Runner:
         }
 
     def _curve(self, pub: Published, mdir: Path, terms: CollabTerms) -> list[dict[str, float]]:
-        """Accuracy after each round of member 0's view (its own local checkpoints), on ``n_curve`` questions."""
+        """Accuracy after each round: the mean over every member of its own view after that round (its local
+        checkpoint: its adapter and what its forward holds of its cluster's or neighbours' parts).
+
+        Not the final model: no inter-cluster exchange, no implicit-MoE router, no hard routing by task. Its cost is
+        bounded like one model's: the first ``n_curve`` test questions of each task that fit ``max_len`` are dealt
+        round-robin to the members (member m scores questions m, m + P, ... of them, at least one), so every
+        member counts equally and a task costs about ``max(n_curve, P)`` scored questions per round.
+        """
+        from .evaluation import fits
         from .peer_program import _load_view
 
-        tasks = {t: dataclasses.replace(task, test=task.test[: self.cfg.n_curve]) for t, task in self.tasks.items()}
-        state = mdir / "peers" / adapter_name(0)
+        members = pub.plan["members"]
+        chosen = {}
+        for t, task in self.tasks.items():
+            ok = fits(task.test, self.tokenizer, max_len=self.cfg.max_len)
+            chosen[t] = [e for e, fit in zip(task.test, ok) if fit][: self.cfg.n_curve]
+        dealt = [
+            {t: [qs[i % len(qs)] for i in range(m, max(len(qs), len(members)), len(members))]
+             for t, qs in chosen.items() if qs}
+            for m in range(len(members))
+        ]  # fmt: skip
         out = []
         for r in range(terms.rounds):
-            view = _load_view(state / f"view-{r:04d}.safetensors", terms.spec.kind.payload_cls)
-            out.append(pub.evaluate_view(view, tasks))
+            correct: dict[str, list[int]] = {t: [] for t in chosen if chosen[t]}
+            for m in range(len(members)):
+                state = mdir / "peers" / adapter_name(m)
+                view = _load_view(state / f"view-{r:04d}.safetensors", terms.spec.kind.payload_cls)
+                subset = {t: dataclasses.replace(self.tasks[t], test=qs) for t, qs in dealt[m].items()}
+                for t, res in pub.score_view(view, subset).items():
+                    correct[t] += [c for c in res["correct"] if c is not None]
+            out.append({t: float(np.mean(c)) for t, c in correct.items() if c})
         return out
 
     def _collision_rate(self, spec: MethodSpec, plan: dict[str, Any]) -> float | None:
@@ -317,7 +342,9 @@ class Runner:
             repo = self.hub.repo_id(p)
             data = self.hub.read_bytes(repo, UPDATE_FILE, revision=self.hub.resolve(repo, round_tag(0)))
             structure[p] = spec.kind.payload_cls.from_bytes(data)
-        groups = [[p, *plan["neighbours"][p]] for p in plan["members"]] if spec.forward == "own" else plan["clusters"]
+        groups = (
+            plan["clusters"] if spec.forward == "cluster" else [[p, *plan["neighbours"][p]] for p in plan["members"]]
+        )
         first = structure[plan["members"][0]]
         sizes = [m.numel() for _, m in sorted(first.masks.items())]
         rates = []

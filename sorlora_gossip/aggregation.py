@@ -175,16 +175,29 @@ def member_views(
     updates: Sequence[SparseUpdate],
     *,
     structure: Sequence[SparseUpdate | None] | None = None,
+    exclusive: bool = False,
 ) -> list[SparseUpdate]:
     """Each member's part of the shared B̄: a ``SparseUpdate`` with the member's structure and B̄ on its own mask.
 
     Metadata (base model, projection seed/slot, config hash, ...) is the member's, so a receiver rebuilds its A.
+    ``exclusive``: an entry of B̄ goes to the first member (in the given order) whose mask holds it and is 0 in the
+    later members' parts. With one projection A shared by every member (LoRI) the parts then sum to B̄ on the union
+    of the masks, each entry counted once; with per-member A (SO-LoRA) every holder carries it (the default).
     """
     stored = list(structure) if structure is not None else [None] * len(updates)
     views = []
+    covered: dict[str, torch.Tensor] = {}
     for j, (u, s) in enumerate(zip(updates, stored)):
         src = _structure(u, s, j)
-        values = {layer: v.to(u.values[layer].dtype) for layer, v in restrict_to_mask(b_bar, src.masks).items()}
+        source = dict(b_bar)
+        if exclusive:
+            for layer, mask in src.masks.items():
+                if layer in covered:
+                    source[layer] = torch.where(covered[layer], torch.zeros((), dtype=b_bar[layer].dtype), b_bar[layer])
+                    covered[layer] = covered[layer] | mask
+                else:
+                    covered[layer] = mask.clone()
+        values = {layer: v.to(u.values[layer].dtype) for layer, v in restrict_to_mask(source, src.masks).items()}
         views.append(dataclasses.replace(u, values=values, masks=src.masks, shapes=src.shapes))
     return views
 

@@ -64,7 +64,8 @@ def test_study_preset_is_sized_as_documented():
     cfg = study.config
     assert len(study.seeds) == 5 and len(cfg.tasks) == 4 and cfg.n_test == 60
     assert (cfg.rounds, cfg.local_steps) == (4, 8)
-    assert {"lora", "lori", "solora-single", "solora"} <= set(cfg.methods)
+    assert {"lora", "lori", "solora-single", "solora", "oracle"} <= set(cfg.methods)
+    assert cfg.peers == 2 * len(cfg.tasks), "two peers per task: oracle's per-task clusters aggregate"
 
 
 def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
