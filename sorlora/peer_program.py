@@ -51,6 +51,7 @@ from sorlora_gossip.layout import UPDATE_FILE, round_tag
 
 from .collab import Collaboration
 from .plan import PlanMismatch, compute_plan, plan_differences
+from .sharing import TensorPool
 from .tasks import Example, collate_for_training, encode_for_training
 from .terms import CollabTerms, Registration, TermsError
 from .workspace import Workspace, adapter_name
@@ -156,6 +157,8 @@ class PeerProgram:
     (``model``: a local copy or Hub id of the pinned base, checked against its fingerprint).
     ``position_mm``: this device's position estimate for the channel model (default: derived from its id).
     ``expected_terms``: the terms' hash this member agreed to; other terms on the hub stop it with an error.
+    ``tensor_pool``: shared by the programs of one process, it keeps one copy of the equal tensors they hold
+    (the same members' pulled revisions, views and experts; :mod:`sorlora.sharing`).
     """
 
     PHASES = ("register", "plan", "calibrate", "train", "pull", "exchange", "publish", "done")
@@ -174,6 +177,7 @@ class PeerProgram:
         expected_terms: str | None = None,
         poll_interval: float = 0.5,
         progress: bool = False,
+        tensor_pool: TensorPool | None = None,
     ) -> None:
         if peer_id.count("/") != 1:
             raise ValueError(f"peer id must be a repo id 'user/name', got {peer_id!r}")
@@ -186,6 +190,7 @@ class PeerProgram:
         self.position_mm = position_mm
         self.expected_terms = expected_terms
         self.poll_interval, self.progress = poll_interval, progress
+        self.tensor_pool = tensor_pool
         self.state: dict[str, Any] = {"phase": "register", "round": 0, "records": [], "exchanges": []}
         if (self.state_dir / "state.json").exists():
             self.state = json.loads((self.state_dir / "state.json").read_text())
@@ -312,6 +317,11 @@ class PeerProgram:
         self._prepare()
         self.waiting = False
         getattr(self, f"_{self.phase}")()
+        if self.done:  # what it held is on the hub and on disk: keep nothing of it in memory
+            self.view, self.structure, self.experts, self._own, self._pending = {}, {}, {}, None, None
+            self._ready = False
+        elif self.tensor_pool is not None and not self.waiting:
+            self.tensor_pool.share(self.view, self.structure, self.experts, getattr(self, "_own", None))
         return self.phase
 
     def run(self, *, max_seconds: float | None = None) -> dict[str, Any]:
@@ -447,6 +457,8 @@ class PeerProgram:
         if missing:
             with _quiet_skips():  # one pass is not a skip yet: this program decides at the round timeout
                 pull = self.peer.pull_round(round, missing, timeout=0.0, poll_interval=0.0)
+            if self.tensor_pool is not None:
+                self.tensor_pool.share(pull.updates)
             p["updates"].update(pull.updates)
             p["bytes"].update(pull.bytes)
             p["revisions"].update(pull.revisions)

@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from peft_sorlora.base_model import base_fingerprint
 from sorlora.collab import Collaboration, RegistrationClosed, create_collaboration
@@ -121,3 +122,39 @@ def test_the_base_must_be_the_pinned_one(tmp_path):
                           data=PeerData(task="t", train=DATA["synthetic-alpha"]))  # fmt: skip
     with pytest.raises(TermsError, match="fingerprint .* are not the pinned base tiny-random-llama"):
         program.step()
+
+
+def test_programs_in_one_process_share_equal_tensors_and_publish_the_same(tmp_path):
+    terms = TERMS.replace(method="solora", s_max=0.5, rounds=1)
+    published = {}
+    for pooled in (True, False):
+        hub = LocalHub(tmp_path / f"hub-{pooled}", namespace="lab")
+        create_collaboration(hub, "lab/c", terms)
+        engine = InProcessEngine(base=BASE, tokenizer=TOKENIZER, progress=False)
+        if not pooled:
+            engine.tensor_pool = None
+        programs = _programs(hub, tmp_path / str(pooled), ["ann", "ben", "cat", "dan"], engine=engine)
+        for p in programs:
+            p.tensor_pool = engine.tensor_pool
+        try:
+            deadline = time.monotonic() + 120
+            while any(p.phase != "publish" for p in programs) and time.monotonic() < deadline:
+                for p in programs:
+                    if p.phase != "publish":
+                        p.step()
+            # every program holds every member's round-0 structure (its cluster's, then the others' for the experts)
+            held = {q: [p.structure[q] for p in programs if q in p.structure and q != p.index] for q in range(4)}
+            assert all(len(v) == 3 for v in held.values()), {q: len(v) for q, v in held.items()}
+            for structures in held.values():
+                first = structures[0]
+                for other in structures[1:]:
+                    for key, mask in first.masks.items():
+                        assert torch.equal(other.masks[key], mask)
+                        assert (other.masks[key] is mask) == pooled, "one copy of each pulled mask with the pool"
+            _drive(programs)
+            assert all(p.done and not p.view and not p.structure for p in programs), "done programs hold nothing"
+        finally:
+            engine.release()
+        published[pooled] = {p.peer_id: hub.read_bytes(p.peer_id, "expert.safetensors", revision="final")
+                             for p in programs}  # fmt: skip
+    assert published[True] == published[False]
