@@ -30,13 +30,13 @@ from peft_sorlora.base_model import BUNDLED_BASE_ID, base_fingerprint, set_base_
 from peft_sorlora.calibration import solora_layers
 from sorlora.collab import create_collaboration
 from sorlora.engines import InProcessEngine, PeerLaunch
-from sorlora.peer_program import load_base
+from sorlora.peer_program import TINY_BASE_ID, load_base
 from sorlora.tasks import synthetic_task
 from sorlora.terms import CollabTerms
 from sorlora.workspace import adapter_name
 from sorlora_gossip import LocalHub
 
-from .common import release_free_memory, rows_against, rss_bytes, seed_everything
+from .common import constant, release_free_memory, rows_against, rss_bytes, seed_everything
 
 __all__ = ["run", "ENTRY", "measure_population"]
 
@@ -45,10 +45,14 @@ RANK, SPARSITY, METHOD = 4, 0.25, "solora"
 TINY_ID = "bench/tiny-random-llama-512"  # a wider tiny Llama: 512 // 4 = 128 orthogonal slots for 100 members
 
 
+MODELS = {"tiny": "tiny-llama", "tiny-512": "tiny-llama-512", "smollm2": "smollm2-135m"}  # --model -> label
+
+
 def _base(model: str) -> tuple[torch.nn.Module, object, str]:
-    if model == "smollm2":
-        base, tokenizer = load_base(BUNDLED_BASE_ID)
-        return base, tokenizer, BUNDLED_BASE_ID
+    if model in ("smollm2", "tiny"):
+        base_id = BUNDLED_BASE_ID if model == "smollm2" else TINY_BASE_ID  # the tiny one: 32 // 4 = 8 slots
+        base, tokenizer = load_base(base_id)
+        return base, tokenizer, base_id
     from sorlora.model_loading import tiny_random_model
 
     base, tokenizer = tiny_random_model(hidden_size=512, num_hidden_layers=2, seed=0)
@@ -128,16 +132,15 @@ def measure_population(base, tokenizer, base_id: str, n: int, root: Path, *, poo
 
 def run(repeats: int = 5, quick: bool = False, counts: tuple[int, ...] | None = None,
         model: str | None = None) -> list[dict]:  # fmt: skip
-    """Rows of bytes per peer at each count in ``counts`` (default 10, 50, 100; quick: 4, 8) on ``model`` ("tiny",
-    the default, or "smollm2"), and at the largest count without the tensor pool (quick mode and the tiny model
-    only: on SmolLM2 at 100 peers that run costs minutes more). Deterministic counts: ``repeats`` is not used."""
+    """Rows of bytes per peer at each count in ``counts`` on ``model`` (a key of :data:`MODELS`; default: 10, 50
+    and 100 peers on ``tiny-512``; quick: 3 and 6 on ``tiny``), and at the largest count without the tensor pool
+    (not on SmolLM2, where that costs minutes more). Deterministic counts: ``repeats`` is not used."""
     del repeats
     seed_everything()
-    model = model or "tiny"
-    counts = counts or ((4, 8) if quick else (10, 50, 100))
+    model = model or ("tiny" if quick else "tiny-512")
+    counts = counts or ((3, 6) if quick else (10, 50, 100))
     base, tokenizer, base_id = _base(model)
-    label = "smollm2-135m" if model == "smollm2" else "tiny-llama-512"
-    figures: dict[str, float] = {}
+    label = MODELS[model]
     results: dict[str, dict[str, float]] = {}
     started = tracemalloc.is_tracing()
     if not started:
@@ -148,7 +151,7 @@ def run(repeats: int = 5, quick: bool = False, counts: tuple[int, ...] | None = 
             measure_population(base, tokenizer, base_id, 2, Path(tmp) / "warm-up")
             for n in counts:
                 results[f"{n}_peers"] = measure_population(base, tokenizer, base_id, n, Path(tmp))
-            if model == "tiny":
+            if model != "smollm2":
                 results[f"{counts[-1]}_peers_without_pool"] = measure_population(
                     base, tokenizer, base_id, counts[-1], Path(tmp), pooled=False
                 )
@@ -156,8 +159,6 @@ def run(repeats: int = 5, quick: bool = False, counts: tuple[int, ...] | None = 
         if not started:
             tracemalloc.stop()
     adapter = next(iter(results.values()))["adapter"]
-    from .common import constant
-
     figures = {"one_adapter": constant(adapter)}
     figures.update({k: constant(v["total"]) for k, v in results.items()})
     figures.update({f"{k}_rss": constant(v["rss"]) for k, v in results.items() if not k.endswith("pool")})
@@ -183,7 +184,7 @@ def run(repeats: int = 5, quick: bool = False, counts: tuple[int, ...] | None = 
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.peer_memory [--model tiny|smollm2] [--counts 10,100]``: print the rows as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny", help="base model of the peers")
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny-512", help="base model of the peers")
     parser.add_argument("--counts", default=None, help="comma-separated peer counts (default 10,50,100)")
     args = parser.parse_args(argv)
     counts = tuple(int(c) for c in args.counts.split(",")) if args.counts else None

@@ -95,6 +95,7 @@ class Collaboration:
         self.hub = hub
         self.repo_id = collab_id
         self._terms: CollabTerms | None = None
+        self._created_at: float | None = None
         self._marked_at = -math.inf  # when this object last committed a deadline marker (time.monotonic)
 
     def __repr__(self) -> str:
@@ -117,9 +118,11 @@ class Collaboration:
         return self._terms
 
     def created_at(self) -> float:
-        """When the Hub recorded the commit that wrote the terms (seconds since the epoch)."""
-        commits = self.hub.list_commits(self.repo_id)
-        return _time(commits[-2].created_at if len(commits) > 1 else commits[-1].created_at)
+        """When the Hub recorded the commit that wrote the terms (seconds since the epoch; read once)."""
+        if self._created_at is None:
+            commits = self.hub.list_commits(self.repo_id)
+            self._created_at = _time(commits[-2].created_at if len(commits) > 1 else commits[-1].created_at)
+        return self._created_at
 
     # ------------------------------------------------------------------ registrations
     def registrations_at(self, revision: str) -> tuple[list[Registration], dict[str, str]]:

@@ -460,6 +460,10 @@ class PeerProgram:
             if self.tensor_pool is not None:
                 self.tensor_pool.share(pull.updates)
             p["updates"].update(pull.updates)
+            # the Peer keeps its last pull for the record its next push carries (revisions, skips): the parsed
+            # updates and peer.json infos in it are taken now, so it keeps only that record
+            pull.updates.clear()
+            pull.infos.clear()
             p["bytes"].update(pull.bytes)
             p["revisions"].update(pull.revisions)
             p["rejected"].update({k: str(v) for k, v in pull.rejected.items()})

@@ -28,6 +28,7 @@ class TensorPool:
     def __init__(self) -> None:
         self._by_key: weakref.WeakValueDictionary[tuple, torch.Tensor] = weakref.WeakValueDictionary()
         self._canonical: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()  # by id
+        self._payloads: weakref.WeakValueDictionary[tuple, Any] = weakref.WeakValueDictionary()
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -56,23 +57,38 @@ class TensorPool:
 
     def share(self, *objects: Any) -> None:
         """Replace, in place, the tensors held in ``objects`` (dicts and lists, nested, and the dict or list fields
-        of dataclasses such as the payloads) by the pool's equal ones."""
+        of dataclasses such as the payloads) by the pool's equal ones, and the payloads held in dicts and lists
+        by the pool's equal ones (same type, same pooled tensors, equal other fields)."""
         for obj in objects:
             self._share(obj, depth=0)
+
+    def payload(self, obj: Any) -> Any:
+        """The pool's dataclass equal to ``obj`` once its tensors are pooled (``obj`` itself when first seen or
+        when a field is not hashable as compared here)."""
+        self._share(obj, depth=0)
+        try:
+            key = ("payload", type(obj), *(_field_key(getattr(obj, f.name)) for f in dataclasses.fields(obj)))
+            hash(key)
+        except TypeError:
+            return obj
+        found = self._payloads.get(key)
+        if found is not None:
+            return found
+        try:
+            self._payloads[key] = obj
+        except TypeError:  # not weakly referable (slots): not pooled
+            return obj
+        return obj
 
     def _share(self, obj: Any, depth: int) -> None:
         if depth > 8 or obj is None or isinstance(obj, (str, bytes, int, float, bool, torch.Tensor)):
             return
-        if isinstance(obj, dict):
-            for k, v in obj.items():
+        if isinstance(obj, (dict, list)):
+            for k, v in list(obj.items() if isinstance(obj, dict) else enumerate(obj)):
                 if isinstance(v, torch.Tensor):
                     obj[k] = self.tensor(v, label=k)
-                else:
-                    self._share(v, depth + 1)
-        elif isinstance(obj, list):
-            for i, v in enumerate(obj):
-                if isinstance(v, torch.Tensor):
-                    obj[i] = self.tensor(v, label=i)
+                elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+                    obj[k] = self.payload(v)
                 else:
                     self._share(v, depth + 1)
         elif isinstance(obj, tuple):
@@ -83,3 +99,14 @@ class TensorPool:
                 value = getattr(obj, f.name, None)
                 if isinstance(value, (dict, list, tuple)) or dataclasses.is_dataclass(value):
                     self._share(value, depth + 1)
+
+
+def _field_key(value: Any) -> Any:
+    """A hashable stand-in for a payload field: pooled tensors by identity, containers by their items."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _field_key(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_field_key(v) for v in value))
+    return value

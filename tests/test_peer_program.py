@@ -127,10 +127,11 @@ def test_the_base_must_be_the_pinned_one(tmp_path):
 def test_programs_in_one_process_share_equal_tensors_and_publish_the_same(tmp_path):
     terms = TERMS.replace(method="solora", s_max=0.5, rounds=1)
     published = {}
+    base, tokenizer = load_base(TINY_BASE_ID)  # the same weights, no adapters left by the other tests
     for pooled in (True, False):
         hub = LocalHub(tmp_path / f"hub-{pooled}", namespace="lab")
         create_collaboration(hub, "lab/c", terms)
-        engine = InProcessEngine(base=BASE, tokenizer=TOKENIZER, progress=False)
+        engine = InProcessEngine(base=base, tokenizer=tokenizer, progress=False)
         if not pooled:
             engine.tensor_pool = None
         programs = _programs(hub, tmp_path / str(pooled), ["ann", "ben", "cat", "dan"], engine=engine)
