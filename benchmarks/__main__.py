@@ -29,7 +29,7 @@ from .common import SEED, machine_info, seed_everything  # noqa: E402
 
 __all__ = ["ENTRIES", "OPTIONAL", "main", "run_entry", "normalize_row", "markdown_table"]
 
-ENTRIES = ["train_step", "wire_bytes", "moe_latency", "gossip_round", "scale", "ray_scale", "hub_memory"]
+ENTRIES = ["train_step", "wire_bytes", "moe_latency", "gossip_round", "scale", "ray_scale", "hub_memory", "peer_memory"]
 OPTIONAL = {"ray_scale"}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
