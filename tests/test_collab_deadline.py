@@ -26,7 +26,7 @@ def _program(hub, tmp_path, user, engine, task="synthetic-alpha"):
 
 @pytest.fixture
 def engine():
-    """An in-process engine around the shared tiny base, given back clean after the test."""
+    """An in-process engine around the shared tiny base, given back clean (no adapters left) after the test."""
     engine = InProcessEngine(base=BASE, tokenizer=TOKENIZER, progress=False)
     yield engine
     engine.release()

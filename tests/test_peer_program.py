@@ -28,6 +28,14 @@ TERMS = CollabTerms(
 DATA = {t: synthetic_task(t, n_train=12, n_test=2).train for t in ("synthetic-alpha", "synthetic-beta")}
 
 
+@pytest.fixture
+def engine():
+    """An in-process engine around the shared tiny base, given back clean (no adapters left) after the test."""
+    engine = InProcessEngine(base=BASE, tokenizer=TOKENIZER, progress=False)
+    yield engine
+    engine.release()
+
+
 def _programs(hub, tmp_path, users, *, engine, collab="lab/c"):
     return [
         PeerProgram(hub=hub, collab_id=collab, peer_id=f"{u}/dev", state_dir=tmp_path / u, workspace=engine.workspace,
@@ -56,10 +64,9 @@ def test_terms_refuse_a_local_path_as_the_base_model():
         CollabTerms.from_dict({**TERMS.to_dict(), "roundz": 3})
 
 
-def test_a_member_that_never_shows_up_is_skipped_and_recorded(tmp_path):
+def test_a_member_that_never_shows_up_is_skipped_and_recorded(tmp_path, engine):
     hub = LocalHub(tmp_path / "hub", namespace="lab")
     create_collaboration(hub, "lab/c", TERMS)
-    engine = InProcessEngine(base=BASE, tokenizer=TOKENIZER, progress=False)
     programs = _programs(hub, tmp_path, ["ann", "ben", "cat", "ghost"], engine=engine)
     ghost = programs.pop()
     ghost.step()  # registers, then is never seen again
@@ -72,10 +79,9 @@ def test_a_member_that_never_shows_up_is_skipped_and_recorded(tmp_path):
     assert not hub.repo_exists("ghost/dev")
 
 
-def test_a_late_joiner_is_refused_clearly(tmp_path):
+def test_a_late_joiner_is_refused_clearly(tmp_path, engine):
     hub = LocalHub(tmp_path / "hub", namespace="lab")
     create_collaboration(hub, "lab/c", TERMS)
-    engine = InProcessEngine(base=BASE, tokenizer=TOKENIZER, progress=False)
     programs = _programs(hub, tmp_path, ["ann", "ben", "cat", "dan", "eve"], engine=engine)
     for p in programs[:4]:
         p.step()
@@ -84,10 +90,9 @@ def test_a_late_joiner_is_refused_clearly(tmp_path):
     assert "members/eve/dev.json" not in hub.list_files("lab/c")
 
 
-def test_a_member_computing_another_plan_stops_naming_the_difference(tmp_path, monkeypatch):
+def test_a_member_computing_another_plan_stops_naming_the_difference(tmp_path, engine, monkeypatch):
     hub = LocalHub(tmp_path / "hub", namespace="lab")
     create_collaboration(hub, "lab/c", TERMS.replace(method="oracle"))
-    engine = InProcessEngine(base=BASE, tokenizer=TOKENIZER, progress=False)
     programs = _programs(hub, tmp_path, ["ann", "ben", "cat", "dan"], engine=engine)
     for p in programs:
         p.step()  # every member registers
