@@ -370,8 +370,10 @@ def settings_help() -> str:
 
 
 PRESETS: dict[str, ExperimentConfig] = {
-    # `make demo`: the default comparison on the real SmolLM2, sized for 2 CPU cores in about 15 minutes.
-    "demo": ExperimentConfig(),
+    # `make demo`: the default comparison on the real SmolLM2, sized for 2 CPU cores in under 20 minutes. bfloat16
+    # mixed precision (about 1.5x faster training, 2x faster scoring on CPUs with bfloat16 units such as this
+    # project's Xeon; accuracy within noise of float32: lora 57.6 vs 57.9 on the demo's 160 questions).
+    "demo": ExperimentConfig(precision="bfloat16"),
     # A small run of the whole pipeline on the real model, every method: not "a couple of minutes" - measured 13 min
     # 22 s wall (782 s CPU) on a shared 2-core machine (over 8 min reported on an unshared one); see README.
     "smoke": ExperimentConfig(

@@ -76,6 +76,7 @@ _STUDY_CONFIG = ExperimentConfig(
     n_test=60,
     n_validation=24,
     n_curve=8,
+    precision="bfloat16",  # as the demo: mixed precision, about 1.5-2x faster on CPUs with bfloat16 units
 )
 
 STUDY_PRESETS: dict[str, StudySettings] = {
