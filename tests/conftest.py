@@ -9,6 +9,8 @@ import os
 # Xet is never needed; telemetry must never leave the machine.
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Before torch loads: OpenMP threads that wait passively do not stall each other on a shared machine (sorlora/__init__).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 

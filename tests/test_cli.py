@@ -243,3 +243,13 @@ def test_console_script_prints_one_line_not_a_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "rounds must be int" in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_importing_sorlora_makes_openmp_wait_passively_unless_the_user_chose():
+    code = "import os, sorlora, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "ACTIVE"
