@@ -161,6 +161,44 @@ def _accuracy(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     return {t: r["accuracy"] for t, r in results.items()}
 
 
+def own_expert_shares(
+    moe: ImplicitMoEForCausalLM,
+    tasks: Mapping[str, Task],
+    tokenizer: Any,
+    own: Mapping[str, int],
+    *,
+    batch_size: int = 16,
+    max_len: int = 256,
+    precision: str = "float32",
+) -> dict[str, dict[str, Any]]:
+    """Per task, the share of the components the router keeps that belong to the task's own expert (``own[t]``: the
+    expert of the cluster holding it), over the real tokens of its test prompts, beside the uniform share 1/E.
+
+    A diagnostic of why the implicit MoE may lose to hard routing: a share near 1/E means the frozen projections
+    do not tell the tasks apart, and every token mixes every cluster's update.
+    """
+    from moe_router import routing_shares
+
+    from .precision import autocast
+
+    out = {}
+    device = next(moe.parameters()).device
+    for t, task in tasks.items():
+        totals = torch.zeros(moe.num_experts, dtype=torch.float64)
+        prompts = [e.prompt for e in task.test]
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+                              truncation=True, max_length=max_len)  # fmt: skip
+            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+            with autocast(precision, device):
+                shares = routing_shares(moe, batch)
+            totals += shares.double() * int(batch["attention_mask"].sum())
+        shares = (totals / totals.sum()).tolist()
+        out[t] = {"own_expert": int(own[t]), "own_share": float(shares[own[t]]), "uniform": 1.0 / moe.num_experts,
+                  "shares": [float(x) for x in shares]}  # fmt: skip
+    return out
+
+
 class FinalModel:
     """How one kind of final model is published by a peer and scored by an evaluator."""
 
@@ -326,6 +364,10 @@ class ImplicitMoE(FinalModel):
                         hard[t] = evaluate(moe, pub.tokenizer, task, **pub.eval_kw)
             variants["hard"] = {"accuracy": _accuracy(hard), "per_question": per_question(hard)}
         extra = {"router": router, "moe_config": json.loads(moe.config.to_json_string())}
+        if moe.num_experts == len(pub.plan["clusters"]):
+            extra["routing"] = own_expert_shares(
+                moe, tasks, pub.tokenizer, {t: _holder_cluster(pub, t) for t in tasks}, **pub.eval_kw
+            )
         return _accuracy(results), {**extra, "per_question": per_question(results), "variants": variants}
 
 

@@ -74,6 +74,8 @@ def results_table(summary: dict[str, Any]) -> str:
             "clusters never aggregate, so it is `local`'s training scored with routing by the true task — **not an "
             "upper bound**. Give it at least two peers per task (e.g. `--set peers=" + str(2 * len(tasks)) + "`)."
         )
+    for name, res in methods.items():
+        lines += _moe_notes(name, res, tasks)
     skipped = _skipped_questions(methods)
     if skipped:
         lines.append(
@@ -81,6 +83,33 @@ def results_table(summary: dict[str, Any]) -> str:
             "method, never cut): " + ", ".join(f"{t}: {k} of {n_test[t]}" for t, k in skipped.items()) + "."
         )
     return "\n".join(lines) + "\n"
+
+
+def _moe_notes(name: str, res: dict[str, Any], tasks: list[str]) -> list[str]:
+    """What a run measured of an implicit MoE: the router settings chosen, the same weights summed or routed by the
+    true task, and how much of what the router keeps goes to each task's own expert."""
+    lines = []
+    router = res.get("router")
+    if router:
+        lines.append(f"`{name}`'s router settings, chosen on validation questions: `{router['chosen']}`.")
+    variants = res.get("variants") or {}
+    if variants:
+        lines.append(
+            f"`{name}`'s own weights scored otherwise (average %): "
+            + ", ".join(
+                f"{v}: {100 * sum(r['accuracy'].values()) / len(r['accuracy']):.1f}" for v, r in variants.items()
+            )
+            + f" (the router: {100 * res['average']:.1f}; sum = every component of every cluster kept, "
+            "hard = each task served by its own cluster's expert alone)."
+        )
+    routing = res.get("routing")
+    if routing:
+        lines.append(
+            f"Share of the components `{name}`'s router keeps that belong to the task's own expert (test prompts): "
+            + ", ".join(f"{t} {routing[t]['own_share']:.2f}" for t in tasks if t in routing)
+            + f" (uniform {next(iter(routing.values()))['uniform']:.2f}: no separation of the tasks)."
+        )
+    return lines
 
 
 def _curve_note(cfg: dict[str, Any], plot: str) -> str:

@@ -284,6 +284,7 @@ class Runner:
             "clusters": [[plan["members"].index(p) for p in c] for c in plan["clusters"]],
             "collision_rate": self._collision_rate(spec, plan),
             "router": extra.get("router"),
+            "routing": extra.get("routing"),  # implicit MoE: share of kept components going to each task's expert
             "per_question": extra.get("per_question"),  # the outcomes behind "accuracy" (paired statistics)
             "variants": extra.get("variants", {}),
             "refused": extra.get(

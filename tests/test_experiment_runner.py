@@ -73,6 +73,22 @@ def test_moe_router_settings_are_chosen_on_validation_questions(unbroken):
     assert summary["methods"]["lora"]["router"] is None
 
 
+def test_the_moe_diagnostics_are_measured_and_reported(unbroken):
+    run_dir, summary = unbroken
+    res = summary["methods"]["solora"]
+    routing = res["routing"]
+    assert set(routing) == set(TINY.tasks)
+    for t, r in routing.items():
+        assert len(r["shares"]) == len(res["clusters"]) and abs(sum(r["shares"]) - 1) < 1e-6
+        assert r["own_share"] == r["shares"][r["own_expert"]] and 0 <= r["own_share"] <= 1
+        assert r["uniform"] == 1 / len(res["clusters"])
+    assert set(res["variants"]) >= {"sum"}
+    table = (run_dir / "results.md").read_text()
+    assert "router settings, chosen on validation questions" in table
+    assert "belong to the task's own expert" in table and "sum:" in table
+    assert summary["methods"]["lora"]["routing"] is None
+
+
 def test_every_round_of_every_peer_is_on_the_hub_once(unbroken):
     run_dir, _ = unbroken
     from sorlora_gossip import LocalHub, Peer
