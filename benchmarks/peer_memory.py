@@ -4,7 +4,8 @@ cluster-wide forward, inter-cluster exchange: the method that holds the most of 
 
 Each population registers, plans, calibrates, trains one round of one local step on small data and exchanges
 experts; memory is taken when every program has reached ``publish`` (everything of the rounds still held; publishing
-itself builds one implicit MoE at a time, which is transient). Counted precisely, not from the noisy RSS: torch
+itself builds one implicit MoE at a time, which is transient). The plan is computed once per population and each
+program given its own copy (:class:`_PlanOnce`: the cluster topology of 100 members takes ~20 s per program). Counted precisely, not from the noisy RSS: torch
 tensor storage reachable from Python objects (unique storages, ``gc``) plus Python allocations (``tracemalloc``),
 both measured before the programs are created and after. The anchor is one member's adapter in the shared model
 (A + B + mask: what the issue's "~2.5 MiB per extra peer" counts). The same population without the shared
@@ -17,6 +18,7 @@ orthogonal slots of ``in_features // r`` = 144 allow 100 members).
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import tempfile
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import sorlora.peer_program as peer_program
 from peft_sorlora.base_model import BUNDLED_BASE_ID, base_fingerprint, set_base_identity
 from peft_sorlora.calibration import solora_layers
 from sorlora.collab import create_collaboration
@@ -88,6 +91,21 @@ def _adapter_bytes(engine: InProcessEngine) -> int:
     )
 
 
+class _PlanOnce:
+    """``compute_plan`` computed once per collaboration commit, each caller given its own deep copy (so every
+    program still holds a plan of its own, as it would): at 100 members the cluster topology costs ~20 s per
+    program on this machine, and every member's recomputation of the same pure function measures nothing here."""
+
+    def __init__(self, compute) -> None:
+        self.compute, self.plans = compute, {}
+
+    def __call__(self, terms, registrations, *, collab_commit):
+        key = (terms.sha256(), collab_commit, tuple(r.peer for r in registrations))
+        if key not in self.plans:
+            self.plans[key] = self.compute(terms, registrations, collab_commit=collab_commit)
+        return copy.deepcopy(self.plans[key])
+
+
 def measure_population(base, tokenizer, base_id: str, n: int, root: Path, *, pooled: bool = True,
                        max_seconds: float = 7200.0) -> dict[str, float]:  # fmt: skip
     """Run ``n`` in-process peers to the publish phase; bytes per peer (tensors, Python, RSS) and the adapter's."""
@@ -109,6 +127,8 @@ def measure_population(base, tokenizer, base_id: str, n: int, root: Path, *, poo
     before = _snapshot()
     programs = engine.programs(hub, "bench/memory", launches)
     deadline = time.monotonic() + max_seconds
+    plan_once = _PlanOnce(peer_program.compute_plan)
+    peer_program.compute_plan = plan_once
     try:
         while any(p.phase != "publish" for p in programs):
             if time.monotonic() > deadline:
@@ -121,6 +141,7 @@ def measure_population(base, tokenizer, base_id: str, n: int, root: Path, *, poo
         after = _snapshot()
         adapter = _adapter_bytes(engine)
     finally:
+        peer_program.compute_plan = plan_once.compute
         del programs
         engine.release()
         gc.collect()
