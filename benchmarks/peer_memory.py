@@ -21,6 +21,7 @@ import argparse
 import copy
 import gc
 import json
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -172,6 +173,7 @@ def run(repeats: int = 5, quick: bool = False, counts: tuple[int, ...] | None = 
             measure_population(base, tokenizer, base_id, 2, Path(tmp) / "warm-up")
             for n in counts:
                 results[f"{n}_peers"] = measure_population(base, tokenizer, base_id, n, Path(tmp))
+                print(f"peer_memory {label}: {n} peers: {json.dumps(results[f'{n}_peers'])}", file=sys.stderr)
             if model != "smollm2":
                 results[f"{counts[-1]}_peers_without_pool"] = measure_population(
                     base, tokenizer, base_id, counts[-1], Path(tmp), pooled=False
