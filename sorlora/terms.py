@@ -118,6 +118,13 @@ class CollabTerms:
                 raise TermsError(f"collab.json: {name} must be a finite number, got {getattr(self, name)!r}")
         if self.round_timeout_s <= 0 or self.lr <= 0:
             raise TermsError("collab.json: lr and round_timeout_s must be > 0")
+        deadline = self.registration_deadline_s
+        if deadline is not None and (
+            isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline < math.inf
+        ):
+            raise TermsError(
+                f"collab.json: registration_deadline_s must be a positive number or null, got {deadline!r}"
+            )
         if self.precision not in PRECISIONS:
             raise TermsError(f"collab.json: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.inter_cluster_every < 0:

@@ -78,7 +78,7 @@ def test_the_moe_diagnostics_are_measured_and_reported(unbroken):
     res = summary["methods"]["solora"]
     routing = res["routing"]
     assert set(routing) == set(TINY.tasks)
-    for t, r in routing.items():
+    for r in routing.values():
         assert len(r["shares"]) == len(res["clusters"]) and abs(sum(r["shares"]) - 1) < 1e-6
         assert r["own_share"] == r["shares"][r["own_expert"]] and 0 <= r["own_share"] <= 1
         assert r["uniform"] == 1 / len(res["clusters"])

@@ -1,4 +1,5 @@
-"""Compute precision (sorlora/precision.py) and the training loss over labelled positions only."""
+"""Compute precision (sorlora/precision.py), the training loss over labelled positions only, and the checks of
+terms values added with them."""
 
 from __future__ import annotations
 
@@ -92,3 +93,12 @@ def test_a_wrong_precision_is_one_clear_error_everywhere():
     with pytest.raises(ValueError, match="precision must be one of"):
         with autocast("half", "cpu"):
             pass
+
+
+@pytest.mark.parametrize("deadline", [-1, 0, float("nan"), float("inf"), "soon", True])
+def test_a_registration_deadline_must_be_a_positive_number(deadline):
+    from sorlora.terms import CollabTerms
+
+    with pytest.raises(TermsError, match="registration_deadline_s must be a positive number or null"):
+        CollabTerms(base_model="tiny-random-llama", base_fingerprint="0" * 16, registration_deadline_s=deadline)
+    assert CollabTerms(base_model="tiny-random-llama", base_fingerprint="0" * 16, registration_deadline_s=30).sha256()
