@@ -74,6 +74,16 @@ def results_table(summary: dict[str, Any]) -> str:
             "clusters never aggregate, so it is `local`'s training scored with routing by the true task — **not an "
             "upper bound**. Give it at least two peers per task (e.g. `--set peers=" + str(2 * len(tasks)) + "`)."
         )
+    inter = {name: res for name, res in methods.items() if res.get("inter_cluster_bytes")}
+    if inter:
+        lines.append(
+            "Bytes sent count every byte pulled, the inter-cluster exchange included: "
+            + ", ".join(
+                f"`{n}` {_fmt_bytes(r['inter_cluster_bytes'])} of its {_fmt_bytes(r['bytes_transmitted'])}"
+                for n, r in inter.items()
+            )  # fmt: skip
+            + "."
+        )
     for name, res in methods.items():
         lines += _moe_notes(name, res, tasks)
     skipped = _skipped_questions(methods)

@@ -273,23 +273,29 @@ class Runner:
             self.base = ws.release()
         rounds = [[reports[p]["records"][r] for p in plan["members"]] for r in range(terms.rounds)]
         comm = self._comm(spec, plan, graph, rounds)
-        inter = sum(e["bytes_pulled"] for rep in reports.values() for e in rep.get("exchanges", []))
+        inter_by_round = [0] * terms.rounds
+        for rep in reports.values():
+            for e in rep.get("exchanges", []):
+                inter_by_round[int(e["round"])] += int(e["bytes_pulled"])
+        inter = sum(inter_by_round)
         return {
             "method": spec.name,
             "accuracy": final,
             "average": float(np.mean(list(final.values()))),
             "curve": curve,
             "train_loss": [float(np.mean([rec["loss"] for rec in recs])) for recs in rounds],
-            "bytes_by_round": [int(sum(rec.get("bytes_pulled", 0) for rec in recs)) for recs in rounds],
+            # every byte pulled in round r: the neighbours' revisions and the inter-cluster exchange after it
+            "bytes_by_round": [
+                int(sum(rec.get("bytes_pulled", 0) for rec in recs)) + inter_by_round[r]
+                for r, recs in enumerate(rounds)
+            ],  # fmt: skip
             "clusters": [[plan["members"].index(p) for p in c] for c in plan["clusters"]],
             "collision_rate": self._collision_rate(spec, plan),
             "router": extra.get("router"),
             "routing": extra.get("routing"),  # implicit MoE: share of kept components going to each task's expert
             "per_question": extra.get("per_question"),  # the outcomes behind "accuracy" (paired statistics)
-            "variants": extra.get("variants", {}),
-            "refused": extra.get(
-                "refused", {}
-            ),  # published parts the evaluator refused (peer -> part -> why)  # other evaluations of the same weights (e.g. solora's plain sum)
+            "variants": extra.get("variants", {}),  # other evaluations of the same weights (e.g. solora's plain sum)
+            "refused": extra.get("refused", {}),  # published parts the evaluator refused (peer -> part -> why)
             "n_test": {t: len(task.test) for t, task in self.tasks.items()},
             "inter_cluster_bytes": int(inter),
             "skipped": {
@@ -297,6 +303,9 @@ class Runner:
                 for p, rep in reports.items()
             },  # fmt: skip
             **comm,
+            # every byte: the rounds' pulls (comm's figure) plus the inter-cluster exchange
+            "round_bytes": comm["bytes_transmitted"],
+            "bytes_transmitted": comm["bytes_transmitted"] + int(inter),
         }
 
     def _curve(self, pub: Published, mdir: Path, terms: CollabTerms) -> list[dict[str, float]]:

@@ -118,6 +118,10 @@ def test_the_peers_agreed_on_one_plan_and_counted_the_inter_cluster_bytes(unbrok
     solora = summary["methods"]["solora"]
     if len(plan["clusters"]) > 1:
         assert solora["inter_cluster_bytes"] > 0
+    assert solora["bytes_transmitted"] == solora["round_bytes"] + solora["inter_cluster_bytes"]
+    assert sum(solora["bytes_by_round"]) == solora["bytes_transmitted"], "the plot counts every byte too"
+    if solora["inter_cluster_bytes"]:
+        assert "the inter-cluster exchange included" in (run_dir / "results.md").read_text()
     assert all(r["inter_cluster_bytes"] == 0 for m, r in summary["methods"].items() if m != "solora")
 
 
