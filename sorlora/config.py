@@ -371,8 +371,9 @@ def settings_help() -> str:
 
 PRESETS: dict[str, ExperimentConfig] = {
     # `make demo`: the default comparison on the real SmolLM2 on 2 CPU cores (measured about 30 min alone: over the
-    # 20-minute target, see README). bfloat16 mixed precision (about 1.5x faster training, 2x faster scoring on CPUs with bfloat16 units such as this
-    # project's Xeon; accuracy within noise of float32: lora 57.6 vs 57.9 on the demo's 160 questions).
+    # 20-minute target, see README). bfloat16 mixed precision: about 1.5x faster training, 2x faster scoring on
+    # CPUs with bfloat16 units such as this project's Xeon; accuracy within noise of float32 (lora 57.6 vs 57.9 on
+    # the demo's 160 questions).
     "demo": ExperimentConfig(precision="bfloat16"),
     # A small run of the whole pipeline on the real model, every method: not "a couple of minutes" - measured 13 min
     # 22 s wall (782 s CPU) on a shared 2-core machine (over 8 min reported on an unshared one); see README.
