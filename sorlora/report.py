@@ -117,7 +117,7 @@ def _moe_notes(name: str, res: dict[str, Any], tasks: list[str]) -> list[str]:
         lines.append(
             f"Share of the components `{name}`'s router keeps that belong to the task's own expert (test prompts): "
             + ", ".join(f"{t} {routing[t]['own_share']:.2f}" for t in tasks if t in routing)
-            + f" (uniform {next(iter(routing.values()))['uniform']:.2f}: no separation of the tasks)."
+            + f" (uniform {next(iter(routing.values()))['uniform']:.2f} would mean no separation of the tasks)."
         )
     return lines
 
