@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moe_router import ImplicitMoEForCausalLM
+from moe_router import ImplicitMoEForCausalLM, routing_shares
 
 from .evaluation import evaluate, mean_per_question, per_question
+from .precision import autocast
 from .tasks import Task
 from .workspace import Workspace, adapter_name
 
@@ -96,8 +97,8 @@ def choose_router(
 ) -> dict[str, Any]:
     """Pick the routing settings (k in {r, 2r, all} x refinement) with the best mean accuracy on validation tasks.
 
-    The chosen settings are applied to ``moe``; ``eval_kw`` are :func:`~sorlora.evaluation.evaluate`'s options. The router itself is never trained; only this one setting is
-    chosen, on held-out questions, never on test ones.
+    The chosen settings are applied to ``moe``; ``eval_kw`` are :func:`~sorlora.evaluation.evaluate`'s options.
+    The router itself is never trained; only this one setting is chosen, on held-out questions, never on test ones.
     """
     scores: dict[str, float] = {}
     best: tuple[float, str, int | str, str] | None = None
@@ -177,10 +178,6 @@ def own_expert_shares(
     A diagnostic of why the implicit MoE may lose to hard routing: a share near 1/E means the frozen projections
     do not tell the tasks apart, and every token mixes every cluster's update.
     """
-    from moe_router import routing_shares
-
-    from .precision import autocast
-
     out = {}
     device = next(moe.parameters()).device
     for t, task in tasks.items():
@@ -224,16 +221,25 @@ def _holder_cluster(pub: Published, task: str) -> int:
 
 
 class PerPeer(FinalModel):
+    """Every member's own model, scored on every task; the accuracy is the mean over members."""
+
+    @staticmethod
+    def peer_view(pub: Published, peer: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """``peer``'s model as read back from the hub, and the published parts refused (with why): its own adapter."""
+        return pub.view([peer]), {}
+
     def evaluate(self, pub, tasks, *, validation):
-        results = [
-            pub.score_view(pub.view([p]), tasks)
-            for p in tqdm(pub.plan["members"], desc="evaluate peers", disable=not pub.progress, leave=False)
-        ]
+        results, refused = [], {}
+        for p in tqdm(pub.plan["members"], desc="evaluate peers", disable=not pub.progress, leave=False):
+            view, bad = self.peer_view(pub, p)
+            if bad:
+                refused[p] = bad
+            results.append(pub.score_view(view, tasks))
         accuracy = {t: float(np.mean([r[t]["accuracy"] for r in results])) for t in tasks}
-        return accuracy, {"per_question": mean_per_question([per_question(r) for r in results])}
+        return accuracy, {"per_question": mean_per_question([per_question(r) for r in results]), "refused": refused}
 
 
-class Neighbourhood(FinalModel):
+class Neighbourhood(PerPeer):
     """A peer's model is its whole final view: its own adapter and its neighbours' parts of its last average."""
 
     def final_files(self, program: Any) -> dict[str, bytes]:
@@ -278,16 +284,6 @@ class Neighbourhood(FinalModel):
                 continue
             view[adapter_name(index[q])] = part
         return view, refused
-
-    def evaluate(self, pub, tasks, *, validation):
-        results, refused = [], {}
-        for p in tqdm(pub.plan["members"], desc="evaluate peers", disable=not pub.progress, leave=False):
-            view, bad = self.peer_view(pub, p)
-            if bad:
-                refused[p] = bad
-            results.append(pub.score_view(view, tasks))
-        accuracy = {t: float(np.mean([r[t]["accuracy"] for r in results])) for t in tasks}
-        return accuracy, {"per_question": mean_per_question([per_question(r) for r in results]), "refused": refused}
 
 
 class OneCluster(FinalModel):

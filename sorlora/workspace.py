@@ -9,6 +9,7 @@ with a workspace of its own. What an adapter is (config, payload) is the adapter
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -41,8 +42,6 @@ def answer_loss(network: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> 
     a label next (transformers' ``logits_to_keep`` with indices), so the model's own logit processing still
     applies. A model whose forward takes no ``logits_to_keep`` gets the plain ``outputs.loss``.
     """
-    import inspect
-
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if "logits_to_keep" not in inspect.signature(type(network).forward).parameters:
