@@ -37,7 +37,7 @@ __all__ = [
 # The methods compared in one run (method.md §5). See sorlora/methods.py for what each one does.
 METHODS = ("lora", "lori", "solora-single", "solora", "local", "oracle")
 # Further baselines a run may name in `methods` (not run by default): see sorlora/methods.py.
-EXTRA_METHODS = ("lora-shared-a",)
+EXTRA_METHODS = ("lora-shared-a", "solora-union", "solora-cotrain")
 ALL_METHODS = METHODS + EXTRA_METHODS
 
 

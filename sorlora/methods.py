@@ -10,6 +10,13 @@
   peer's forward includes all members' parts.
 - ``solora``: SO-LoRA with the collision-rate cluster topology; after the last round the clusters exchange their
   experts without averaging and every peer builds and publishes them as an implicit mixture of experts.
+- ``solora-union``: ``solora-single`` without averaging (collision-free union): every member's forward holds each
+  member's own part exactly as it sent it, so the cluster's forward is Σ_j (B_j ⊙ M_j) A_j with no entry averaged
+  at a collision (in ``solora-single`` two members' values at a shared position are averaged, and each one then
+  acts through both members' A).
+- ``solora-cotrain``: ``solora`` with co-training across clusters (the paper's step 4 repeated): every
+  ``cotrain_every`` rounds the clusters exchange their experts (bytes counted), and from then on each member keeps
+  the other clusters' experts frozen in its forward while it trains, so its own expert learns alongside them.
 - ``local``: SO-LoRA, no exchange at all.
 - ``oracle``: SO-LoRA, one cluster per task, evaluated with the true task's cluster (hard routing upper bound).
   An upper bound only with at least two peers per task: with one, its clusters never aggregate (``local``).
@@ -38,9 +45,13 @@ class MethodSpec:
     # whose adapters are active in a peer's forward pass: its own; its cluster's members' parts; or its own and the
     # parts of the neighbours it last averaged with (LoRI: a shared A, so the parts are made disjoint)
     forward: Literal["own", "cluster", "neighbours"] = "own"
-    aggregation: Literal["masked", "fedavg", "none"] = "none"
+    # masked: the members' masked average B̄ on each member's mask; union: each member's own part, never averaged
+    aggregation: Literal["masked", "union", "fedavg", "none"] = "none"
     final: str = "per-peer"  # a key of sorlora.final_models.FINAL_MODELS
     inter_cluster: bool = False  # clusters exchange their experts (without averaging) and each peer builds a MoE
+    # co-training: exchange the experts every this many rounds (overriding the terms' inter_cluster_every) and keep
+    # the other clusters' latest experts frozen in the forward while training; 0: never
+    cotrain_every: int = 0
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {
@@ -73,6 +84,24 @@ METHOD_SPECS: dict[str, MethodSpec] = {
         aggregation="masked",
         final="moe",
         inter_cluster=True,
+    ),  # fmt: skip
+    "solora-union": MethodSpec(
+        "solora-union",
+        ADAPTER_KINDS["solora"],
+        topology="single",
+        forward="cluster",
+        aggregation="union",
+        final="cluster",
+    ),  # fmt: skip
+    "solora-cotrain": MethodSpec(
+        "solora-cotrain",
+        ADAPTER_KINDS["solora"],
+        topology="cluster",
+        forward="cluster",
+        aggregation="masked",
+        final="moe",
+        inter_cluster=True,
+        cotrain_every=2,
     ),  # fmt: skip
     "local": MethodSpec("local", ADAPTER_KINDS["solora"], topology="none"),
     "oracle": MethodSpec(

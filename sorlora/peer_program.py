@@ -265,6 +265,10 @@ class PeerProgram:
         path = self.state_dir / f"view-{last:04d}.safetensors"
         own = {self.name_of(self.index): self.structure[self.index]}
         self.view = _load_view(path, cls) if last >= 0 else own
+        if self.spec.cotrain_every:  # the experts the coming rounds train alongside: the latest exchange's
+            done = [e["round"] for e in self.state.get("exchanges", []) if e["round"] <= last]
+            if done:
+                self._load_experts(max(done))
         self.peer = self._hub_peer()
         self.peer.last_pushed_round()
         if self.phase == "pull":  # the own update of this round is on the hub already: use it as pushed
@@ -426,6 +430,10 @@ class PeerProgram:
         forward = {"cluster": self._cluster(), "neighbours": [self.peer_id, *self.plan["neighbours"][self.peer_id]]}
         forward = forward.get(self.spec.forward, [self.peer_id])
         active = [n for n in (self.name_of(self._index_of(q)) for q in forward) if n in self.view]
+        if self.spec.cotrain_every and self.experts:  # co-training: the other clusters' experts, frozen
+            frozen = {self.name_of(q): part for e in self.experts.values() for q, part in e.items()}
+            self.ws.load_view(frozen)
+            active += sorted(frozen)
         losses = self.ws.train(name, active, self.batches(r), lr=self.terms.lr)
         update = self.kind.values_only(self.ws.own_state(name, round=r))
         pushed = self.peer.push_round(r, update, metrics={"train_loss": float(np.mean(losses))})
@@ -511,7 +519,7 @@ class PeerProgram:
         records[-1].update(bytes_pulled=int(sum(got["bytes"].values())), used=dict(got["revisions"]),
                            skipped=got["skipped"], rejected=got["rejected"])  # fmt: skip
         last = r == self.terms.rounds - 1
-        every = self.terms.inter_cluster_every
+        every = self.spec.cotrain_every or self.terms.inter_cluster_every
         exchange = self.spec.inter_cluster and (last or (every and (r + 1) % every == 0))
         self._crash_point(f"{self.peer_id}:pulled:{r}")
         if exchange:
@@ -539,14 +547,17 @@ class PeerProgram:
         if self.spec.aggregation == "fedavg":
             avg = fedavg([group[q].values for q in order], weights)
             return {self.name_of(me): DenseUpdate(values=avg, metadata=own.metadata)}
-        b_bar = masked_average_updates([group[q] for q in order], weights)
+        b_bar = None if self.spec.aggregation == "union" else masked_average_updates([group[q] for q in order], weights)
         if self.spec.forward == "neighbours":
             keep = [me, *(q for q in order if q != me)]
             parts = member_views(b_bar, [group[q] for q in keep], exclusive=self.kind.shared_projection)
             return {self.name_of(q): part for q, part in zip(keep, parts)}
         cluster = [self._index_of(q) for q in self._cluster()]
         keep = [me] if self.spec.forward == "own" else [q for q in sorted(cluster) if q in group]
-        parts = member_views(b_bar, [group[q] for q in keep])
+        if self.spec.aggregation == "union":  # each member's own part as sent: no entry averaged at a collision
+            parts = [group[q] for q in keep]
+        else:
+            parts = member_views(b_bar, [group[q] for q in keep])
         view = dict(self.view) if self.spec.forward == "cluster" else {}
         view.update({self.name_of(q): part for q, part in zip(keep, parts)})  # skipped members keep old values
         return view
@@ -609,18 +620,24 @@ class PeerProgram:
         FINAL_MODELS[self.spec.final].publish(self)
         self._save(phase="done")
 
+    def _load_experts(self, round: int) -> None:
+        """The other clusters' experts as the exchange after ``round`` saved them (none if it did not happen)."""
+        path = self.state_dir / f"experts-{round:04d}.safetensors"
+        if not path.exists():
+            return
+        loaded = _load_view(path, self.kind.payload_cls)
+        self.experts = {}
+        for c, members in enumerate(self.plan["clusters"]):
+            got = {self._index_of(m): loaded[self.name_of(self._index_of(m))] for m in members
+                   if self.name_of(self._index_of(m)) in loaded}  # fmt: skip
+            if got:
+                self.experts[c] = got
+
     def experts_for_moe(self) -> tuple[list[list[Any]], dict[tuple[int, int], dict[str, torch.Tensor]]]:
         """All clusters' experts (own cluster from the own view, the others from the exchange) and each member's
         task statistics from the collaboration repo, in plan order: what the implicit MoE is built from."""
         if not self.experts:
-            last = self.state_dir / f"experts-{self.terms.rounds - 1:04d}.safetensors"
-            if last.exists():
-                loaded = _load_view(last, self.kind.payload_cls)
-                for c, members in enumerate(self.plan["clusters"]):
-                    got = {self._index_of(m): loaded[self.name_of(self._index_of(m))] for m in members
-                           if self.name_of(self._index_of(m)) in loaded}  # fmt: skip
-                    if got:
-                        self.experts[c] = got
+            self._load_experts(self.terms.rounds - 1)
         experts, calibration = [], {}
         commit = self.plan["collab_commit"]
         for c, members in enumerate(self.plan["clusters"]):

@@ -74,6 +74,13 @@ def results_table(summary: dict[str, Any]) -> str:
             "clusters never aggregate, so it is `local`'s training scored with routing by the true task — **not an "
             "upper bound**. Give it at least two peers per task (e.g. `--set peers=" + str(2 * len(tasks)) + "`)."
         )
+    ari = {name: res for name, res in methods.items() if res.get("cluster_task_ari") is not None}
+    if ari:
+        lines.append(
+            "Clusters against tasks (adjusted Rand index; 1: one cluster per task, about 0: unrelated to the tasks): "
+            + ", ".join(f"`{n}` {r['cluster_task_ari']:.2f} ({len(r['clusters'])} clusters)" for n, r in ari.items())
+            + "."
+        )
     inter = {name: res for name, res in methods.items() if res.get("inter_cluster_bytes")}
     if inter:
         lines.append(

@@ -38,6 +38,7 @@ from .config import ExperimentConfig
 from .engines import PeerLaunch, make_engine
 from .final_models import FINAL_MODELS, Published
 from .methods import METHOD_SPECS, MethodSpec
+from .stats import adjusted_rand_index
 from .peer_program import CRASH_ENV, EXPERT_FILE, FINAL_TAG, REPORT_FILE, TINY_BASE_ID, load_base
 from .plan import plan_graph
 from .tasks import Task, load_task, synthetic_task
@@ -291,6 +292,11 @@ class Runner:
             ],  # fmt: skip
             "clusters": [[plan["members"].index(p) for p in c] for c in plan["clusters"]],
             "collision_rate": self._collision_rate(spec, plan),
+            # how far the clusters follow the tasks (1: one cluster per task; ~0: unrelated); cluster methods only
+            "cluster_task_ari": adjusted_rand_index(
+                [regs[p].task for p in plan["members"]],
+                [next(i for i, c in enumerate(plan["clusters"]) if p in c) for p in plan["members"]],
+            ) if spec.forward == "cluster" else None,
             "router": extra.get("router"),
             "routing": extra.get("routing"),  # implicit MoE: share of kept components going to each task's expert
             "per_question": extra.get("per_question"),  # the outcomes behind "accuracy" (paired statistics)

@@ -30,6 +30,7 @@ __all__ = [
     "smallest_detectable_difference",
     "planned_detectable_difference",
     "compare_methods",
+    "adjusted_rand_index",
 ]
 
 # (a, b): "a beats b" is the paper's claim. ``solora:sum`` is the solora run's experts on the same weights with
@@ -249,3 +250,30 @@ def compare_methods(
         "level": level,
         "n_boot": n_boot,
     }
+
+
+def adjusted_rand_index(labels_true: Sequence[Any], labels_pred: Sequence[Any]) -> float:
+    """Hubert & Arabie's adjusted Rand index of two partitions of the same items (1: identical, ~0: chance).
+
+    Used to say how far a topology's clusters follow the peers' tasks (``labels_true``: each peer's task,
+    ``labels_pred``: its cluster). When both partitions are trivial (one block, or all singletons, alike) the index
+    is undefined by the formula and taken as 1.0 if they are identical, else 0.0.
+    """
+    if len(labels_true) != len(labels_pred):
+        raise ValueError(f"got {len(labels_true)} true labels for {len(labels_pred)} predicted ones")
+    _, a = np.unique(np.asarray(labels_true, dtype=object).astype(str), return_inverse=True)
+    _, b = np.unique(np.asarray(labels_pred, dtype=object).astype(str), return_inverse=True)
+    table = np.zeros((a.max(initial=-1) + 1, b.max(initial=-1) + 1), dtype=np.int64)
+    np.add.at(table, (a, b), 1)
+
+    def pairs(x: np.ndarray) -> float:
+        return float((x * (x - 1) // 2).sum())
+
+    n = len(a)
+    total = n * (n - 1) / 2
+    index, rows, cols = pairs(table), pairs(table.sum(axis=1)), pairs(table.sum(axis=0))
+    expected = rows * cols / total if total else 0.0
+    maximum = (rows + cols) / 2
+    if maximum == expected:
+        return 1.0 if (rows == cols == index) else 0.0
+    return (index - expected) / (maximum - expected)
