@@ -38,9 +38,9 @@ from .config import ExperimentConfig
 from .engines import PeerLaunch, make_engine
 from .final_models import FINAL_MODELS, Published
 from .methods import METHOD_SPECS, MethodSpec
-from .stats import adjusted_rand_index
 from .peer_program import CRASH_ENV, EXPERT_FILE, FINAL_TAG, REPORT_FILE, TINY_BASE_ID, load_base
 from .plan import plan_graph
+from .stats import adjusted_rand_index
 from .tasks import Task, load_task, synthetic_task
 from .terms import CollabTerms
 from .workspace import Workspace, adapter_name
@@ -296,7 +296,9 @@ class Runner:
             "cluster_task_ari": adjusted_rand_index(
                 [regs[p].task for p in plan["members"]],
                 [next(i for i, c in enumerate(plan["clusters"]) if p in c) for p in plan["members"]],
-            ) if spec.forward == "cluster" else None,
+            )
+            if spec.forward == "cluster"
+            else None,
             "router": extra.get("router"),
             "routing": extra.get("routing"),  # implicit MoE: share of kept components going to each task's expert
             "per_question": extra.get("per_question"),  # the outcomes behind "accuracy" (paired statistics)

@@ -110,10 +110,9 @@ def test_cotrain_exchanges_every_two_rounds_and_trains_alongside_the_other_clust
 
 def test_a_restarted_cotrain_peer_trains_alongside_the_experts_it_had(variants, tmp_path):
     """Resume: a peer killed before round 2 reloads the round-1 exchange's experts from its state directory."""
-    from sorlora.engines import InProcessEngine
+    from sorlora.engines import InProcessEngine, PeerLaunch
     from sorlora.model_loading import tiny_random_model
     from sorlora.tasks import load_task
-    from sorlora.engines import PeerLaunch
 
     run_dir, _ = variants
     src = run_dir / "methods/solora-cotrain/peers/peer00"
