@@ -80,6 +80,13 @@ class ExperimentConfig:
         24, help="held-out questions per task: router settings, learning rates (sorlora tune-lr); 0: none"
     )
     n_curve: int = _setting(8, help="test questions per task for the accuracy-vs-round curve (a subset of test)")
+    score_members: Literal["all", "dealt"] = _setting(
+        "all",
+        help="per-peer final models (lora, lori, local): all = every member's model answers every test question "
+        "(the paper: each device on every task); dealt = each task's questions are dealt round-robin to the "
+        "members and each is answered by one: the same expected mean over members at 1/peers of the scoring "
+        "cost, with the members' spread added to the question noise",
+    )
     rank: int = _setting(8, help="adapter rank r")
     lora_alpha: float = _setting(16.0, help="adapter scaling alpha (the update is scaled by alpha / r)")
     target_modules: tuple[str, ...] = _setting(("q_proj", "v_proj"), help="module names that get an adapter")

@@ -12,6 +12,7 @@ how an evaluator, reading what the peers published on the hub, turns it into the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from moe_router import ImplicitMoEForCausalLM, routing_shares
 
-from .evaluation import evaluate, mean_per_question, per_question
+from .evaluation import PromptTooLongError, evaluate, fits, mean_per_question, per_question
 from .precision import autocast
 from .tasks import Task
 from .workspace import Workspace, adapter_name
@@ -137,6 +138,7 @@ class Published:
     eval_kw: dict[str, Any]
     rank: int
     progress: bool = False
+    dealt: bool = False  # per-peer final models: each question answered by one member (score_members="dealt")
 
     def view(self, peers: Sequence[str]) -> dict[str, Any]:
         """The adapters of ``peers`` under their plan names (to activate together)."""
@@ -229,14 +231,38 @@ class PerPeer(FinalModel):
         return pub.view([peer]), {}
 
     def evaluate(self, pub, tasks, *, validation):
+        members = pub.plan["members"]
+        if pub.dealt:  # each question that fits max_len to one member, round-robin: (task, index) lists per member
+            fitting = {t: [i for i, ok in enumerate(fits(task.test, pub.tokenizer, max_len=pub.eval_kw["max_len"]))
+                           if ok] for t, task in tasks.items()}  # fmt: skip
+            for t, idx in fitting.items():
+                if not idx:
+                    raise PromptTooLongError(f"task {t!r}: none of its {len(tasks[t].test)} test questions fits "
+                                             f"max_len={pub.eval_kw['max_len']} tokens")  # fmt: skip
+            dealt = [{t: idx[m :: len(members)] for t, idx in fitting.items()} for m in range(len(members))]
         results, refused = [], {}
-        for p in tqdm(pub.plan["members"], desc="evaluate peers", disable=not pub.progress, leave=False):
+        for m, p in enumerate(tqdm(members, desc="evaluate peers", disable=not pub.progress, leave=False)):
             view, bad = self.peer_view(pub, p)
             if bad:
                 refused[p] = bad
-            results.append(pub.score_view(view, tasks))
-        accuracy = {t: float(np.mean([r[t]["accuracy"] for r in results])) for t in tasks}
-        return accuracy, {"per_question": mean_per_question([per_question(r) for r in results]), "refused": refused}
+            mine = tasks if not pub.dealt else {
+                t: dataclasses.replace(tasks[t], test=[tasks[t].test[i] for i in idx])
+                for t, idx in dealt[m].items() if idx
+            }  # fmt: skip
+            results.append(pub.score_view(view, mine))
+        if not pub.dealt:
+            accuracy = {t: float(np.mean([r[t]["accuracy"] for r in results])) for t in tasks}
+            return accuracy, {"per_question": mean_per_question([per_question(r) for r in results]),
+                              "refused": refused}  # fmt: skip
+        outcomes = {t: {"correct": [None] * len(task.test), "correct_norm": [None] * len(task.test)}
+                    for t, task in tasks.items()}  # fmt: skip
+        for m, result in enumerate(results):
+            for t, idx in dealt[m].items():
+                for key in ("correct", "correct_norm"):
+                    for j, i in enumerate(idx):
+                        outcomes[t][key][i] = result[t][key][j]
+        accuracy = {t: float(np.mean([c for c in o["correct"] if c is not None])) for t, o in outcomes.items()}
+        return accuracy, {"per_question": outcomes, "refused": refused}
 
 
 class Neighbourhood(PerPeer):

@@ -262,7 +262,7 @@ class Runner:
         ws = Workspace(self.base, self.base_id, terms, spec.kind)
         pub = Published(plan=plan, tasks_of={p: r.task for p, r in regs.items()}, parts=parts, ws=ws,
                         tokenizer=self.tokenizer, hub=self.hub, eval_kw=kw, rank=terms.rank,
-                        progress=self.progress)  # fmt: skip
+                        progress=self.progress, dealt=self.cfg.score_members == "dealt")  # fmt: skip
         try:
             curve = self._curve(pub, mdir, terms)
             validation = None

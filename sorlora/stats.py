@@ -20,6 +20,7 @@ import numpy as np
 
 __all__ = [
     "PREREGISTERED_CONTRASTS",
+    "DIAGNOSTIC_CONTRASTS",
     "Contrast",
     "Estimate",
     "hierarchical_bootstrap",
@@ -41,6 +42,19 @@ PREREGISTERED_CONTRASTS: tuple[tuple[str, str], ...] = (
     ("solora-single", "lora"),
     ("lori", "lora"),
     ("solora", "solora:sum"),
+)
+
+# Exploratory contrasts of the implicit MoE's diagnostics (why it may lose), a Holm family of their own and never
+# mixed with the pre-registered one: hard routing by the true task and the upper bound against the router; the
+# collision-free union against masked averaging in one cluster; co-training across clusters against the paper's
+# one exchange; and whether training helped at all (against the base model alone).
+DIAGNOSTIC_CONTRASTS: tuple[tuple[str, str], ...] = (
+    ("solora:hard", "solora"),
+    ("oracle", "solora"),
+    ("solora-union", "solora-single"),
+    ("solora-cotrain", "solora"),
+    ("solora", "zero-shot"),
+    ("lora", "zero-shot"),
 )
 
 Outcomes = Sequence[np.ndarray]  # one array of per-question scores per seed

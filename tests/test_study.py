@@ -62,10 +62,13 @@ def test_outcomes_must_cover_the_same_questions():
 def test_study_preset_is_sized_as_documented():
     study = STUDY_PRESETS["study"]
     cfg = study.config
-    assert len(study.seeds) == 5 and len(cfg.tasks) == 4 and cfg.n_test == 60
-    assert (cfg.rounds, cfg.local_steps) == (4, 8)
-    assert {"lora", "lori", "solora-single", "solora", "oracle"} <= set(cfg.methods)
+    assert cfg.tasks == ("intent_recognition", "rotten_tomatoes"), "the pilot's kept tasks"
+    assert cfg.n_test * len(cfg.tasks) == 240 and (cfg.rounds, cfg.local_steps) == (4, 4)
+    assert {"lora", "lori", "solora-single", "solora", "oracle", "solora-union", "solora-cotrain"} == set(cfg.methods)
     assert cfg.peers == 2 * len(cfg.tasks), "two peers per task: oracle's per-task clusters aggregate"
+    assert cfg.score_members == "dealt"
+    pilot = STUDY_PRESETS["pilot"].config
+    assert (pilot.rounds, pilot.local_steps, pilot.n_validation) == (cfg.rounds, cfg.local_steps, 60)
 
 
 def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
@@ -82,6 +85,14 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert [c["name"] for c in stored["contrasts"]][-1] == "solora − solora:sum" and not stored["skipped_contrasts"]
     assert stored["questions_per_seed"] == cfg.n_test * len(cfg.tasks)
     assert len(result["contrasts"]) == 5
+    # the exploratory family: those whose methods ran, Holm-corrected on their own
+    assert [c["name"] for c in stored["diagnostic_contrasts"]] == [
+        "solora:hard − solora", "solora − zero-shot", "lora − zero-shot"]  # fmt: skip
+    diag = stored["diagnostics"]
+    assert len(diag["solora"]["ari"]["per_seed"]) == 2 and diag["solora-single"]["ari"]["mean"] == 0.0
+    assert set(diag["solora"]["own_share"]) == set(cfg.tasks) and "lora" in diag and "ari" not in diag["lora"]
+    table = (tmp_path / "study.md").read_text()
+    assert "Diagnostics (exploratory" in table and "adjusted Rand index" in table and "own expert" in table
     seeds = [json.loads((tmp_path / f"seed-{s}" / "seed_result.json").read_text()) for s in (0, 1)]
     assert seeds[0]["methods"]["lora"]["correct"] != seeds[1]["methods"]["lora"]["correct"] or (
         seeds[0]["methods"]["lora"]["accuracy"] != seeds[1]["methods"]["lora"]["accuracy"]

@@ -162,3 +162,37 @@ def test_adjusted_rand_index_on_known_partitions():
     assert adjusted_rand_index([0, 0, 1, 1], [0, 0, 0, 0]) == 0.0, "one block against two: no agreement"
     with pytest.raises(ValueError, match="3 true labels for 2"):
         adjusted_rand_index([0, 1, 2], [0, 1])
+
+
+def test_dealt_scoring_answers_each_question_once_by_the_member_it_was_dealt_to(tmp_path):
+    """score_members="dealt": question i of a task goes to member i mod P; its outcome is that member's answer."""
+    from sorlora.final_models import Published
+
+    calls = []
+    real = Published.score_view
+
+    def spy(self, view, tasks):
+        out = real(self, view, tasks)
+        calls.append((sorted(view), {t: [e.prompt for e in task.test] for t, task in tasks.items()}, out))
+        return out
+
+    cfg = TINY.replace(methods=("lora",), rounds=1, n_test=9, score_members="dealt", n_curve=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Published, "score_view", spy)
+        summary = run_experiment(cfg, tmp_path, progress=False)
+    finals = [c for c in calls if sum(len(p) for p in c[1].values()) > len(cfg.tasks)]  # not the 1-question curve
+    assert [c[0] for c in finals] == [[f"peer{m:02d}"] for m in range(cfg.peers)], "each member scores its own model"
+    result = summary["methods"]["lora"]
+    from sorlora.runner import load_tasks
+
+    tasks = load_tasks(cfg)
+    for t, task in tasks.items():
+        prompts = [e.prompt for e in task.test]
+        dealt = [c[1].get(t, []) for c in finals]
+        assert sorted(p for d in dealt for p in d) == sorted(prompts), "every question answered exactly once"
+        for i, prompt in enumerate(prompts):
+            m = i % cfg.peers
+            assert dealt[m][i // cfg.peers] == prompt
+            assert result["per_question"][t]["correct"][i] == finals[m][2][t]["correct"][i // cfg.peers]
+        scored = [c for c in result["per_question"][t]["correct"] if c is not None]
+        assert result["accuracy"][t] == pytest.approx(sum(scored) / len(scored))
