@@ -293,8 +293,9 @@ def study_table(result: Mapping[str, Any]) -> str:
         )
     lines += ["", *_contrast_table(result["contrasts"], "paper's claim")]
     if result.get("diagnostic_contrasts"):
-        lines += ["", "Diagnostics (exploratory, not pre-registered; Holm-corrected as a family of their own):", "",
-                  *_contrast_table(result["diagnostic_contrasts"], "first > second?")]  # fmt: skip
+        lines += ["", "Diagnostics (exploratory, not pre-registered; Holm-corrected as a family of their own; 'holds' "
+                  "= the first is better, 'reversed' = the second is better, at Holm p < 0.05):", "",
+                  *_contrast_table(result["diagnostic_contrasts"], "first better?")]  # fmt: skip
     diag = result.get("diagnostics") or {}
     aris = [f"`{m}` {d['ari']['mean']:.2f} ({'/'.join(map(str, d['n_clusters']))} clusters)"
             for m, d in diag.items() if "ari" in d]  # fmt: skip
@@ -348,7 +349,8 @@ def _plots(result: Mapping[str, Any], study_dir: Path) -> dict[str, Path]:
         b = result["bytes_transmitted"][m]
         if b is None:
             continue
-        ax.errorbar([max(b, 1.0)], [means[i]], yerr=err[:, i : i + 1], fmt="o", capsize=4, label=m)
+        marker = "osD^v"[i // 10 % 5]  # the colour cycle has 10 colours: a new marker after each 10 methods
+        ax.errorbar([max(b, 1.0)], [means[i]], yerr=err[:, i : i + 1], fmt=marker, capsize=4, label=m)
     ax.set_xscale("log")
     ax.set_xlabel("bytes sent over the whole run (all links; 1 = nothing sent)")
     ax.set_ylabel("accuracy (%), 95% CI")

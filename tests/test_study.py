@@ -109,3 +109,34 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert again["accuracy"] == result["accuracy"]
     with pytest.raises(ValueError, match="other settings"):
         run_study(StudySettings(cfg.replace(rounds=2), seeds=(0,)), tmp_path, progress=False)
+
+
+def test_the_readmes_sorlora_commands_parse_and_name_known_presets():
+    """Every `sorlora ...` command line in a README bash block parses, and its presets exist (no model loads)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from sorlora.cli import build_parser
+    from sorlora.config import PRESETS
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.DOTALL)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #", 1)[0].strip()
+            words = shlex.split(line) if ".venv/bin/sorlora " in line else []
+            if words:
+                commands.append(words[[w.endswith(".venv/bin/sorlora") for w in words].index(True) + 1 :])
+    studies = [c for c in commands if c[0] in ("study", "pilot")]
+    assert len(studies) >= 2, "the README shows how the headline study and its pilot were run"
+    parser = build_parser()
+    for argv in commands:
+        if argv[0] in ("collab", "peer", "hub-serve") and any("<" in w for w in argv):
+            continue  # placeholders for the user's own values
+        args = parser.parse_args(argv)
+        if argv[0] in ("study", "pilot"):
+            assert args.preset in STUDY_PRESETS, argv
+        elif getattr(args, "preset", None):
+            assert args.preset in PRESETS, argv
