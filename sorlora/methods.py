@@ -27,7 +27,7 @@ models in :data:`sorlora.final_models.FINAL_MODELS`: a new baseline is one entry
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from .adapters import ADAPTER_KINDS, AdapterKind
@@ -85,26 +85,12 @@ METHOD_SPECS: dict[str, MethodSpec] = {
         final="moe",
         inter_cluster=True,
     ),  # fmt: skip
-    "solora-union": MethodSpec(
-        "solora-union",
-        ADAPTER_KINDS["solora"],
-        topology="single",
-        forward="cluster",
-        aggregation="union",
-        final="cluster",
-    ),  # fmt: skip
-    "solora-cotrain": MethodSpec(
-        "solora-cotrain",
-        ADAPTER_KINDS["solora"],
-        topology="cluster",
-        forward="cluster",
-        aggregation="masked",
-        final="moe",
-        inter_cluster=True,
-        cotrain_every=2,
-    ),  # fmt: skip
     "local": MethodSpec("local", ADAPTER_KINDS["solora"], topology="none"),
     "oracle": MethodSpec(
         "oracle", ADAPTER_KINDS["solora"], topology="task", forward="cluster", aggregation="masked", final="oracle"
     ),
 }
+
+# the diagnostics' variants: one field changed from the method they vary
+METHOD_SPECS["solora-union"] = replace(METHOD_SPECS["solora-single"], name="solora-union", aggregation="union")
+METHOD_SPECS["solora-cotrain"] = replace(METHOD_SPECS["solora"], name="solora-cotrain", cotrain_every=2)

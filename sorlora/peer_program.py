@@ -547,9 +547,10 @@ class PeerProgram:
         if self.spec.aggregation == "fedavg":
             avg = fedavg([group[q].values for q in order], weights)
             return {self.name_of(me): DenseUpdate(values=avg, metadata=own.metadata)}
-        b_bar = None if self.spec.aggregation == "union" else masked_average_updates([group[q] for q in order], weights)
+        members = [group[q] for q in order]
         if self.spec.forward == "neighbours":
             keep = [me, *(q for q in order if q != me)]
+            b_bar = masked_average_updates(members, weights)
             parts = member_views(b_bar, [group[q] for q in keep], exclusive=self.kind.shared_projection)
             return {self.name_of(q): part for q, part in zip(keep, parts)}
         cluster = [self._index_of(q) for q in self._cluster()]
@@ -557,7 +558,7 @@ class PeerProgram:
         if self.spec.aggregation == "union":  # each member's own part as sent: no entry averaged at a collision
             parts = [group[q] for q in keep]
         else:
-            parts = member_views(b_bar, [group[q] for q in keep])
+            parts = member_views(masked_average_updates(members, weights), [group[q] for q in keep])
         view = dict(self.view) if self.spec.forward == "cluster" else {}
         view.update({self.name_of(q): part for q, part in zip(keep, parts)})  # skipped members keep old values
         return view

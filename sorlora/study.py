@@ -126,15 +126,12 @@ def _method_rows(name: str, result: Mapping[str, Any], tasks: Sequence[str]) -> 
     return rows
 
 
-def _diagnostics(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Per method of a seed's run, what explains its accuracy besides it: its clusters and their adjusted Rand
-    index against the tasks, the implicit MoE's chosen router and each task's share of kept components going to
-    its own expert (from the run's ``final.json`` files)."""
-    out = {}
-    for final in sorted(run_dir.glob("methods/*/final.json")):
-        result = json.loads(final.read_text())
-        out[final.parent.name] = {key: result.get(key) for key in ("clusters", "cluster_task_ari", "router", "routing")}
-    return out
+def _diagnostics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method of a seed's run (its results, as in ``results.json``), what explains its accuracy besides it: its
+    clusters and their adjusted Rand index against the tasks, the implicit MoE's chosen router and each task's share
+    of kept components going to its own expert."""
+    keys = ("clusters", "cluster_task_ari", "router", "routing")
+    return {name: {key: result.get(key) for key in keys} for name, result in results.items()}
 
 
 def _zero_shot(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -156,7 +153,8 @@ def run_seed(settings: StudySettings, study_dir: Path, seed: int, *, progress: b
     done = seed_dir / "seed_result.json"
     if done.exists():
         record = json.loads(done.read_text())
-        record.setdefault("diagnostics", _diagnostics(seed_dir / "run"))  # a seed finished before they were kept
+        if "diagnostics" not in record:  # a seed finished before they were kept: from its run's results
+            record["diagnostics"] = _diagnostics(json.loads((seed_dir / "run/results.json").read_text())["methods"])
         return record
     seed_dir.mkdir(parents=True, exist_ok=True)
     cfg = settings.config.replace(seed=seed)
@@ -174,7 +172,7 @@ def run_seed(settings: StudySettings, study_dir: Path, seed: int, *, progress: b
         "methods": methods,
         "seconds": {"run": run_seconds, "extra_rows": time.perf_counter() - extra_started},
         "n_test": {t: len(next(iter(methods.values()))["correct"][t]) for t in cfg.tasks},
-        "diagnostics": _diagnostics(seed_dir / "run"),
+        "diagnostics": _diagnostics(summary["methods"]),
     }
     _write_json(done, record)
     return record
