@@ -352,6 +352,9 @@ def build_moe(
     router_top_k: int | str | None = "rank",
     routing: str = "implicit",
     refine: str | None = None,
+    router: str | None = None,
+    router_options: Mapping[str, Mapping[str, Any]] | None = None,
+    centroids: Any = None,
     expert_names: Sequence[str] | None = None,
     check_base_model: bool = True,
     revision: str | None = None,
@@ -369,6 +372,10 @@ def build_moe(
     README's validation questions), else ``"none"``. ``router_top_k``:
         ``"rank"`` (default) keeps as many components per token as one member's rank, an int that many, None/``"all"``
         every component. ``revision``/``token``/``endpoint`` apply to adapters given as Hub ids.
+        ``router`` (or its old name ``routing``): a name of :data:`moe_router.routers.ROUTERS`; ``router_options``:
+        router name -> options (e.g. ``{"sequence": {"choose": 1, "pool_layer": "embeddings"}}``); ``centroids``:
+        per expert a ``k_e x d`` tensor of the members' centroids (:func:`moe_router.centroids.sequence_centroids`,
+        concatenated over an expert's members), needed by the ``sequence`` router, saved with the experts.
     """
     if isinstance(base_model, (str, os.PathLike)):
         base_model = getattr(transformers, cls.base_auto_class).from_pretrained(str(base_model))
@@ -411,7 +418,15 @@ def build_moe(
             for e, (name, group) in enumerate(zip(names, groups))
         ],
         router_top_k=router_top_k,
-        routing=routing,
+        router=router or routing,
+        router_options=router_options,
         refine=refine,
     )
-    return cls(config, base_model=base_model, experts=layer_experts)
+    if centroids is None:
+        return cls(config, base_model=base_model, experts=layer_experts)
+    active = config.router
+    config.router = config.routing = "implicit"  # attach the centroids first, then switch to the router asked for
+    model = cls(config, base_model=base_model, experts=layer_experts)
+    model.set_centroids(centroids)
+    model.set_router(router=active)
+    return model

@@ -2,7 +2,9 @@
 
 Each rank-1 component ``c`` of a member adapter contributes ``scale_c · B[:, c] · (a_c · x)`` where ``a_c`` is a row of
 the member's frozen A. Routing (paper Eq. 29): per token, keep the ``router_top_k`` components with the largest
-``|a_c · x|`` across all experts, so the frozen projections themselves act as the router.
+``|a_c · x|`` across all experts, so the frozen projections themselves act as the router. That is the ``implicit``
+router; the others (``sum``, ``average``, ``hard``, ``sequence``, ``spectral``) live in :mod:`moe_router.routers`
+and are reached through :attr:`RouterState.impl`.
 
 Task-aware coding (Eq. 26), the reading implemented here: ``A_refined = A · diag(g)`` with the member's task gain
 ``g = |h0| / rms(h0)``, ``h0`` the mean input of the layer on the member's task data and ``rms(h0) = ‖h0‖ / sqrt(in)``.
@@ -15,12 +17,15 @@ This module imports only torch so that it can travel to the Hub as remote code.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .routers import ForwardInputs, Router, make_router
 
 __all__ = ["LayerExperts", "RouterState", "ImplicitMoELinear", "task_gain", "TENSOR_NAMES"]
 
@@ -98,7 +103,15 @@ class LayerExperts:
 
 @dataclass
 class RouterState:
-    """Routing settings shared by all expert layers of one model (changed through the model, read by the layers)."""
+    """Routing settings and per-forward routing state shared by all expert layers of one model (changed through the
+    model, read by the layers).
+
+    ``routing``: the active router's name (:data:`moe_router.routers.ROUTERS`), ``impl`` its instance (built by
+    :meth:`configure`); ``options``: router name -> options; ``tensors``: router data that travels with the experts
+    (e.g. the ``sequence`` router's ``centroids``); ``choices``: per-sequence choices stored at prefill and reused
+    while decoding; ``inputs``: what the current forward's pre-hook saw; ``layer_keys``: expert layers in module
+    order; ``embed``: the base model's input embeddings (for routers that pool them).
+    """
 
     num_experts: int
     top_k: int | None = None
@@ -106,6 +119,31 @@ class RouterState:
     refine: str = "none"  # "none", "task_stats" (values refined, Eq. 26 literally) or "routing" (selection only)
     expert_ids: torch.Tensor | int | None = None
     recorder: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = field(default=None, repr=False)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    layer_keys: list[str] = field(default_factory=list)
+    layer_widths: dict[str, int] = field(default_factory=dict)  # in_features per expert layer
+    choices: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    inputs: ForwardInputs | None = field(default=None, repr=False)
+    last_scores: torch.Tensor | None = field(default=None, repr=False)
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    impl: Router | None = field(default=None, repr=False)
+
+    def configure(self, routing: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> Router:
+        """Make ``routing`` (with its entry of ``options``) the active router; the stored choices are dropped."""
+        impl = make_router(self, routing, options if options is not None else self.options)
+        self.impl, self.routing = impl, impl.name
+        if options is not None:
+            self.options = {k: dict(v) for k, v in options.items()}
+        self.choices.clear()
+        return impl
+
+    def begin(self, inputs: ForwardInputs) -> None:
+        """Called by the model's forward pre-hook once per forward of the base model, before any expert layer."""
+        self.inputs = inputs
+        if self.impl is None:
+            self.configure(self.routing)
+        self.impl.begin(inputs)
 
 
 class ImplicitMoELinear(nn.Module):
@@ -154,27 +192,11 @@ class ImplicitMoELinear(nn.Module):
         refined = self.router.refine == "task_stats" if refined is None else refined
         return self.A * self.gain[self.member] if refined else self.A
 
-    def keep_mask(self, h: torch.Tensor) -> torch.Tensor | None:
-        """Boolean mask over the components of ``h`` (..., R) that the current routing keeps; None = all."""
-        state = self.router
-        if state.routing == "implicit":
-            k = state.top_k
-            if k is None or k >= h.shape[-1]:
-                return None
-            index = h.abs().topk(k, dim=-1).indices
-            return torch.zeros_like(h, dtype=torch.bool).scatter_(-1, index, True)
-        if state.routing == "oracle":
-            ids = state.expert_ids
-            if ids is None:
-                raise ValueError("oracle routing needs expert ids: pass expert_ids= (or task_ids=) to forward/generate")
-            if isinstance(ids, int):
-                return (self.expert == ids).expand_as(h)
-            ids = torch.as_tensor(ids, device=h.device).long().flatten()
-            if h.ndim < 2 or ids.numel() != h.shape[0]:
-                raise ValueError(f"expert_ids has {ids.numel()} entries for a batch of {h.shape[0] if h.ndim else 0}")
-            ids = ids.view(-1, *([1] * (h.ndim - 1)))
-            return (self.expert == ids).expand_as(h)
-        return None
+    def keep_mask(self, h: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Boolean mask over the components of ``h`` (..., R) that the active router keeps; None = all."""
+        if self.router.impl is None:
+            self.router.configure(self.router.routing)
+        return self.router.impl.keep(self, x, h)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -182,12 +204,12 @@ class ImplicitMoELinear(nn.Module):
         h = F.linear(x.to(a.dtype), a)
         # "routing": the task statistics only choose the kept components; their values stay those B was trained on
         router_h = F.linear(x.to(a.dtype), self.projection(refined=True)) if self.router.refine == "routing" else h
-        keep = self.keep_mask(router_h)
+        keep = self.keep_mask(router_h, x)
         if keep is not None:
             h = h * keep
         if self.router.recorder is not None:
             self.router.recorder(self.expert, keep if keep is not None else torch.ones_like(h, dtype=torch.bool), h)
-        scale = self.scale / self.router.num_experts if self.router.routing == "average" else self.scale
+        scale = self.router.impl.component_scale(self)
         return result + F.linear(h * scale, self.B).to(result.dtype)
 
     def extra_repr(self) -> str:

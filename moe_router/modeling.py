@@ -11,11 +11,13 @@ and ``model_cards`` is imported only when a card is written (no card, with a war
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
 import importlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +29,7 @@ from transformers.utils import cached_file
 
 from .configuration import BASE_SUBFOLDER, EXPERTS_FILE, ImplicitMoEConfig, check_router_settings
 from .layer import ImplicitMoELinear, LayerExperts, RouterState
+from .routers import ROUTERS, ForwardInputs, resolve_router_name
 
 __all__ = [
     "ImplicitMoEPreTrainedModel",
@@ -40,8 +43,69 @@ _AUTO_KWARGS = ("_from_auto", "trust_remote_code", "adapter_kwargs", "_commit_ha
 FILE_FORMAT = "solora-moe-experts/1"
 _UNCHANGED: Any = object()
 CARD_FILE = "README.md"
+ROUTER_PREFIX = "router::"  # router tensors (e.g. the sequence router's centroids) in the experts file
 
 logger = logging.getLogger(__name__)
+
+
+def _cache_length(past: Any) -> int:
+    """Tokens already in a KV cache (0 for an empty one)."""
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    try:  # legacy tuple of (key, value) per layer
+        return int(past[0][0].shape[-2])
+    except (IndexError, TypeError, AttributeError):
+        return 0
+
+
+def _begin_forward(state: RouterState, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the wrapped base model: tell the router whether this forward is a prefill (no or an empty
+    KV cache: route the prompt) or a decode step (reuse the choice), with the ids, embeddings and attention mask."""
+    ids = kwargs.get("input_ids")
+    if ids is None and args and isinstance(args[0], torch.Tensor):
+        ids = args[0]
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        mask = args[1]
+    past = kwargs.get("past_key_values")
+    prefill = past is None or _cache_length(past) == 0
+    state.begin(ForwardInputs(prefill, ids, kwargs.get("inputs_embeds"), mask))
+
+
+def _pad_centroids(centroids: Any, num_experts: int) -> dict[str, torch.Tensor]:
+    """Per-expert centroids (a list/mapping of ``k_e x d`` tensors, or an ``E x K x d`` tensor) as the padded
+    ``centroids`` (E, K, d) and ``centroid_mask`` (E, K) router tensors."""
+    if isinstance(centroids, torch.Tensor):
+        if centroids.ndim != 3 or centroids.shape[0] != num_experts:
+            raise ValueError(f"centroids must be (experts={num_experts}, K, d), got {tuple(centroids.shape)}")
+        centroids = list(centroids)
+    elif isinstance(centroids, Mapping):
+        bad = [k for k in centroids if not (isinstance(k, int) and 0 <= k < num_experts)]
+        if bad:
+            raise ValueError(f"centroids keys {bad[:5]} are not expert indices 0..{num_experts - 1}")
+        centroids = [centroids.get(e) for e in range(num_experts)]
+    elif isinstance(centroids, Sequence):
+        if len(centroids) != num_experts:
+            raise ValueError(f"{len(centroids)} centroid sets for {num_experts} experts")
+    else:
+        raise TypeError(f"centroids must be a list or mapping of per-expert tensors, got {type(centroids).__name__}")
+    sets = [torch.empty(0, 0) if c is None else torch.as_tensor(c).detach().float().cpu() for c in centroids]
+    sets = [c.unsqueeze(0) if c.ndim == 1 else c for c in sets]
+    dims = {int(c.shape[-1]) for c in sets if c.numel()}
+    if len(dims) != 1 or any(c.ndim != 2 for c in sets if c.numel()):
+        raise ValueError(f"centroids must be k x d tensors with one d for every expert, got dims {sorted(dims)}")
+    d = dims.pop()
+    k = max(int(c.shape[0]) for c in sets if c.numel())
+    out = torch.zeros(num_experts, k, d)
+    mask = torch.zeros(num_experts, k, dtype=torch.bool)
+    for e, c in enumerate(sets):
+        if c.numel():
+            if not torch.isfinite(c).all():
+                raise ValueError(f"centroids of expert {e} contain NaN or Inf")
+            out[e, : c.shape[0]], mask[e, : c.shape[0]] = c, True
+    if not mask.any():
+        raise ValueError("no expert has a centroid")
+    return {"centroids": out, "centroid_mask": mask}
 
 
 def _base_name(base_model: nn.Module) -> str | None:
@@ -65,8 +129,10 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
         config: ImplicitMoEConfig,
         base_model: PreTrainedModel | None = None,
         experts: Mapping[str, LayerExperts] | None = None,
+        router_tensors: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """Wrap ``base_model`` (modified in place) with ``experts`` (layer key -> components) under ``config``."""
+        """Wrap ``base_model`` (modified in place) with ``experts`` (layer key -> components) under ``config``;
+        ``router_tensors``: router data saved with the experts (e.g. ``centroids``/``centroid_mask``)."""
         if base_model is None:
             raise ValueError(
                 f"{type(self).__name__} needs its base model: use from_adapters(...) or from_pretrained(...)"
@@ -84,13 +150,19 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
                 "(or the reverse): config and experts file disagree"
             )
         num_experts = config.num_experts or 1 + max(int(e.expert.max()) for e in experts.values())
+        modules = dict(base_model.named_modules())
+        embeddings = base_model.get_input_embeddings() if hasattr(base_model, "get_input_embeddings") else None
         self.router = RouterState(
             num_experts=num_experts,
             top_k=config.router_top_k,
-            routing=config.routing,
+            routing=config.router,
             refine=config.refine,
+            options=copy.deepcopy(config.router_options or {}),
+            tensors={k: v.detach().cpu() for k, v in (router_tensors or {}).items()},
+            layer_keys=[k for k in modules if k in experts],
+            layer_widths={k: int(e.shape[1]) for k, e in experts.items()},
+            embed=embeddings,
         )
-        modules = dict(base_model.named_modules())
         for key, layer_experts in experts.items():
             target = modules.get(key)
             if target is None:
@@ -100,6 +172,10 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
             parent_name, _, child = key.rpartition(".")
             parent = base_model.get_submodule(parent_name) if parent_name else base_model
             setattr(parent, child, ImplicitMoELinear(target, layer_experts, self.router, layer_key=key))
+        self.router.configure(config.router)
+        self._router_hook = base_model.register_forward_pre_hook(
+            functools.partial(_begin_forward, self.router), with_kwargs=True
+        )
         config.target_layers = {key: list(e.shape) for key, e in experts.items()}
         config.base_model_type = config.base_model_type or base_type
         self.model = base_model
@@ -129,24 +205,84 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
         """Layer key -> expert layer, in module order."""
         return {m.layer_key: m for m in self.model.modules() if isinstance(m, ImplicitMoELinear)}
 
-    def set_router(self, *, top_k: Any = _UNCHANGED, routing: str | None = None, refine: str | None = None) -> None:
-        """Change the routing (``top_k``: int, None or ``"all"``; ``routing``; ``refine``) here and in the config."""
-        top_k = self.config.router_top_k if top_k is _UNCHANGED else top_k
-        routing = routing or self.config.routing
-        refine = refine or self.config.refine
-        top_k = check_router_settings(top_k, routing, refine)
-        self.config.router_top_k, self.config.routing, self.config.refine = top_k, routing, refine
-        self.router.top_k, self.router.routing, self.router.refine = top_k, routing, refine
+    def set_router(
+        self,
+        *,
+        top_k: Any = _UNCHANGED,
+        routing: str | None = None,
+        refine: str | None = None,
+        router: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Change the routing here and in the config: ``router`` (or its old name ``routing``): a name of
+        :data:`moe_router.routers.ROUTERS`; ``options``: that router's options (replace its entry of
+        ``config.router_options``); ``top_k``: int, None or ``"all"``; ``refine``. Validated before anything
+        changes (a ``ValueError`` leaves the model as it was)."""
+        if router is not None and routing is not None and resolve_router_name(router) != resolve_router_name(routing):
+            raise ValueError(f"router={router!r} and routing={routing!r} disagree: give one of them")
+        name = resolve_router_name(router or routing or self.config.router)
+        all_options = copy.deepcopy(self.config.router_options or {})
+        if options is not None:
+            all_options[name] = ROUTERS[name].check_options(options)
+        self._apply_router(self.config.router_top_k if top_k is _UNCHANGED else top_k, name,
+                           refine or self.config.refine, all_options)  # fmt: skip
+
+    def _apply_router(self, top_k: Any, name: str, refine: str, all_options: dict[str, dict[str, Any]]) -> None:
+        top_k = check_router_settings(top_k, name, refine)
+        self.router.configure(name, all_options)  # raises before anything is changed when the router cannot work
+        self.config.router_top_k, self.config.router, self.config.routing = top_k, name, name
+        self.config.refine, self.config.router_options = refine, copy.deepcopy(all_options)
+        self.router.top_k, self.router.refine = top_k, refine
 
     @contextlib.contextmanager
-    def router_settings(self, *, top_k: Any = _UNCHANGED, routing: str | None = None, refine: str | None = None):
+    def router_settings(
+        self,
+        *,
+        top_k: Any = _UNCHANGED,
+        routing: str | None = None,
+        refine: str | None = None,
+        router: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ):
         """:meth:`set_router` for the duration of a ``with`` block (the previous settings come back on exit)."""
-        previous = (self.config.router_top_k, self.config.routing, self.config.refine)
-        self.set_router(top_k=top_k, routing=routing, refine=refine)
+        config = self.config
+        previous = (config.router_top_k, config.router, config.refine, copy.deepcopy(config.router_options or {}))
+        self.set_router(top_k=top_k, routing=routing, refine=refine, router=router, options=options)
         try:
             yield self
         finally:
-            self.set_router(top_k=previous[0], routing=previous[1], refine=previous[2])
+            self._apply_router(*previous)
+
+    def set_centroids(self, centroids: Any, *, pool_layer: str | None = None) -> None:
+        """Give the ``sequence`` router its centroids: per expert a ``k_e x d`` tensor (a list aligned with the
+        experts, a mapping expert index -> tensor, or a padded ``E x K x d`` tensor; an expert without centroids is
+        never chosen). ``d`` is the width of the pooled hidden state: the input of ``pool_layer`` (default: the first
+        expert layer) or the embeddings (``pool_layer="embeddings"``), on the bare base, as
+        :func:`moe_router.centroids.sequence_centroids` computes them. Saved in ``experts.safetensors``.
+        ``pool_layer`` given is stored in ``config.router_options["sequence"]``. ``None`` removes the centroids."""
+        previous = dict(self.router.tensors)
+        for key in ("centroids", "centroid_mask"):
+            self.router.tensors.pop(key, None)
+        if centroids is not None:
+            self.router.tensors.update(_pad_centroids(centroids, self.num_experts))
+        options = copy.deepcopy(self.config.router_options or {})
+        if pool_layer is not None:
+            options["sequence"] = ROUTERS["sequence"].check_options({**options.get("sequence", {}),
+                                                                     "pool_layer": pool_layer})  # fmt: skip
+        try:
+            self._apply_router(self.config.router_top_k, self.config.router, self.config.refine, options)
+            if centroids is not None:  # check the centroids against the pooling layer now, not at the first prompt
+                ROUTERS["sequence"](self.router, options.get("sequence"))
+        except ValueError:
+            self.router.tensors.clear()
+            self.router.tensors.update(previous)
+            self.router.configure(self.config.router, self.config.router_options)
+            raise
+
+    def routing_choices(self) -> dict[str, torch.Tensor]:
+        """The per-sequence choices of the last prompt (``"sequence"``: chosen experts, batch x choose; per-sequence
+        ``spectral``: ``"spectral:<layer>"`` per layer), as stored for the decode steps; empty for per-token routers."""
+        return {k: v.detach().clone() for k, v in self.router.choices.items()}
 
     @contextlib.contextmanager
     def routed(self, expert_ids: torch.Tensor | int | list[int] | None = None) -> Iterator[None]:
@@ -248,6 +384,7 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
         tensors: dict[str, torch.Tensor] = {}
         for key, layer in self.expert_layers().items():
             tensors.update(layer.experts().to_tensors(key))
+        tensors.update({f"{ROUTER_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in self.router.tensors.items()})
         save_file(tensors, os.path.join(save_directory, EXPERTS_FILE), metadata={"format": FILE_FORMAT})
         if self._auto_class is not None:
             from transformers.dynamic_module_utils import custom_object_save
@@ -365,7 +502,7 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
             "experts": experts,
             "router_top_k": config.router_top_k,
             "refinement": config.refine,
-            "router_settings": {"routing": config.routing},
+            "router_settings": self._card_router_settings(),
             "results": {},
             "base_in_repo": bool(config.base_in_repo),
         }
@@ -374,6 +511,18 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
         if pending:  # a push names the repo it goes to, whatever card_info says
             fields["repo_id"] = pending["repo_id"]
         return cards.moe_card(cards.MoECardInfo(**fields))
+
+    def _card_router_settings(self) -> dict[str, Any]:
+        """The router as the card shows it: its name, its options, and what its centroids are (when it has any)."""
+        settings: dict[str, Any] = {"router": self.config.router}
+        settings.update((self.config.router_options or {}).get(self.config.router, {}))
+        mask = self.router.tensors.get("centroid_mask")
+        if mask is not None:
+            settings["centroids"] = (
+                f"{int(mask.sum())} centroids over {int(mask.any(-1).sum())} experts: means of the members' prompts' "
+                "mean-pooled hidden states on the bare base (statistics, not text)"
+            )
+        return settings
 
     @classmethod
     def from_pretrained(
@@ -411,8 +560,10 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
             else:
                 raise ValueError(f"{path!r} names no base model and holds none: pass base_model=")
         experts_path = cached_file(path, EXPERTS_FILE, revision=revision, subfolder=subfolder, **hub)
-        experts = LayerExperts.from_tensors(load_file(experts_path))
-        return cls(config, base_model=base_model, experts=experts)
+        tensors = load_file(experts_path)
+        router_tensors = {k[len(ROUTER_PREFIX) :]: tensors.pop(k) for k in list(tensors) if k.startswith(ROUTER_PREFIX)}
+        experts = LayerExperts.from_tensors(tensors)
+        return cls(config, base_model=base_model, experts=experts, router_tensors=router_tensors)
 
 
 class ImplicitMoEForCausalLM(ImplicitMoEPreTrainedModel, GenerationMixin):

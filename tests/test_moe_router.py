@@ -370,7 +370,7 @@ def test_bad_configurations_fail_clearly(base_dir, experts, tmp_path):
             ImplicitMoEConfig(router_top_k=k)
         with pytest.raises(ValueError, match="router_top_k must be a positive integer"):
             ImplicitMoEForCausalLM.from_adapters(load_base(base_dir), adapters=[updates[0]], router_top_k=k)
-    with pytest.raises(ValueError, match="routing must be one of"):
+    with pytest.raises(ValueError, match="router must be one of"):
         ImplicitMoEConfig(routing="learned")
     with pytest.raises(ValueError, match="refine='task_stats' needs calibration"):
         ImplicitMoEForCausalLM.from_adapters(load_base(base_dir), adapters=[updates[0]], refine="task_stats")
