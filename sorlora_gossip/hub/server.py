@@ -11,8 +11,10 @@ writes only repos in its own namespace; in a collaboration repo (one whose head 
 collaboration admits may commit only what :func:`sorlora_gossip.layout.collab_write_allowed` allows; tags, branches
 and deletions belong to the owner. Anonymous writes get 401, another user's writes 403; private repos are read by
 their owner only. The token is checked before any byte of the body is read; bodies are streamed to disk (base64
-decoded as they arrive) under a size limit; downloads are streamed from the blob files; sockets time out; the number
-of live connections and the request log are bounded; error messages never show the server's folder.
+decoded as they arrive) under a size limit; downloads are streamed from the blob files; sockets time out per read,
+headers and whole requests have deadlines; connections are served from three bounded pools (still sending headers,
+anonymous, authenticated: see :class:`_Slots`), so anonymous or slow clients cannot take the slots of authenticated
+ones; the request log is bounded; error messages never show the server's folder.
 
 Without tokens the server is open (the simulation, a lab), and only on a loopback address. Built on the standard
 library's ``ThreadingHTTPServer``.
@@ -32,6 +34,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -166,14 +169,150 @@ class _Body:
         return data
 
 
+PENDING, ANONYMOUS, AUTHENTICATED, CLOSING = "pending", "anonymous", "authenticated", "closing"
+
+
+class _Conn:
+    """One live connection: its socket, its phase (which pool it holds a slot of) and its deadline."""
+
+    __slots__ = ("sock", "phase", "deadline", "since")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock, self.phase, self.deadline, self.since = sock, PENDING, deadline, time.monotonic()
+
+
+class _Slots:
+    """Connection slots in three pools, so that clients who never authenticate cannot take the slots of those who do.
+
+    Every connection starts *pending* (reading a request's line and headers, under a short whole-header deadline);
+    when the pending pool is full, the oldest pending connection is cut to make room (a real client sends its
+    headers in milliseconds, a slow one is the oldest). Once the headers are in, a request with a valid token (or
+    any request on an open server) moves to the *authenticated* pool (``max_connections``), any other to the smaller
+    *anonymous* pool; when that pool is full the request gets a 503. Each request has a whole-request deadline; a
+    reaper thread cuts (shuts down) every connection past its deadline, whatever it is doing. Between keep-alive
+    requests a connection is pending again.
+    """
+
+    def __init__(self, sizes: Mapping[str, int]) -> None:
+        self.sizes = dict(sizes)
+        self.counts = {phase: 0 for phase in self.sizes}
+        self.conns: dict[int, _Conn] = {}
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.evicted = 0
+
+    def _cut(self, conn: _Conn) -> None:  # under the lock
+        if conn.phase != CLOSING:
+            self.counts[conn.phase] -= 1
+            conn.phase = CLOSING
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the handler's blocked read; its thread ends
+        except OSError:
+            pass
+
+    def _make_pending_room(self, me: _Conn | None) -> None:  # under the lock
+        while self.counts[PENDING] >= self.sizes[PENDING]:
+            oldest = min((c for c in self.conns.values() if c.phase == PENDING and c is not me),
+                         key=lambda c: c.since)  # fmt: skip
+            self.evicted += 1
+            self._cut(oldest)
+
+    def admit(self, sock: socket.socket, deadline: float) -> _Conn:
+        conn = _Conn(sock, deadline)
+        with self.lock:
+            self._make_pending_room(None)
+            self.conns[id(sock)] = conn
+            self.counts[PENDING] += 1
+        return conn
+
+    def get(self, sock: socket.socket) -> _Conn | None:
+        return self.conns.get(id(sock))
+
+    def move(self, conn: _Conn, phase: str, deadline: float) -> bool:
+        """Move ``conn`` to ``phase``'s pool (False when it is full or the connection is being cut)."""
+        with self.lock:
+            if conn.phase == CLOSING:
+                return False
+            if conn.phase == phase:
+                conn.deadline = deadline
+                return True
+            if phase == PENDING:
+                self._make_pending_room(conn)
+            elif self.counts[phase] >= self.sizes[phase]:
+                return False
+            self.counts[conn.phase] -= 1
+            self.counts[phase] += 1
+            conn.phase, conn.deadline, conn.since = phase, deadline, time.monotonic()
+            return True
+
+    def extend(self, conn: _Conn | None, seconds: float) -> None:
+        if conn is not None:
+            with self.lock:
+                conn.deadline += seconds
+
+    def release(self, sock: socket.socket) -> None:
+        with self.lock:
+            conn = self.conns.pop(id(sock), None)
+            if conn is not None and conn.phase != CLOSING:
+                self.counts[conn.phase] -= 1
+
+    @property
+    def live(self) -> int:
+        with self.lock:
+            return sum(self.counts.values())
+
+    def reap_forever(self, interval: float = 0.1) -> None:
+        while not self.stopped.wait(interval):
+            now = time.monotonic()
+            with self.lock:
+                for conn in list(self.conns.values()):
+                    if conn.phase != CLOSING and conn.deadline < now:
+                        self._cut(conn)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body are separate writes: avoid the 40 ms delayed-ACK stall
 
     def setup(self) -> None:
-        self.timeout = self.server.request_timeout  # StreamRequestHandler applies it to the socket
+        self.timeout = self.server.request_timeout  # StreamRequestHandler applies it to the socket (per read)
+        self._conn = self.server.slots.get(self.request)
+        self._requests = 0
         super().setup()
+
+    def handle_one_request(self) -> None:
+        """Each request starts pending (headers under the header deadline), then holds a slot of its pool."""
+        if self._requests and self._conn is not None:  # a keep-alive connection waits for its next request
+            if not self.server.slots.move(self._conn, PENDING, time.monotonic() + self.server.header_timeout):
+                self.close_connection = True
+                return
+        self._requests += 1
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self._conn is None:
+            return True
+        try:
+            authenticated = not self.server.tokens or self._authenticate() is not None
+        except _HTTPError:
+            authenticated = False  # an unknown token: answered 401 from the anonymous pool
+        try:
+            length = max(0, int(self.headers.get("Content-Length") or 0))
+        except ValueError:
+            length = 0
+        deadline = time.monotonic() + self.server.request_deadline + length / self.server.min_transfer_rate
+        if self.server.slots.move(self._conn, AUTHENTICATED if authenticated else ANONYMOUS, deadline):
+            return True
+        self.close_connection = True
+        try:
+            self.wfile.write(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")  # fmt: skip
+        except OSError:
+            pass
+        return False
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         logger.debug("%s %s", self.address_string(), format % args)  # request line only: never headers/tokens
@@ -551,6 +690,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)  # fmt: skip
         self.end_headers()
         if method == "GET":
+            self.server.slots.extend(self._conn, entry["size"] / self.server.min_transfer_rate)
             with hub.download(repo_id, filename, revision=sha).open("rb") as blob:
                 shutil.copyfileobj(blob, self.wfile, 1 << 20)  # streamed: the file is never held in memory
 
@@ -561,17 +701,21 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address, hub: LocalHub, *, tokens: dict[str, str], private: bool, minimal: bool,
                  max_body_bytes: int, max_file_bytes: int, request_timeout: float, max_connections: int,
-                 request_log_size: int) -> None:  # fmt: skip
+                 request_log_size: int, max_pending: int, max_anonymous: int, header_timeout: float,
+                 request_deadline: float, min_transfer_rate: float) -> None:  # fmt: skip
         super().__init__(address, _Handler)
         self.hub, self.tokens, self.private, self.minimal = hub, tokens, private, minimal
         self.max_body_bytes, self.max_file_bytes = max_body_bytes, max_file_bytes
         self.request_timeout, self.max_connections = request_timeout, max_connections
+        self.header_timeout = min(header_timeout, request_timeout)
+        self.request_deadline, self.min_transfer_rate = request_deadline, min_transfer_rate
         self.endpoint = ""
         self.requests: deque[tuple[str, str]] = deque(maxlen=request_log_size)
         self.faults: list[Fault] = []
         self._fault_lock = threading.Lock()
-        self._active = 0
-        self._active_lock = threading.Lock()
+        self.slots = _Slots({PENDING: max_pending, ANONYMOUS: max_anonymous, AUTHENTICATED: max_connections})
+        self._reaper = threading.Thread(target=self.slots.reap_forever, name="hub-server-reaper", daemon=True)
+        self._reaper.start()
 
     def log_request_line(self, method: str, path: str) -> None:
         self.requests.append((method, path))
@@ -585,32 +729,28 @@ class _Server(ThreadingHTTPServer):
         return None
 
     def process_request(self, request, client_address) -> None:
-        """One thread per connection, at most ``max_connections`` at once; beyond, a quick 503 and close."""
-        with self._active_lock:
-            full = self._active >= self.max_connections
-            if not full:
-                self._active += 1
-        if full:
-            try:
-                request.settimeout(1.0)
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
-                                b"Connection: close\r\n\r\n")  # fmt: skip
-            except OSError:
-                pass
+        """One thread per connection; a new connection takes a pending slot (cutting the oldest pending one when
+        they are all taken), see :class:`_Slots`."""
+        self.slots.admit(request, time.monotonic() + self.header_timeout)
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # no thread could be started
+            self.slots.release(request)
             self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self._active_lock:
-                self._active -= 1
+            self.slots.release(request)
 
     @property
     def active_connections(self) -> int:
-        return self._active
+        return self.slots.live
+
+    def server_close(self) -> None:
+        self.slots.stopped.set()
+        super().server_close()
 
     def handle_error(self, request, client_address) -> None:
         """A client that hangs up or times out is routine: one debug line, not a traceback on stderr."""
@@ -626,7 +766,12 @@ class HubServer:
     token too (repos created private are always read by their owner only). ``minimal``: leave out the optional
     endpoints (``/api/validate-yaml``, repo listing), as a bare Hub-compatible server would.
     ``max_body_bytes``/``max_file_bytes``: largest commit body / file; ``request_timeout``: seconds a socket may
-    stay silent; ``max_connections``: live connections served at once; ``request_log_size``: requests remembered.
+    stay silent; ``max_connections``: authenticated requests served at once (every request on an open server);
+    ``max_anonymous``: requests without a valid token served at once (a separate, smaller pool);
+    ``max_pending``: connections still sending a request's headers (when full, the oldest is cut);
+    ``header_timeout``: seconds a request's line and headers may take in all (at most ``request_timeout``);
+    ``request_deadline`` + body or file bytes / ``min_transfer_rate``: seconds a whole request may take in all
+    (slow senders and readers are cut off); ``request_log_size``: requests remembered.
     :meth:`inject_fault` makes the next matching requests fail (429/5xx), to test clients' retries.
     """
 
@@ -646,7 +791,16 @@ class HubServer:
         request_timeout: float = 30.0,
         max_connections: int = 128,
         request_log_size: int = 10_000,
+        max_pending: int = 32,
+        max_anonymous: int = 32,
+        header_timeout: float = 10.0,
+        request_deadline: float = 120.0,
+        min_transfer_rate: float = 256 << 10,
     ) -> None:
+        if min(max_pending, max_anonymous, max_connections) < 1 or min(header_timeout, request_deadline) <= 0:
+            raise ValueError("connection pools need at least one slot each and deadlines must be positive")
+        if min_transfer_rate <= 0:
+            raise ValueError("min_transfer_rate must be positive (bytes per second)")
         users = dict(tokens or {})
         if token is not None:
             users.setdefault(namespace, token)
@@ -658,7 +812,9 @@ class HubServer:
         self._server = _Server(
             (host, port), self.hub, tokens=users, private=private, minimal=minimal, max_body_bytes=max_body_bytes,
             max_file_bytes=max_file_bytes or max_body_bytes, request_timeout=request_timeout,
-            max_connections=max_connections, request_log_size=request_log_size,
+            max_connections=max_connections, request_log_size=request_log_size, max_pending=max_pending,
+            max_anonymous=max_anonymous, header_timeout=header_timeout, request_deadline=request_deadline,
+            min_transfer_rate=min_transfer_rate,
         )  # fmt: skip
         host_name, port_number = self._server.server_address[:2]
         self.endpoint = f"http://{host_name}:{port_number}"
