@@ -68,6 +68,8 @@ def _begin_forward(state: RouterState, module: nn.Module, args: tuple, kwargs: d
     if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
         mask = args[1]
     past = kwargs.get("past_key_values")
+    if past is None:
+        past = kwargs.get("cache")  # the name transformers' generate uses for the KV cache
     prefill = past is None or _cache_length(past) == 0
     state.begin(ForwardInputs(prefill, ids, kwargs.get("inputs_embeds"), mask))
 
