@@ -4,7 +4,10 @@ SO-LoRA adapter (the anchor: a single-task deployment, i.e. a plain base forward
 The MoE rows add, per target layer, ``A_all x`` (E·r components), the top-k selection and ``B_all h``. For context:
 one unmerged SO-LoRA adapter, and PEFT's training-free Arrow router over the same E = 4 experts exported as exact
 LoRA adapters (:func:`moe_router.export_loras`); X-LoRA when PEFT can build it on these exports (its router is an
-untrained classifier here: latency only). Prefill: a ``batch x length`` prompt, seconds per prompt token. Decode: one
+untrained classifier here: latency only). Every router of :data:`moe_router.ROUTERS` on the same E = 4 experts
+(``router_<name>_E4``; ``moe_E4`` is the ``implicit`` router): ``sequence`` with 4 centroids per expert (its prefill
+pools the first expert layer's input and compares it with the centroids; its decode reuses the choice), ``spectral``
+per sequence, ``sum``, ``average`` and ``hard`` (expert 0 for every row). Prefill: a ``batch x length`` prompt, seconds per prompt token. Decode: one
 new token per sequence with the prompt's KV cache, seconds per generated token. Run directly
 (``python -m benchmarks.moe_latency``) or call :func:`run`.
 """
@@ -21,7 +24,7 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_sorlora
-from moe_router import ImplicitMoEForCausalLM, arrow_model, export_loras
+from moe_router import ROUTERS, ImplicitMoEForCausalLM, arrow_model, export_loras, first_layer, sequence_centroids
 
 from .common import measure_interleaved, rows_against
 
@@ -37,6 +40,17 @@ WORSE_NOTES = {
     "moe_E2": "the router's extra work per target layer: A_all x (E·r components), top-k, B_all h",
     "moe_E4": "the router's extra work per target layer: A_all x (E·r components), top-k, B_all h",
 }
+_ROUTER_WORK = {
+    "sequence": "prefill: pool the first expert layer's input and compare with the centroids; every layer: A_all x, "
+    "top-k inside the chosen expert, B_all h",
+    "spectral": "prefill: per layer, project the tokens on each expert's singular directions; every layer: A_all x, "
+    "top-k inside the chosen expert, B_all h",
+    "sum": "every component of every expert: A_all x and B_all h with no selection",
+    "hard": "A_all x, the chosen expert's mask, B_all h (all E experts' components are still multiplied)",
+    "average": "every component of every expert, scaled by 1/E: A_all x and B_all h with no selection",
+}
+ROUTER_ROWS = tuple(name for name in sorted(ROUTERS) if name != "implicit")  # implicit is moe_E4
+WORSE_NOTES.update({f"router_{name}_E4": _ROUTER_WORK[name] for name in ROUTER_ROWS if name in _ROUTER_WORK})
 NOTES = {
     "arrow_E4": "PEFT Arrow over the same 4 experts as LoRA exports (training-free router, top-1)",
     "xlora_E4": "PEFT X-LoRA over the same exports: a scaling pass (an extra base forward) before every forward",
@@ -115,7 +129,8 @@ def _decode(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None] | N
 
 def run(repeats: int = 5, quick: bool = False) -> list[dict]:
     """Rows per token for prefill and decode: merged adapter (anchor), unmerged SO-LoRA, MoE with E = 1, 2, 4
-    (rank 8 each, top-k = 8), Arrow and (if available) X-LoRA over the same 4 experts. ``quick`` skips X-LoRA."""
+    (rank 8 each, top-k = 8, the ``implicit`` router), every other router on the E = 4 experts, Arrow and (if
+    available) X-LoRA over the same 4 experts. ``quick`` skips X-LoRA."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     torch.manual_seed(0)
@@ -129,6 +144,19 @@ def run(repeats: int = 5, quick: bool = False) -> list[dict]:
         models[f"moe_E{count}"] = ImplicitMoEForCausalLM.from_adapters(
             _base(state), adapters=updates[:count], router_top_k=_RANK
         ).eval()
+    bare = _base(state)
+    pool = first_layer(bare, models["moe_E4"].expert_layers())
+    centroids = [  # each expert's centroids from its own slice of prompts (random tokens: latency only)
+        sequence_centroids(bare, {"input_ids": torch.roll(input_ids, e, dims=0)}, pool_layer=pool, k=4, seed=e)
+        for e in range(4)
+    ]
+    for name in ROUTER_ROWS:
+        moe = ImplicitMoEForCausalLM.from_adapters(
+            _base(state), adapters=updates, router_top_k=_RANK, centroids=centroids, router=name
+        ).eval()
+        if name == "hard":
+            moe.router.expert_ids = 0  # the oracle's expert for every row (what expert_ids=0 sets per call)
+        models[f"router_{name}_E4"] = moe
     with tempfile.TemporaryDirectory(prefix="bench-moe-") as tmp:
         paths = export_loras(models["moe_E4"], tmp)
         models["arrow_E4"] = arrow_model(_base(state), paths, top_k=1).eval()
@@ -139,7 +167,8 @@ def run(repeats: int = 5, quick: bool = False) -> list[dict]:
         decoders = {n: _decode(m, input_ids) for n, m in models.items()}
     decode = measure_interleaved({n: f for n, f in decoders.items() if f is not None}, repeats=repeats)
     params = {"model": "tiny-llama (hidden 256, 4 layers)", "batch": _BATCH, "prompt_len": _LENGTH, "rank": _RANK,
-              "top_k": _RANK, "targets": ["q_proj", "v_proj"], "xlora": xlora is not None}  # fmt: skip
+              "top_k": _RANK, "targets": ["q_proj", "v_proj"], "xlora": xlora is not None,
+              "routers": ["implicit", *ROUTER_ROWS]}  # fmt: skip
     prefill_tokens, decode_tokens = _BATCH * _LENGTH, _BATCH
     rows = rows_against(
         ENTRY, {n: m.scaled(1 / prefill_tokens) for n, m in prefill.items()}, anchor=ANCHOR, unit="s/token",
