@@ -1,6 +1,7 @@
-"""Comparison modes for the experiment: plain sum, uniform average, oracle routing, and PEFT's Arrow over LoRA exports.
+"""Comparison modes for the experiment: every router (plain sum, uniform average, hard routing by task, sequence,
+spectral, implicit), and PEFT's Arrow over LoRA exports (the anchor for training-free routers).
 
-The first three are router settings of the same :class:`~moe_router.ImplicitMoEForCausalLM` (no copy of the model).
+The routers are settings of the same :class:`~moe_router.ImplicitMoEForCausalLM` (no copy of the model).
 For Arrow, each expert is exported as an exact PEFT LoRA adapter (``ΔW_e = Σ_c scale_c B_c a_c``, scaling 1, the same
 layout ``peft.save_as_lora`` writes) and loaded with ``peft.create_arrow_model`` on a fresh base model.
 """
@@ -20,15 +21,14 @@ from torch import nn
 
 from .layer import ImplicitMoELinear
 from .modeling import ImplicitMoEPreTrainedModel
+from .routers import ROUTERS
 
 __all__ = ["COMPARISON_MODES", "comparison_mode", "export_lora", "export_loras", "arrow_model"]
 
 COMPARISON_MODES = {
-    "implicit": "implicit",  # the paper's routing: top-k of |A_refined x| over all experts
-    "sum": "sum",  # every expert added, no routing
-    "average": "average",  # task arithmetic: every expert divided by the number of experts
+    **{name: name for name in ROUTERS},  # every router of moe_router.routers.ROUTERS, by its name
     "task_arithmetic": "average",
-    "oracle": "oracle",  # only the true task's expert (upper bound; needs expert_ids)
+    "oracle": "hard",  # the old name of hard routing by the true task (upper bound; needs expert_ids)
 }
 
 
@@ -38,7 +38,8 @@ def comparison_mode(
 ) -> Iterator[ImplicitMoEPreTrainedModel]:
     """Evaluate ``model`` under one comparison mode (``COMPARISON_MODES``) within the block; settings restored after.
 
-    ``top_k`` applies to ``implicit`` only (None keeps the model's setting); ``refine`` overrides the refinement.
+    ``top_k`` applies to the routers that rank components (``implicit``, ``sequence``, ``spectral``; None keeps the
+    model's setting); ``refine`` overrides the refinement.
     """
     if mode not in COMPARISON_MODES:
         raise ValueError(f"mode must be one of {sorted(COMPARISON_MODES)}, got {mode!r}")

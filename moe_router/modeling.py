@@ -516,7 +516,7 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
 
     def _card_router_settings(self) -> dict[str, Any]:
         """The router as the card shows it: its name, its options, and what its centroids are (when it has any)."""
-        settings: dict[str, Any] = {"router": self.config.router}
+        settings: dict[str, Any] = {"routing": self.config.router}  # the card's row name, kept from before routers
         settings.update((self.config.router_options or {}).get(self.config.router, {}))
         mask = self.router.tensors.get("centroid_mask")
         if mask is not None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from moe_router import (
@@ -299,3 +304,32 @@ def test_noisy_centroids_still_route_at_a_generous_epsilon(base_dir, moe_parts):
     assert not torch.equal(moe.router.tensors["centroids"][:, :1], clean[:, :1])
     examples = [(prompts(t, seed=300), [t] * 4) for t in TASKS]
     assert routing_diagnostics(moe, examples, {0: 0, 1: 1}).accuracy == {0: 1.0, 1: 1.0}
+
+
+def test_sequence_router_travels_as_remote_code(base_dir, moe_parts, tmp_path):  # noqa: F811
+    """Saved with its centroids, loaded with trust_remote_code and without moe_router: same choices, same logits."""
+    moe = build(base_dir, moe_parts, router="sequence")
+    batch = {
+        k: torch.cat([prompts(0, seed=70)[k][:2], prompts(1, seed=70)[k][:2]]) for k in ("input_ids", "attention_mask")
+    }
+    expected = run(moe, batch)
+    moe.save_pretrained(tmp_path / "moe")
+    assert "routers.py" in os.listdir(tmp_path / "moe")
+    save_file({**batch, "logits": expected}, str(tmp_path / "ref.safetensors"))
+    script = f"""
+        import sys, torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        ref = load_file({str(tmp_path / "ref.safetensors")!r})
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "moe")!r}, trust_remote_code=True)
+        assert "moe_router" not in sys.modules and model.config.router == "sequence"
+        with torch.no_grad():
+            out = model(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"]).logits
+        print(model.routing_choices()["sequence"].flatten().tolist(), float((out - ref["logits"]).abs().max()))
+    """
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"))
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[0, 0, 1, 1] 0.0"
