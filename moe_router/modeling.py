@@ -262,23 +262,23 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
         expert layer) or the embeddings (``pool_layer="embeddings"``), on the bare base, as
         :func:`moe_router.centroids.sequence_centroids` computes them. Saved in ``experts.safetensors``.
         ``pool_layer`` given is stored in ``config.router_options["sequence"]``. ``None`` removes the centroids."""
-        previous = dict(self.router.tensors)
-        for key in ("centroids", "centroid_mask"):
-            self.router.tensors.pop(key, None)
-        if centroids is not None:
-            self.router.tensors.update(_pad_centroids(centroids, self.num_experts))
+        padded = _pad_centroids(centroids, self.num_experts) if centroids is not None else {}
         options = copy.deepcopy(self.config.router_options or {})
         if pool_layer is not None:
             options["sequence"] = ROUTERS["sequence"].check_options({**options.get("sequence", {}),
                                                                      "pool_layer": pool_layer})  # fmt: skip
+        previous_tensors, previous_options = dict(self.router.tensors), copy.deepcopy(self.config.router_options or {})
+        for key in ("centroids", "centroid_mask"):
+            self.router.tensors.pop(key, None)
+        self.router.tensors.update(padded)
         try:
-            self._apply_router(self.config.router_top_k, self.config.router, self.config.refine, options)
-            if centroids is not None:  # check the centroids against the pooling layer now, not at the first prompt
+            if padded:  # check the centroids against the pooling layer now, not at the first prompt
                 ROUTERS["sequence"](self.router, options.get("sequence"))
+            self._apply_router(self.config.router_top_k, self.config.router, self.config.refine, options)
         except ValueError:
             self.router.tensors.clear()
-            self.router.tensors.update(previous)
-            self.router.configure(self.config.router, self.config.router_options)
+            self.router.tensors.update(previous_tensors)
+            self._apply_router(self.config.router_top_k, self.config.router, self.config.refine, previous_options)
             raise
 
     def routing_choices(self) -> dict[str, torch.Tensor]:

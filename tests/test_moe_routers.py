@@ -92,6 +92,12 @@ def test_unknown_router_and_bad_options_fail_clearly(base_dir, moe_parts):  # no
     with pytest.raises(ValueError, match="centroids have 5 features but the pooled input"):
         bare.set_centroids([torch.randn(2, 5), torch.randn(1, 5)])
     assert "centroids" not in bare.router.tensors  # rolled back
+    kept = moe.router.tensors["centroids"].clone()
+    with pytest.raises(ValueError, match="one d for every expert"):
+        moe.set_centroids([torch.randn(2, 64), torch.randn(2, 5)])
+    with pytest.raises(ValueError, match="pool_layer 'model.nope' is neither"):
+        moe.set_centroids([torch.randn(2, 64), torch.randn(2, 64)], pool_layer="model.nope")
+    assert torch.equal(moe.router.tensors["centroids"], kept) and "sequence" not in moe.config.router_options
 
 
 # ------------------------------------------------------------------------------- implicit unchanged (old code path)
