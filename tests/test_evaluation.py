@@ -164,7 +164,7 @@ def test_real_smollm2_on_a_slice_of_a_real_task():
     model, tokenizer = load_base_model()
     assert model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct" and model.hf_quantizer is None
     assert model.config._name_or_path == model.name_or_path and not hasattr(model.config, "quantization_config")
-    task = load_task("strategyqa", n_train=0, n_test=10)
+    task = load_task("word_polarity", n_train=0, n_test=10)
     result = evaluate(model, tokenizer, task, batch_size=8, max_len=128)
     assert result["n"] == 10 and 0 <= result["n_correct"] <= 10
     assert result["accuracy"] == result["n_correct"] / 10

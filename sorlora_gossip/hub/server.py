@@ -703,6 +703,8 @@ class _Server(ThreadingHTTPServer):
                  max_body_bytes: int, max_file_bytes: int, request_timeout: float, max_connections: int,
                  request_log_size: int, max_pending: int, max_anonymous: int, header_timeout: float,
                  request_deadline: float, min_transfer_rate: float) -> None:  # fmt: skip
+        # the slots first: a failed bind inside super().__init__ calls server_close, which stops them
+        self.slots = _Slots({PENDING: max_pending, ANONYMOUS: max_anonymous, AUTHENTICATED: max_connections})
         super().__init__(address, _Handler)
         self.hub, self.tokens, self.private, self.minimal = hub, tokens, private, minimal
         self.max_body_bytes, self.max_file_bytes = max_body_bytes, max_file_bytes
@@ -713,7 +715,6 @@ class _Server(ThreadingHTTPServer):
         self.requests: deque[tuple[str, str]] = deque(maxlen=request_log_size)
         self.faults: list[Fault] = []
         self._fault_lock = threading.Lock()
-        self.slots = _Slots({PENDING: max_pending, ANONYMOUS: max_anonymous, AUTHENTICATED: max_connections})
         self._reaper = threading.Thread(target=self.slots.reap_forever, name="hub-server-reaper", daemon=True)
         self._reaper.start()
 
