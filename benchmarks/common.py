@@ -311,7 +311,7 @@ def smollm2() -> tuple[torch.nn.Module, str]:
 
 def tiny_llama(seed: int = SEED) -> torch.nn.Module:
     """A tiny random Llama (hidden 256, 4 layers): the same code paths as SmolLM2 in milliseconds."""
-    from sorlora.model_loading import tiny_random_model  # noqa: PLC0415
+    from sorlora.runtime.model_loading import tiny_random_model  # noqa: PLC0415
 
     model, _ = tiny_random_model(hidden_size=256, num_hidden_layers=4, seed=seed)
     return model

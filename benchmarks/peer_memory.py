@@ -1,4 +1,4 @@
-"""Memory per extra in-process peer: N :class:`~sorlora.peer_program.PeerProgram` s of one collaboration stepped in
+"""Memory per extra in-process peer: N :class:`~sorlora.protocol.program.PeerProgram` s of one collaboration stepped in
 one process around one shared frozen base model (``sorlora run --engine local``), method ``solora`` (clusters,
 cluster-wide forward, inter-cluster exchange: the method that holds the most of the others' parts).
 
@@ -9,7 +9,7 @@ program given its own copy (:class:`_PlanOnce`: the cluster topology of 100 memb
 tensor storage reachable from Python objects (unique storages, ``gc``) plus Python allocations (``tracemalloc``),
 both measured before the programs are created and after. The anchor is one member's adapter in the shared model
 (A + B + mask: what the issue's "~2.5 MiB per extra peer" counts). The same population without the shared
-:class:`~sorlora.sharing.TensorPool` shows what it saves; the RSS growth is reported beside, as a cross-check.
+:class:`~sorlora.runtime.sharing.TensorPool` shows what it saves; the RSS growth is reported beside, as a cross-check.
 
 ``python -m benchmarks.peer_memory --model smollm2 --counts 100`` measures the real SmolLM2-135M (rank 4: the
 orthogonal slots of ``in_features // r`` = 144 allow 100 members).
@@ -29,15 +29,16 @@ from pathlib import Path
 
 import torch
 
-import sorlora.peer_program as peer_program
+import sorlora.protocol.program as peer_program
 from peft_sorlora.base_model import BUNDLED_BASE_ID, base_fingerprint, set_base_identity
 from peft_sorlora.calibration import solora_layers
-from sorlora.collab import create_collaboration
-from sorlora.engines import InProcessEngine, PeerLaunch
-from sorlora.peer_program import TINY_BASE_ID, load_base
-from sorlora.tasks import synthetic_task
-from sorlora.terms import CollabTerms
-from sorlora.workspace import adapter_name
+from sorlora.data.synthetic import synthetic_task
+from sorlora.protocol.collab import create_collaboration
+from sorlora.protocol.terms import CollabTerms
+from sorlora.runtime.model_loading import TINY_BASE_ID, load_base
+from sorlora.runtime.workspace import adapter_name
+from sorlora.simulation.engines.base import PeerLaunch
+from sorlora.simulation.engines.local import InProcessEngine
 from sorlora_gossip import LocalHub
 
 from .common import constant, release_free_memory, rows_against, rss_bytes, seed_everything
@@ -55,9 +56,9 @@ MODELS = {"tiny": "tiny-llama", "tiny-512": "tiny-llama-512", "smollm2": "smollm
 def _base(model: str) -> tuple[torch.nn.Module, object, str]:
     if model in ("smollm2", "tiny"):
         base_id = BUNDLED_BASE_ID if model == "smollm2" else TINY_BASE_ID  # the tiny one: 32 // 4 = 8 slots
-        base, tokenizer = load_base(base_id)
+        base, tokenizer, _ = load_base(base_id)
         return base, tokenizer, base_id
-    from sorlora.model_loading import tiny_random_model
+    from sorlora.runtime.model_loading import tiny_random_model
 
     base, tokenizer = tiny_random_model(hidden_size=512, num_hidden_layers=2, seed=0)
     set_base_identity(base, TINY_ID)

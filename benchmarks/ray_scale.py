@@ -18,9 +18,9 @@ from pathlib import Path
 import psutil
 import ray
 
-from sorlora.config import ExperimentConfig
-from sorlora.ray_engine import ACTOR_TITLE
-from sorlora.runner import run_experiment
+from sorlora.simulation.config import ExperimentConfig
+from sorlora.simulation.engines.ray import ACTOR_TITLE
+from sorlora.simulation.runner import run_experiment
 
 from .common import Measure, release_free_memory, rows_against
 

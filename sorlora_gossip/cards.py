@@ -2,9 +2,10 @@
 
 :class:`~sorlora_gossip.Peer` builds each round's commit (``update.safetensors``, ``peer.json``) and asks its
 :class:`RoundHook` for any further files; :class:`AdapterCards` is the hook that writes ``README.md``, the adapter card
-(:mod:`model_cards`), merged into the one at the parent revision so text users add on the hub is kept. The final
-adapter is published with :func:`publish_adapter` through :meth:`Peer.commit_files`. A card never blocks the exchange:
-one that cannot be made is logged and left out.
+(:mod:`model_cards`), merged into the one at the parent revision so text users add on the hub is kept: pass it as
+``Peer(..., hook=AdapterCards(config, task=...))``. The final adapter is published with :func:`publish_adapter`
+through :meth:`Peer.commit_files`. This module is built on :mod:`sorlora_gossip.peer`, which never imports it. A
+card never blocks the exchange: one that cannot be made is logged and left out.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
@@ -30,28 +31,12 @@ from .hub.base import (
     validate_path,
     validate_ref,
 )
-from .layout import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CARD_FILE, ROUND_TAG_RE, check_metrics
-
-if TYPE_CHECKING:
-    from .peer import Peer
+from .layout import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CARD_FILE, FINAL_TAG, ROUND_TAG_RE, check_metrics
+from .peer import Peer, RoundHook
 
 __all__ = ["AdapterCards", "RoundHook", "card_info", "publish_adapter"]
 
 logger = logging.getLogger(__name__)
-
-
-class RoundHook(Protocol):
-    """Files a peer's round commit carries beyond the exchange, built from the parent revision it commits onto."""
-
-    def round_files(
-        self, peer: Peer, *, parent: str, history: list[dict], metrics: Mapping[str, float], params_updated: int
-    ) -> dict[str, bytes]:
-        """Extra ``path -> bytes`` for this round's commit (none: ``{}``); must not raise for a bad hub state."""
-        ...
-
-    def committed(self, sha: str) -> None:
-        """The commit built from the last :meth:`round_files` landed as ``sha``."""
-        ...
 
 
 def _last_params(history: Sequence[dict]) -> int | None:
@@ -104,7 +89,7 @@ def _card_text(peer: Peer, revision: str, cache: tuple[str, str | None] | None) 
         return None
 
 
-class AdapterCards:
+class AdapterCards(RoundHook):
     """The adapter card hook: every round writes ``README.md`` for ``adapter_config`` (a ``SOLoRAConfig.to_dict()``),
     merged into the parent's card. The config and ``task`` are checked when the hook is made, not at round 5."""
 
@@ -178,14 +163,17 @@ def publish_adapter(
     peer: Peer,
     files: Mapping[str, bytes | Path],
     *,
-    tag: str = "final",
+    tag: str = FINAL_TAG,
     metrics: Mapping[str, float] | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> str:
     """Commit a loadable PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``, as written by
     ``PeftModel.save_pretrained``) to ``peer``'s repo with the adapter card, tag the commit ``tag``, return its sha.
 
     The card's snippet then loads it (``PeftModel.from_pretrained(base, repo_id, revision=tag)``); a
-    ``peft.save_as_lora`` export gets the plain-LoRA card. ``metrics`` default to the last pushed round's.
+    ``peft.save_as_lora`` export gets the plain-LoRA card, which shows ``config``, the SO-LoRA config the peer was
+    built with (default: that of the peer's :class:`AdapterCards` hook). ``metrics`` default to the last pushed
+    round's.
     """
     validate_ref(tag)
     if ROUND_TAG_RE.fullmatch(tag):
@@ -193,10 +181,12 @@ def publish_adapter(
     payload = _adapter_files(files)
     adapter_config = json.loads(_read(payload[ADAPTER_CONFIG_FILE]))
     lora_export = adapter_config.get("peft_type") == "LORA"
-    config = peer.adapter_config if lora_export else adapter_config
+    if config is None:
+        config = getattr(peer.hook, "adapter_config", None)
+    config = config if lora_export else adapter_config
     if config is None:
         raise ValueError(f"peer {peer.peer_id!r}: the card of a LoRA export shows the SO-LoRA config the peer was "
-                         "built with; pass adapter_config= to Peer")  # fmt: skip
+                         "built with; pass config= or give the Peer an AdapterCards hook")  # fmt: skip
     if not peer.task:
         raise ValueError(f"peer {peer.peer_id!r}: the adapter card names the peer's task; set Peer(task=...)")
     base_model = peer.base_model or adapter_config.get("base_model_name_or_path")

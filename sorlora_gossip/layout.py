@@ -8,6 +8,10 @@ Two kinds of repo take part (``../shared/docs/protocol.md``):
   one registration per member at :func:`member_path` (each written only by that member's user) and
   :data:`PLAN_FILE` (written once, by the first member to commit it; every other member recomputes and checks it).
 
+At the end a peer's repo gets one more commit, tagged :data:`FINAL_TAG`: its final own part :data:`EXPERT_FILE`, its
+:data:`REPORT_FILE`, its PEFT adapter and, where its final model needs them, the neighbours' parts under
+:data:`NEIGHBOURHOOD_DIR`; a peer of the MoE method also publishes its implicit MoE as the repo :func:`moe_repo_name`.
+
 A peer is identified by its full repo id; a registration names it. ``hub-serve`` enforces the write rules above
 (:func:`collab_write_allowed`), as the real Hub's namespace permissions do for peer repos.
 """
@@ -29,16 +33,21 @@ __all__ = [
     "ADMITTED_KEY",
     "CARD_FILE",
     "COLLAB_FILE",
+    "EXPERT_FILE",
+    "FINAL_TAG",
     "INFO_FILE",
     "INFO_FORMAT",
     "MEMBERS_DIR",
+    "NEIGHBOURHOOD_DIR",
     "PLAN_FILE",
+    "REPORT_FILE",
     "ROUND_TAG_RE",
     "UPDATE_FILE",
     "check_history",
     "check_metrics",
     "collab_write_allowed",
     "member_path",
+    "moe_repo_name",
     "parse_peer_info",
     "peer_identity",
     "round_tag",
@@ -58,6 +67,16 @@ MEMBERS_DIR = "members"
 ADMITTED_KEY = "admitted"  # in collab.json: null (any authenticated user) or a list of user names
 
 ROUND_TAG_RE = re.compile(r"round-\d{4,}")
+
+FINAL_TAG = "final"  # a peer's final revision
+EXPERT_FILE = "expert.safetensors"  # the peer's final own part with its structure (a payload, validated on read)
+REPORT_FILE = "report.json"  # what the peer did: losses, bytes, neighbours used or skipped, per round
+NEIGHBOURHOOD_DIR = "neighbourhood"  # <dir>/<adapter name>.safetensors: a neighbour's part of a peer's final view
+
+
+def moe_repo_name(peer_name: str) -> str:
+    """The name of the repo (in the peer's own namespace) holding a peer's implicit MoE."""
+    return f"{peer_name}-moe"
 
 
 def round_tag(round: int) -> str:

@@ -1,6 +1,7 @@
 """A gossip peer: the push/pull protocol. It pushes one hub revision per round and pulls its neighbours' revisions
 for the same round; the on-hub layout and ``peer.json`` schema live in :mod:`sorlora_gossip.layout`, what is built on
-top (the adapter card, the final adapter) in :mod:`sorlora_gossip.cards`, reached through a :class:`RoundHook`.
+top (the adapter card, the final adapter) in :mod:`sorlora_gossip.cards`, which imports this module and plugs in
+through a :class:`RoundHook` (the peer knows nothing of cards).
 
 Each peer owns the repo ``hub.repo_id(peer_id)`` (``namespace/peer_id``, or ``peer_id`` itself when it is a full repo
 id). Round ``N`` is one commit holding ``update.safetensors`` (a :class:`~sorlora_gossip.payload.Payload`: SO-LoRA's
@@ -26,12 +27,10 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from peft_sorlora import PayloadError, SparseUpdate
 
-from .cards import AdapterCards, RoundHook, publish_adapter
 from .hub.base import (
     DEFAULT_BRANCH,
     EntryNotFound,
@@ -71,6 +70,7 @@ __all__ = [
     "Peer",
     "PushResult",
     "Rejection",
+    "RoundHook",
     "RoundPull",
     "parse_peer_info",
     "round_tag",
@@ -84,6 +84,21 @@ PULL_GRACE_S = 2.0  # beyond a pull's timeout, how long a transfer under way may
 
 def _json_bytes(info: Mapping[str, object]) -> bytes:
     return json.dumps(info, indent=1, sort_keys=True, allow_nan=False).encode()
+
+
+class RoundHook(Protocol):
+    """Files a peer's round commit carries beyond the exchange, built from the parent revision it commits onto
+    (:class:`sorlora_gossip.cards.AdapterCards` writes the adapter card)."""
+
+    def round_files(
+        self, peer: Peer, *, parent: str, history: list[dict], metrics: Mapping[str, float], params_updated: int
+    ) -> dict[str, bytes]:
+        """Extra ``path -> bytes`` for this round's commit (none: ``{}``); must not raise for a bad hub state."""
+        ...
+
+    def committed(self, sha: str) -> None:
+        """The commit built from the last :meth:`round_files` landed as ``sha``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -143,12 +158,11 @@ class Peer:
     round-0 update, or from its last pushed ``peer.json`` when resuming). ``payload_cls`` parses pulled payloads:
     :class:`~peft_sorlora.SparseUpdate` (default) or :class:`sorlora_gossip.dense.DenseUpdate` for the dense LoRA baseline.
 
-    ``hook``: what a round's commit carries beyond the exchange (:class:`~sorlora_gossip.cards.RoundHook`), built on
-    top of the peer. ``adapter_config`` (the peer's ``SOLoRAConfig.to_dict()``) is shorthand for the adapter card
-    hook (:class:`~sorlora_gossip.cards.AdapterCards`): every push then also writes ``README.md``. Without either
-    (the CLI, the dense LoRA baseline, whose LoRA config a SO-LoRA card cannot describe) no card is written;
-    ``cards=False`` turns the card off even with a config. A card that cannot be made is logged and left out: it
-    never blocks the exchange. ``max_payload_bytes``: the largest round-0 payload accepted from a neighbour while this
+    ``hook``: what a round's commit carries beyond the exchange (a :class:`RoundHook`), built on top of the peer:
+    ``hook=AdapterCards(config, task=...)`` (:class:`sorlora_gossip.cards.AdapterCards`, ``config`` the peer's
+    ``SOLoRAConfig.to_dict()``) writes ``README.md``, the adapter card, with every push. Without a hook (the CLI,
+    the dense LoRA baseline, whose LoRA config a SO-LoRA card cannot describe) no card is written. A card that
+    cannot be made is logged and left out: it never blocks the exchange. ``max_payload_bytes``: the largest round-0 payload accepted from a neighbour while this
     peer has no round-0 payload of its own to size it by.
     """
 
@@ -163,8 +177,6 @@ class Peer:
         config_hash: str | None = None,
         max_push_attempts: int = 8,
         payload_cls: type[Payload] = SparseUpdate,
-        adapter_config: Mapping[str, Any] | None = None,
-        cards: bool = True,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         hook: RoundHook | None = None,
     ) -> None:
@@ -184,11 +196,7 @@ class Peer:
         self._last_round: int | None = None
         self._synced = False
         self._last_pull: RoundPull | None = None
-        self.adapter_config = None if adapter_config is None else dict(adapter_config)
-        if hook is None and cards and self.adapter_config is not None:
-            hook = AdapterCards(self.adapter_config, task=task, peer_id=peer_id)  # fails now, not at round 5
         self.hook = hook
-        self.cards = hook is not None
         # (commit sha, history) of this peer's last commit, so a push needs no read of its own peer.json
         self._parent_state: tuple[str, list[dict]] | None = None
 
@@ -322,17 +330,6 @@ class Peer:
         if round == 0:
             self._own = update
         return PushResult(round=round, sha=sha, bytes=len(data), sha256=checksum, created=True)
-
-    def publish_adapter(
-        self,
-        files: Mapping[str, bytes | Path],
-        *,
-        tag: str = "final",
-        metrics: Mapping[str, float] | None = None,
-    ) -> str:
-        """Commit a loadable PEFT adapter with its card and tag it ``tag`` (see
-        :func:`sorlora_gossip.cards.publish_adapter`, which this calls); returns the commit sha."""
-        return publish_adapter(self, files, tag=tag, metrics=metrics)
 
     def _check_identity(self, update: SparseUpdate) -> None:
         for name, ours, theirs in (

@@ -2,7 +2,7 @@
 
 The upstream tests are not copied into this repository: ``pip download --no-binary :all: peft==<installed>`` fetches
 the sdist once into the project's data cache (``$SORLORA_CACHE`` or ``~/.cache/peft-sorlora``, like the BIG-bench
-data, see :func:`sorlora.data_sources.fetch_distribution`) and its ``tests/*.py`` are extracted next to it as the
+data, see :func:`sorlora.data.sources.fetch_distribution`) and its ``tests/*.py`` are extracted next to it as the
 package ``peft_upstream_tests``. After the first fetch this works offline; when the fetch is impossible, importing
 fails with the pip error (the matrix never silently disappears).
 
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from filelock import FileLock
 
-from sorlora.data_sources import cache_dir, fetch_distribution
+from sorlora.data.sources import cache_dir, fetch_distribution
 
 __all__ = ["upstream_module", "matrix_class"]
 

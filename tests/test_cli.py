@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from sorlora.cli import build_parser, main
-from sorlora.config import ALL_METHODS, ConfigError, ExperimentConfig, apply_settings, preset
-from sorlora.runner import load_model as LOAD_MODEL
+from sorlora.methods.specs import ALL_METHODS
+from sorlora.simulation.config import ConfigError, ExperimentConfig, apply_settings, preset
+from sorlora.simulation.setup import load_model as LOAD_MODEL
 
-from .test_experiment_runner import TINY
+from .test_simulation_runner import TINY
 
 
 @pytest.fixture(autouse=True)
@@ -30,8 +31,8 @@ def no_model_loading(monkeypatch):
     def refuse(cfg):
         pytest.fail(f"a model was loaded for {cfg.model!r}: the bad input was not caught before")
 
-    monkeypatch.setattr("sorlora.runner.load_model", refuse)
-    monkeypatch.setattr("sorlora.tuning.load_model", refuse)
+    monkeypatch.setattr("sorlora.simulation.runner.load_model", refuse)
+    monkeypatch.setattr("sorlora.study.tuning.load_model", refuse)
 
 
 @pytest.fixture
@@ -169,11 +170,11 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_command(tmp_pat
     def broken(cfg):
         raise OSError("model weights unreadable")
 
-    monkeypatch.setattr("sorlora.runner.load_model", broken)
+    monkeypatch.setattr("sorlora.simulation.runner.load_model", broken)
     with pytest.raises(OSError):
         main(["run", "--config", str(tiny_config), "--set", "rounds=1", "--run-dir", str(run_dir), "--no-progress"])
     assert not (run_dir / "config.json").exists(), "a failed start claimed the run directory"
-    monkeypatch.setattr("sorlora.runner.load_model", LOAD_MODEL)  # the corrected start loads the tiny model
+    monkeypatch.setattr("sorlora.simulation.runner.load_model", LOAD_MODEL)  # the corrected start loads the tiny model
     code, out, err = run_cli(["run", "--config", str(tiny_config), "--set", "rounds=1",
                             "--run-dir", str(run_dir), "--no-progress"], capsys)  # fmt: skip
     assert code == 0 and "local" in out, err

@@ -10,6 +10,7 @@ import re
 import pytest
 
 from sorlora_gossip import Peer
+from sorlora_gossip.cards import AdapterCards
 from sorlora_gossip.cli import add_gossip_commands
 from sorlora_gossip.hub import (
     EndpointNotSupported,
@@ -266,7 +267,7 @@ def test_local_hub_is_content_addressed_and_shares_a_root(local_hub):
 def test_minimal_server_cards_degrade_to_a_warning_and_status_still_works(minimal_hub, minimal_server, caplog,
                                                                            capsys, tmp_path, monkeypatch):  # fmt: skip
     model = calibrated_mlp()
-    peer = Peer(minimal_hub, "carded", task="t", adapter_config=model.peft_config["default"].to_dict())
+    peer = Peer(minimal_hub, "carded", task="t", hook=AdapterCards(model.peft_config["default"].to_dict(), task="t"))
     caplog.set_level(logging.WARNING)
     for r in range(2):
         assert peer.push_round(r, update_for_round(model, r, seed=0)).created

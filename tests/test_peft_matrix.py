@@ -134,7 +134,7 @@ TestSOLoRAMultipleActiveAdapters = matrix_class(
 
 
 def test_the_matrix_fails_clearly_when_the_sdist_cannot_be_fetched(tmp_path, monkeypatch):
-    from sorlora.data_sources import DataSourceError
+    from sorlora.data.sources import DataSourceError
 
     from .peft_upstream import _tests_root
 

@@ -1,0 +1,202 @@
+"""``sorlora collab create|status`` and ``sorlora peer``: take part in a collaboration from one device.
+
+``--hub`` is a folder (LocalHub), a ``sorlora hub-serve`` URL or a Hub endpoint (``https://huggingface.co``); the
+token is read from an environment variable (``HF_TOKEN`` by default), never from the command line, never printed.
+The project CLI mounts these with :func:`add_collab_commands`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+__all__ = ["add_collab_commands", "load_peer_data"]
+
+
+def _hub_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hub",
+        default=os.environ.get("SORLORA_HUB", "hub"),
+        help="hub folder, `sorlora hub-serve` URL or Hub endpoint (default: $SORLORA_HUB or ./hub)",
+    )
+    parser.add_argument("--collab", required=True, metavar="NS/NAME", help="the collaboration repo id")
+    parser.add_argument("--token-env", default="HF_TOKEN", metavar="VAR",
+                        help="environment variable holding your Hub token (default: HF_TOKEN)")  # fmt: skip
+
+
+def _open(args: argparse.Namespace, namespace: str | None = None):
+    from sorlora_gossip.hub import open_hub
+
+    return open_hub(args.hub, namespace=namespace, token=os.environ.get(args.token_env) or None)
+
+
+def load_peer_data(data: str | None, task: str | None, *, seed: int = 0):
+    """A peer's own data: a JSONL/CSV task file (multiple choice ``prompt``/``options``/``answer``, or
+    ``text``/``label``; see :func:`sorlora.data.files.read_task_file`) whose records all train (a ``split`` field keeps
+    only its ``train`` records), or a registry task by name (its training split). A bad record raises one line
+    naming the file, the line and the field."""
+    from ..data.files import read_task_file
+    from ..data.registry import load_task
+    from ..protocol.program import PeerData
+
+    if data is None:
+        if not task:
+            raise ValueError("give --data FILE (your own data) or --task NAME (a registry task)")
+        return PeerData(task=task, train=load_task(task, n_train=None, n_test=1, seed=seed).train)
+    _, pools = read_task_file(data)
+    return PeerData(task=task or Path(data).stem, train=pools.get("all") or pools["train"])
+
+
+def _create(args: argparse.Namespace) -> int:
+    from ..protocol.collab import create_collaboration
+    from ..protocol.terms import CollabTerms
+
+    terms = json.loads(Path(args.config).read_text())
+    if "base_fingerprint" not in terms:
+        from peft_sorlora.base_model import BUNDLED_BASE_ID, base_fingerprint
+
+        from ..runtime.model_loading import load_base
+
+        terms.setdefault("base_model", BUNDLED_BASE_ID)
+        terms["base_fingerprint"] = base_fingerprint(load_base(terms["base_model"], model=args.model)[0])
+    pinned = CollabTerms.from_dict(terms, source=args.config)
+    create_collaboration(_open(args), args.collab, pinned, exist_ok=args.exist_ok)
+    print(f"collaboration {args.collab}: terms {pinned.sha256()[:12]} ({pinned.method}, {pinned.max_members} members, "
+          f"{pinned.rounds} rounds, base {pinned.base_model})")  # fmt: skip
+    return 0
+
+
+def collab_status(hub, collab_id: str) -> dict:
+    """Members, plan and each member's progress (last round, bytes pushed, skipped neighbours), read from the hub."""
+    from sorlora_gossip.hub.base import EntryNotFound, RepoNotFound, RevisionNotFound
+    from sorlora_gossip.layout import FINAL_TAG, INFO_FILE, REPORT_FILE
+
+    from ..protocol.collab import Collaboration
+
+    collab = Collaboration(hub, collab_id)
+    terms = collab.terms()
+    closing = collab.closing()
+    regs, refused = collab.registrations_at(closing.commit if closing else hub.resolve(collab_id))
+    plan = collab.read_plan()
+    members = []
+    for reg in regs:
+        row = {"peer": reg.peer, "task": reg.task, "n_train": reg.n_train, "round": None, "bytes_pushed": 0,
+               "final": False, "skipped": 0}  # fmt: skip
+        repo = hub.repo_id(reg.peer)
+        try:
+            info = json.loads(hub.read_bytes(repo, INFO_FILE, revision="main"))
+            row["round"] = info.get("round")
+            row["bytes_pushed"] = sum(int(h.get("bytes", 0)) for h in info.get("history", []))
+            report = json.loads(hub.read_bytes(repo, REPORT_FILE, revision=hub.resolve(repo, FINAL_TAG)))
+            row["final"] = True
+            row["skipped"] = sum(len(rec.get("skipped") or {}) for rec in report.get("records", []))
+            row["inter_cluster_bytes"] = sum(e["bytes_pulled"] for e in report.get("exchanges", []))
+        except (RepoNotFound, RevisionNotFound, EntryNotFound, ValueError):
+            pass
+        members.append(row)
+    return {"collab": collab_id, "terms_sha256": terms.sha256(), "method": terms.method,
+            "max_members": terms.max_members, "rounds": terms.rounds,
+            "registration": "closed" if closing else "open", "closed_at": closing.commit if closing else None,
+            "members": members, "refused": refused, "plan": plan}  # fmt: skip
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = collab_status(_open(args), args.collab)
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    print(
+        f"collaboration {status['collab']}: {status['method']}, terms {status['terms_sha256'][:12]}, "
+        f"{len(status['members'])}/{status['max_members']} members, registration {status['registration']}"
+    )
+    plan = status["plan"]
+    if plan:
+        print(
+            f"plan {plan['plan_sha256'][:12]}: clusters "
+            + "  ".join("[" + ", ".join(c) + "]" for c in plan["clusters"])
+        )
+    print(f"{'peer':<32} {'task':<24} {'n':>5} {'round':>5}/{status['rounds'] - 1} {'bytes':>10} {'skips':>5}  final")
+    for m in status["members"]:
+        print(f"{m['peer']:<32} {m['task']:<24} {m['n_train']:>5} {m['round']!s:>5}   {m['bytes_pushed']:>10} "
+              f"{m['skipped']:>5}  {'yes' if m['final'] else 'no'}")  # fmt: skip
+    for path, why in status["refused"].items():
+        print(f"refused {path}: {why}")
+    return 0
+
+
+def _peer(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..protocol.program import PeerProgram
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hub = _open(args, namespace=args.peer_id.split("/")[0] if "/" in args.peer_id else None)
+    peer_id = args.peer_id if "/" in args.peer_id else f"{hub.namespace}/{args.peer_id}"
+    data = load_peer_data(args.data, args.task)
+    position = None
+    if args.position_mm:
+        x, _, y = args.position_mm.partition(",")
+        position = (int(x), int(y))
+    state_dir = Path(args.state_dir or Path("sorlora-peers") / peer_id.replace("/", "__"))
+    program = PeerProgram(hub=hub, collab_id=args.collab, peer_id=peer_id, data=data, state_dir=state_dir,
+                          model=args.model, position_mm=position, expected_terms=args.terms_sha,
+                          poll_interval=args.poll_interval, progress=not args.no_progress)  # fmt: skip
+    print(f"peer {peer_id} in {args.collab}: state in {state_dir} (run the same command again to resume)", flush=True)
+    try:
+        program.run(max_seconds=args.max_seconds)
+    except KeyboardInterrupt:
+        print(f"interrupted in phase {program.phase}; run the same command to resume")
+        return 130
+    print(f"peer {peer_id}: done ({program.terms.rounds} rounds); final adapter at {peer_id}@final")
+    return 0
+
+
+def add_collab_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``collab create``, ``collab status`` and ``peer`` to an argparse subparsers object (each sets ``func``)."""
+    collab = subparsers.add_parser("collab", help="create or inspect a collaboration repo")
+    sub = collab.add_subparsers(dest="collab_command", required=True)
+    create = sub.add_parser("create", help="write the pinned terms of a new collaboration")
+    _hub_arguments(create)
+    create.add_argument("--config", required=True, metavar="TERMS.json",
+                        help="JSON object of the terms (sorlora.protocol.terms.CollabTerms fields); base_fingerprint is "
+                             "computed from the base when missing")  # fmt: skip
+    create.add_argument("--model", default=None, metavar="PATH_OR_ID", help="local copy of the base to fingerprint")
+    create.add_argument("--exist-ok", action="store_true", help="accept an existing collaboration with equal terms")
+    create.set_defaults(func=_create)
+    status = sub.add_parser("status", help="members, plan, each member's round, bytes and skips")
+    _hub_arguments(status)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=_status)
+
+    peer = subparsers.add_parser("peer", help="run one device's whole collaboration (resumable)")
+    _hub_arguments(peer)
+    peer.add_argument(
+        "--peer-id",
+        required=True,
+        metavar="[USER/]NAME",
+        help="your peer repo (default user: the token's owner, or the folder hub's namespace)",
+    )
+    peer.add_argument(
+        "--data",
+        default=None,
+        metavar="FILE",
+        help="JSONL or CSV of multiple-choice items: prompt, options, answer (index)",
+    )
+    peer.add_argument("--task", default=None, metavar="NAME", help="task name (or a registry task without --data)")
+    peer.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="local copy or Hub id of the pinned base (checked against its weights fingerprint)",
+    )
+    peer.add_argument("--state-dir", default=None, help="local state for resuming (default ./sorlora-peers/<id>)")
+    peer.add_argument("--position-mm", default=None, metavar="X,Y", help="position estimate for the channel model")
+    peer.add_argument("--terms-sha", default=None, help="refuse to take part unless the terms have this sha256")
+    peer.add_argument("--poll-interval", type=float, default=0.5, help="seconds between polls while waiting")
+    peer.add_argument("--max-seconds", type=float, default=None, help="give up after this long waiting")
+    peer.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    peer.add_argument("--no-progress", action="store_true", help="no progress bars")
+    peer.set_defaults(func=_peer)

@@ -1,0 +1,1 @@
+"""The data layer: examples and tasks, the task registry, task files, synthetic tasks, tokenization, pinned sources."""

@@ -1,0 +1,317 @@
+"""How an evaluator scores each kind of final model (one entry per kind in :data:`FINAL_MODELS`), reading what the
+peers published on the hub (what a peer publishes: :mod:`sorlora.protocol.publish`).
+
+- ``per-peer``: every peer's own final adapter (mean accuracy over peers);
+- ``neighbourhood``: every peer's own final adapter plus the parts of its neighbours' updates its last average
+  kept, which it publishes with its final adapter (LoRI; mean accuracy over peers);
+- ``cluster``: the adapters of one cluster's members active together (one model: all members hold the same);
+- ``oracle``: per task, the cluster of the peers holding it (hard routing upper bound);
+- ``moe``: every peer builds its own implicit MoE of all clusters' experts and publishes it as a
+  ``PreTrainedModel`` repo; the evaluator loads one from the hub (all peers hold the same experts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from moe_router import ImplicitMoEForCausalLM, routing_shares
+from moe_router.configuration import REFINE_MODES
+from sorlora_gossip.hub.base import EntryNotFound, RequestTooLarge
+from sorlora_gossip.layout import FINAL_TAG, NEIGHBOURHOOD_DIR, moe_repo_name
+
+from ..data.examples import Task
+from ..runtime.moe import load_moe
+from ..runtime.precision import autocast
+from ..runtime.workspace import Workspace, adapter_name
+from .scoring import PromptTooLongError, evaluate, fits, mean_per_question, per_question
+
+__all__ = [
+    "FINAL_MODELS",
+    "FinalModel",
+    "Published",
+    "choose_router",
+    "evaluate_moe",
+    "own_expert_shares",
+    "score",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_moe(
+    moe: ImplicitMoEForCausalLM,
+    tasks: Mapping[str, Task],
+    tokenizer: Any,
+    *,
+    progress: bool = False,
+    **eval_kw: Any,
+) -> dict[str, float]:
+    """Accuracy per task of the implicit MoE (``eval_kw``: :func:`~sorlora.evaluation.evaluate`'s options)."""
+    out = {}
+    for name, task in tqdm(tasks.items(), desc="evaluate MoE", disable=not progress, leave=False):
+        out[name] = evaluate(moe, tokenizer, task, **eval_kw)["accuracy"]
+    return out
+
+
+def choose_router(
+    moe: ImplicitMoEForCausalLM,
+    validation: Mapping[str, Task],
+    tokenizer: Any,
+    *,
+    rank: int,
+    **eval_kw: Any,
+) -> dict[str, Any]:
+    """Pick the routing settings (k in {r, 2r, all} x refinement) with the best mean accuracy on validation tasks.
+
+    The chosen settings are applied to ``moe``; ``eval_kw`` are :func:`~sorlora.evaluation.evaluate`'s options.
+    The router itself is never trained; only this one setting is chosen, on held-out questions, never on test ones.
+    """
+    scores: dict[str, float] = {}
+    best: tuple[float, str, int | str, str] | None = None
+    for top_k in (rank, 2 * rank, "all"):
+        for refine in REFINE_MODES:
+            moe.set_router(top_k=top_k, refine=refine)
+            acc = evaluate_moe(moe, validation, tokenizer, **eval_kw)
+            label = f"k={top_k},refine={refine}"
+            scores[label] = sum(acc.values()) / len(acc)
+            if best is None or scores[label] > best[0]:
+                best = (scores[label], label, top_k, refine)
+    _, label, top_k, refine = best
+    moe.set_router(top_k=top_k, refine=refine)
+    return {"router_top_k": top_k, "refine": refine, "chosen": label, "validation": scores}
+
+
+@dataclass
+class Published:
+    """What an evaluator read back from the hub for one method: the plan, each member's task and final part."""
+
+    plan: dict[str, Any]
+    tasks_of: dict[str, str]
+    parts: dict[str, Any]  # peer id -> its final own part (with structure), from its ``final`` revision
+    ws: Workspace
+    tokenizer: Any
+    hub: Any
+    eval_kw: dict[str, Any]
+    rank: int
+    progress: bool = False
+    dealt: bool = False  # per-peer final models: each question answered by one member (score_members="dealt")
+
+    def view(self, peers: Sequence[str]) -> dict[str, Any]:
+        """The adapters of ``peers`` under their plan names (to activate together)."""
+        index = {p: i for i, p in enumerate(self.plan["members"])}
+        return {adapter_name(index[p]): self.parts[p] for p in peers if p in self.parts}
+
+    def score_view(self, view: Mapping[str, Any], tasks: Mapping[str, Task]) -> dict[str, dict[str, Any]]:
+        """Full :func:`~sorlora.evaluation.evaluate` results (per-question outcomes included) of ``view``."""
+        self.ws.load_view(view)
+        self.ws.activate(list(view))
+        return score(self.ws.network, self.tokenizer, tasks, **self.eval_kw)
+
+    def evaluate_view(self, view: Mapping[str, Any], tasks: Mapping[str, Task]) -> dict[str, float]:
+        return {t: r["accuracy"] for t, r in self.score_view(view, tasks).items()}
+
+
+def score(model: Any, tokenizer: Any, tasks: Mapping[str, Task], **eval_kw: Any) -> dict[str, dict[str, Any]]:
+    """:func:`~sorlora.evaluation.evaluate` of one model on every task."""
+    return {t: evaluate(model, tokenizer, task, **eval_kw) for t, task in tasks.items()}
+
+
+def _accuracy(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    return {t: r["accuracy"] for t, r in results.items()}
+
+
+def own_expert_shares(
+    moe: ImplicitMoEForCausalLM,
+    tasks: Mapping[str, Task],
+    tokenizer: Any,
+    own: Mapping[str, int],
+    *,
+    batch_size: int = 16,
+    max_len: int = 256,
+    precision: str = "float32",
+) -> dict[str, dict[str, Any]]:
+    """Per task, the share of the components the router keeps that belong to the task's own expert (``own[t]``: the
+    expert of the cluster holding it), over the real tokens of its test prompts, beside the uniform share 1/E.
+
+    A diagnostic of why the implicit MoE may lose to hard routing: a share near 1/E means the frozen projections
+    do not tell the tasks apart, and every token mixes every cluster's update.
+    """
+    out = {}
+    device = next(moe.parameters()).device
+    for t, task in tasks.items():
+        totals = torch.zeros(moe.num_experts, dtype=torch.float64)
+        prompts = [e.prompt for e in task.test]
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+                              truncation=True, max_length=max_len)  # fmt: skip
+            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+            with autocast(precision, device):
+                shares = routing_shares(moe, batch)
+            totals += shares.double() * int(batch["attention_mask"].sum())
+        shares = (totals / totals.sum()).tolist()
+        out[t] = {"own_expert": int(own[t]), "own_share": float(shares[own[t]]), "uniform": 1.0 / moe.num_experts,
+                  "shares": [float(x) for x in shares]}  # fmt: skip
+    return out
+
+
+class FinalModel:
+    """How an evaluator scores one kind of final model."""
+
+    def evaluate(self, pub: Published, tasks: Mapping[str, Task], *, validation: Mapping[str, Task] | None) -> tuple:
+        """(accuracy per task, extra result fields). The extra fields hold ``per_question`` (the outcomes behind the
+        accuracies, for paired statistics) and may hold ``variants``: other evaluations of the same weights,
+        ``{name: {"accuracy": ..., "per_question": ...}}``."""
+        raise NotImplementedError
+
+
+def _holder_cluster(pub: Published, task: str) -> int:
+    """Index in the plan of the cluster holding most of the peers whose task is ``task`` (hard routing by task)."""
+    holders = [p for p in pub.plan["members"] if pub.tasks_of[p] == task]
+    clusters = pub.plan["clusters"]
+    return max(range(len(clusters)), key=lambda c: sum(p in clusters[c] for p in holders))
+
+
+class PerPeer(FinalModel):
+    """Every member's own model, scored on every task; the accuracy is the mean over members."""
+
+    @staticmethod
+    def peer_view(pub: Published, peer: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """``peer``'s model as read back from the hub, and the published parts refused (with why): its own adapter."""
+        return pub.view([peer]), {}
+
+    def evaluate(self, pub, tasks, *, validation):
+        members = pub.plan["members"]
+        if pub.dealt:  # each question that fits max_len to one member, round-robin: (task, index) lists per member
+            fitting = {t: [i for i, ok in enumerate(fits(task.test, pub.tokenizer, max_len=pub.eval_kw["max_len"]))
+                           if ok] for t, task in tasks.items()}  # fmt: skip
+            for t, idx in fitting.items():
+                if not idx:
+                    raise PromptTooLongError(f"task {t!r}: none of its {len(tasks[t].test)} test questions fits "
+                                             f"max_len={pub.eval_kw['max_len']} tokens")  # fmt: skip
+            dealt = [{t: idx[m :: len(members)] for t, idx in fitting.items()} for m in range(len(members))]
+        results, refused = [], {}
+        for m, p in enumerate(tqdm(members, desc="evaluate peers", disable=not pub.progress, leave=False)):
+            view, bad = self.peer_view(pub, p)
+            if bad:
+                refused[p] = bad
+            mine = tasks if not pub.dealt else {
+                t: dataclasses.replace(tasks[t], test=[tasks[t].test[i] for i in idx])
+                for t, idx in dealt[m].items() if idx
+            }  # fmt: skip
+            results.append(pub.score_view(view, mine))
+        if not pub.dealt:
+            accuracy = {t: float(np.mean([r[t]["accuracy"] for r in results])) for t in tasks}
+            return accuracy, {"per_question": mean_per_question([per_question(r) for r in results]),
+                              "refused": refused}  # fmt: skip
+        outcomes = {t: {"correct": [None] * len(task.test), "correct_norm": [None] * len(task.test)}
+                    for t, task in tasks.items()}  # fmt: skip
+        for m, result in enumerate(results):
+            for t, idx in dealt[m].items():
+                for key in ("correct", "correct_norm"):
+                    for j, i in enumerate(idx):
+                        outcomes[t][key][i] = result[t][key][j]
+        accuracy = {t: float(np.mean([c for c in o["correct"] if c is not None])) for t, o in outcomes.items()}
+        return accuracy, {"per_question": outcomes, "refused": refused}
+
+
+class Neighbourhood(PerPeer):
+    """A peer's model is its whole final view: its own adapter and its neighbours' parts of its last average."""
+
+    @staticmethod
+    def peer_view(pub: Published, peer: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """``peer``'s final view read from its ``final`` revision, and the neighbour parts refused (with why).
+
+        Each part must parse as a payload of the pinned base under its neighbour's config, with the masks of that
+        neighbour's own final part; a part the peer did not publish (its neighbour was skipped) is simply absent.
+        """
+        index = {p: i for i, p in enumerate(pub.plan["members"])}
+        repo = pub.hub.repo_id(peer)
+        sha = pub.hub.resolve(repo, FINAL_TAG)
+        view = pub.view([peer])
+        refused: dict[str, str] = {}
+        for q in pub.plan["neighbours"][peer]:
+            theirs = pub.parts.get(q)
+            if theirs is None:
+                continue
+            path = f"{NEIGHBOURHOOD_DIR}/{adapter_name(index[q])}.safetensors"
+            try:
+                data = pub.hub.read_bytes(repo, path, revision=sha, max_bytes=theirs.max_bytes(structure=True))
+                part = type(theirs).from_bytes(data, expected_base_model=theirs.base_model,
+                                               expected_config_hash=theirs.config_hash)  # fmt: skip
+                if not part.has_structure or set(part.masks) != set(theirs.masks) or not all(
+                    torch.equal(part.masks[k], theirs.masks[k]) for k in theirs.masks
+                ):  # fmt: skip
+                    raise ValueError(f"its masks are not those of {q}'s own final adapter")
+            except EntryNotFound:
+                continue
+            except (ValueError, RequestTooLarge) as exc:  # PayloadError is a ValueError
+                refused[q] = f"{repo}/{path}@{sha[:12]}: {exc}"
+                logger.warning("final model of %s: refusing the part of %s: %s", peer, q, refused[q])
+                continue
+            view[adapter_name(index[q])] = part
+        return view, refused
+
+
+class OneCluster(FinalModel):
+    def evaluate(self, pub, tasks, *, validation):
+        results = pub.score_view(pub.view(pub.plan["clusters"][0]), tasks)
+        return _accuracy(results), {"per_question": per_question(results)}
+
+
+class Oracle(FinalModel):
+    def evaluate(self, pub, tasks, *, validation):
+        results = {}
+        for t, task in tasks.items():
+            cluster = pub.plan["clusters"][_holder_cluster(pub, t)]
+            results[t] = pub.score_view(pub.view(cluster), {t: task})[t]
+        return _accuracy(results), {"per_question": per_question(results)}
+
+
+class ImplicitMoE(FinalModel):
+    """The implicit MoE the first member published (every peer builds the same one from the same experts)."""
+
+    def evaluate(self, pub, tasks, *, validation):
+        first = pub.plan["members"][0]
+        user, name = first.split("/")
+        moe = load_moe(pub.hub, pub.hub.repo_id(f"{user}/{moe_repo_name(name)}"), pub.ws)
+        router = None
+        if validation:
+            router = choose_router(moe, validation, pub.tokenizer, rank=pub.rank, **pub.eval_kw)
+        results = score(moe, pub.tokenizer, tasks, **pub.eval_kw)
+        variants = {}
+        # The same weights without the router: every component of every cluster kept (the plain sum) ...
+        with moe.router_settings(routing="sum", refine="none"):
+            plain = score(moe, pub.tokenizer, tasks, **pub.eval_kw)
+        variants["sum"] = {"accuracy": _accuracy(plain), "per_question": per_question(plain)}
+        # ... and hard routing by the true task: only the expert of the cluster that holds the task.
+        if moe.num_experts == len(pub.plan["clusters"]):
+            hard = {}
+            with moe.router_settings(routing="oracle"):
+                for t, task in tasks.items():
+                    with moe.routed(_holder_cluster(pub, t)):
+                        hard[t] = evaluate(moe, pub.tokenizer, task, **pub.eval_kw)
+            variants["hard"] = {"accuracy": _accuracy(hard), "per_question": per_question(hard)}
+        extra = {"router": router, "moe_config": json.loads(moe.config.to_json_string())}
+        if moe.num_experts == len(pub.plan["clusters"]):
+            extra["routing"] = own_expert_shares(
+                moe, tasks, pub.tokenizer, {t: _holder_cluster(pub, t) for t in tasks}, **pub.eval_kw
+            )
+        return _accuracy(results), {**extra, "per_question": per_question(results), "variants": variants}
+
+
+FINAL_MODELS: dict[str, FinalModel] = {
+    "per-peer": PerPeer(),
+    "neighbourhood": Neighbourhood(),
+    "cluster": OneCluster(),
+    "oracle": Oracle(),
+    "moe": ImplicitMoE(),
+}

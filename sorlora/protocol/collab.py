@@ -1,0 +1,298 @@
+"""A collaboration repo on a hub: its pinned terms, the members' registrations, the plan, and its status.
+
+Layout (:mod:`sorlora_gossip.layout`): ``collab.json`` (written once by the creator), ``members/<user>/<peer>.json``
+(each member's own registration, plus its task statistics ``<peer>.h0.safetensors`` for the implicit MoE's
+routing) and ``plan.json`` (written once by the first member to commit it; optimistic concurrency).
+
+Registration closes at the earlier of two commits of the repo's (linear) history, both judged by what the Hub
+recorded, never by a local clock:
+
+- the first commit holding ``max_members`` registrations;
+- with ``registration_deadline_s``: the commit just before the first commit the Hub recorded later than the
+  terms commit's time plus the deadline. Until some commit is recorded after the deadline, registration is open
+  (a registration could still land before it); a member whose own clock says the deadline passed commits a
+  marker of its own (:meth:`Collaboration.close_if_due`) so that the Hub records one.
+
+That commit is what every member plans from; history only grows at its end, so once a closing exists it never
+moves, and all members agree without talking to each other. Everything read is size-capped and validated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from peft_sorlora import PayloadError
+from sorlora_gossip.hub.base import (
+    DEFAULT_BRANCH,
+    EntryNotFound,
+    Hub,
+    PushConflictError,
+    RepoNotFound,
+    RequestTooLarge,
+)
+from sorlora_gossip.layout import ADMITTED_KEY, COLLAB_FILE, MEMBERS_DIR, PLAN_FILE, member_path
+from sorlora_gossip.untrusted import MAX_JSON_BYTES, read_json
+
+from .terms import COLLAB_FORMAT, CollabTerms, Registration, TermsError
+
+__all__ = ["Collaboration", "RegistrationClosed", "create_collaboration", "stats_path"]
+
+logger = logging.getLogger(__name__)
+MAX_STATS_BYTES = 16 << 20
+DEADLINE_MARK = ".deadline"  # members/<user>/<peer>.deadline: a member saw the deadline pass (no registration)
+
+
+class RegistrationClosed(TermsError):
+    """A peer tried to join after registration closed (or is not among the members the plan is made from)."""
+
+
+def stats_path(user: str, peer: str) -> str:
+    """Where a member stores its task statistics (mean layer inputs, the MoE's routing keys) in the collab repo."""
+    return member_path(user, peer).removesuffix(".json") + ".h0.safetensors"
+
+
+def _time(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _read_capped(hub: Hub, repo_id: str, path: str, revision: str, limit: int) -> bytes:
+    try:
+        return hub.read_bytes(repo_id, path, revision=revision, max_bytes=limit)
+    except RequestTooLarge as exc:
+        raise TermsError(f"{repo_id}/{path}@{revision[:12]}: larger than the {limit} bytes allowed") from exc
+
+
+def _read_json(hub: Hub, repo_id: str, path: str, revision: str) -> Any:
+    try:
+        return read_json(hub, repo_id, path, revision=revision, max_bytes=MAX_JSON_BYTES)
+    except PayloadError as exc:
+        raise TermsError(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class Closing:
+    """Where registration closed: the pinned commit and the registrations it holds."""
+
+    commit: str
+    registrations: tuple[Registration, ...]
+    reason: str
+
+
+class Collaboration:
+    """The collaboration repo ``collab_id`` ("NS/NAME") on ``hub`` (see the module docstring)."""
+
+    def __init__(self, hub: Hub, collab_id: str) -> None:
+        self.hub = hub
+        self.repo_id = collab_id
+        self._terms: CollabTerms | None = None
+        self._created_at: float | None = None
+        self._marked_at = -math.inf  # when this object last committed a deadline marker (time.monotonic)
+
+    def __repr__(self) -> str:
+        return f"Collaboration({self.repo_id!r}, hub={self.hub!r})"
+
+    # ------------------------------------------------------------------ terms
+    def terms(self) -> CollabTerms:
+        """The pinned terms (read once; they never change)."""
+        if self._terms is None:
+            try:
+                data = _read_json(self.hub, self.repo_id, COLLAB_FILE, DEFAULT_BRANCH)
+            except (RepoNotFound, EntryNotFound) as exc:
+                raise TermsError(f"no collaboration {self.repo_id!r} on {self.hub!r}: create it with "
+                                 "`sorlora collab create`") from exc  # fmt: skip
+            if not isinstance(data, dict) or data.get("format") != COLLAB_FORMAT:
+                raise TermsError(f"{self.repo_id}/{COLLAB_FILE} is not a {COLLAB_FORMAT} file")
+            terms = dict(data.get("terms") or {})
+            terms["admitted"] = data.get(ADMITTED_KEY)
+            self._terms = CollabTerms.from_dict(terms, source=f"{self.repo_id}/{COLLAB_FILE}")
+        return self._terms
+
+    def created_at(self) -> float:
+        """When the Hub recorded the commit that wrote the terms (seconds since the epoch; read once)."""
+        if self._created_at is None:
+            commits = self.hub.list_commits(self.repo_id)
+            self._created_at = _time(commits[-2].created_at if len(commits) > 1 else commits[-1].created_at)
+        return self._created_at
+
+    # ------------------------------------------------------------------ registrations
+    def registrations_at(self, revision: str) -> tuple[list[Registration], dict[str, str]]:
+        """Valid registrations in the tree at ``revision``, and the refused ones (path -> reason)."""
+        terms_sha = self.terms().sha256()
+        regs, refused = [], {}
+        for path in self.hub.list_files(self.repo_id, revision=revision):
+            parts = path.split("/")
+            if len(parts) != 3 or parts[0] != MEMBERS_DIR or not parts[2].endswith(".json"):
+                continue
+            try:
+                reg = Registration.from_dict(_read_json(self.hub, self.repo_id, path, revision), source=path)
+                if member_path(reg.user, reg.peer.split("/", 1)[1]) != path:
+                    raise TermsError(f"{path}: names peer {reg.peer!r}, which belongs at another path")
+                if reg.terms_sha256 != terms_sha:
+                    raise TermsError(f"{path}: made under other terms ({reg.terms_sha256[:12]} vs {terms_sha[:12]})")
+            except TermsError as exc:
+                refused[path] = str(exc)
+                continue
+            regs.append(reg)
+        return sorted(regs, key=lambda r: r.peer), refused
+
+    def _count_at(self, revision: str) -> int:
+        files = self.hub.list_files(self.repo_id, revision=revision)
+        return sum(1 for p in files if p.startswith(f"{MEMBERS_DIR}/") and p.count("/") == 2 and p.endswith(".json")
+                   and not p.endswith(".h0.json"))  # fmt: skip
+
+    def deadline(self) -> float | None:
+        """The registration deadline (seconds since the epoch, Hub time), or None when only the member limit closes."""
+        seconds = self.terms().registration_deadline_s
+        return None if seconds is None else self.created_at() + seconds
+
+    def closing(self) -> Closing | None:
+        """The commit registration closed at, or None while it is open (see the module docstring)."""
+        terms = self.terms()
+        history = list(reversed(self.hub.list_commits(self.repo_id)))  # oldest first; the hub's history is linear
+        candidates: list[tuple[int, str]] = []
+        last = len(history) - 1
+        deadline = self.deadline()
+        if deadline is not None:
+            after = next((i for i, c in enumerate(history) if _time(c.created_at) > deadline), None)
+            if after is not None:
+                last = after - 1  # the member limit can only close earlier than this
+                candidates.append((last, f"the registration deadline ({terms.registration_deadline_s:g} s) passed "
+                                         f"at commit {history[after].sha[:12]}"))  # fmt: skip
+        if self._count_at(history[last].sha) >= terms.max_members:
+            lo, hi = 0, last  # the first commit with max_members registrations (counts only grow)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self._count_at(history[mid].sha) >= terms.max_members:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            candidates.append((lo, f"{terms.max_members} members registered"))
+        if not candidates:
+            return None
+        index, reason = min(candidates)
+        commit = history[index].sha
+        regs, refused = self.registrations_at(commit)
+        for path, why in refused.items():
+            logger.warning("collaboration %s: registration %s refused: %s", self.repo_id, path, why)
+        return Closing(commit=commit, registrations=tuple(regs[: terms.max_members]), reason=reason)
+
+    def close_if_due(self, peer: str, *, now: float, min_interval: float = 1.0) -> Closing | None:
+        """The closing; when there is none yet but the deadline passed by the local clock ``now``, first commit
+        ``peer``'s deadline marker so the Hub records a commit after the deadline (by its own clock: a member whose
+        clock runs ahead only adds a marker from before the deadline, which closes nothing). At most one marker per
+        ``min_interval`` seconds from this object."""
+        closing = self.closing()
+        deadline = self.deadline()
+        if closing is not None or deadline is None or now <= deadline:
+            return closing
+        if time.monotonic() - self._marked_at < min_interval:
+            return None
+        self._marked_at = time.monotonic()
+        user, name = peer.split("/", 1)
+        marker = member_path(user, name).removesuffix(".json") + DEADLINE_MARK
+        body = json.dumps({"peer": peer, "local_time": now, "deadline": deadline}).encode()
+        self.hub.create_commit(self.repo_id, {marker: body}, commit_message=f"{peer}: registration deadline passed")
+        return self.closing()
+
+    def register(self, registration: Registration, *, stats: dict[str, torch.Tensor] | None = None) -> str:
+        """Commit ``registration`` (and the member's task statistics); idempotent; refused once registration closed."""
+        user, name = registration.peer.split("/", 1)
+        path = member_path(user, name)
+        closing = self.closing()
+        if closing is not None:
+            if any(r.peer == registration.peer for r in closing.registrations):
+                return closing.commit
+            raise self.refusal(closing, registration.peer)
+        files: dict[str, bytes] = {path: json.dumps(registration.to_dict(), indent=1, sort_keys=True).encode()}
+        if stats is not None:
+            files[stats_path(user, name)] = save_safetensors({k: v.contiguous() for k, v in sorted(stats.items())})
+        try:
+            existing = self.hub.read_bytes(self.repo_id, path, revision=DEFAULT_BRANCH)
+        except EntryNotFound:
+            existing = None
+        if existing is not None and json.loads(existing) == registration.to_dict():
+            sha = self.hub.resolve(self.repo_id)
+        else:
+            sha = self.hub.create_commit(self.repo_id, files, commit_message=f"register {registration.peer}")
+        closing = self.closing()  # the Hub may have recorded this very commit after the deadline
+        if closing is not None and all(r.peer != registration.peer for r in closing.registrations):
+            raise self.refusal(closing, registration.peer)
+        return sha
+
+    def refusal(self, closing: Closing, peer: str) -> RegistrationClosed:
+        """The error refusing ``peer``, which is not among the members registration closed with."""
+        return RegistrationClosed(
+            f"collaboration {self.repo_id} closed registration at commit {closing.commit[:12]} "
+            f"({closing.reason}; members: {', '.join(r.peer for r in closing.registrations) or 'none'}): "
+            f"peer {peer} cannot join it; ask its creator for a new collaboration"
+        )
+
+    def member_stats(self, peer: str, *, revision: str) -> dict[str, torch.Tensor]:
+        """A member's task statistics (layer -> mean input), validated: finite float tensors only."""
+        user, name = peer.split("/", 1)
+        path = stats_path(user, name)
+        data = _read_capped(self.hub, self.repo_id, path, revision, MAX_STATS_BYTES)
+        try:
+            tensors = load_safetensors(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted bytes is a refusal
+            raise TermsError(f"{self.repo_id}/{path}: not a safetensors file: {exc}") from exc
+        bad = [k for k, v in tensors.items() if not v.is_floating_point() or not torch.isfinite(v).all()]
+        if bad:
+            raise TermsError(f"{self.repo_id}/{path}: tensors {bad[:3]} are not finite floats")
+        return tensors
+
+    # ------------------------------------------------------------------ plan
+    def read_plan(self) -> dict[str, Any] | None:
+        """The committed plan, or None before any member committed one."""
+        try:
+            return _read_json(self.hub, self.repo_id, PLAN_FILE, DEFAULT_BRANCH)
+        except EntryNotFound:
+            return None
+
+    def commit_plan(self, plan: dict[str, Any], *, attempts: int = 8) -> dict[str, Any]:
+        """Commit ``plan`` unless a plan is there already (the first wins); return the plan now on the hub."""
+        for _ in range(attempts):
+            existing = self.read_plan()
+            if existing is not None:
+                return existing
+            head = self.hub.resolve(self.repo_id)
+            try:
+                self.hub.create_commit(self.repo_id, {PLAN_FILE: json.dumps(plan, indent=1, sort_keys=True).encode()},
+                                       commit_message="plan", parent_commit=head)  # fmt: skip
+            except PushConflictError:
+                continue
+            return plan
+        raise TermsError(f"{self.repo_id}: could not commit {PLAN_FILE} after {attempts} conflicts")
+
+
+def create_collaboration(hub: Hub, collab_id: str, terms: CollabTerms, *, exist_ok: bool = False) -> Collaboration:
+    """Create the collaboration repo ``collab_id`` with ``terms``; an existing one with the same terms is kept."""
+    collab = Collaboration(hub, collab_id)
+    if hub.repo_exists(collab_id):
+        try:
+            existing = collab.terms()
+        except TermsError:
+            existing = None
+        if existing is not None:
+            if existing.sha256() != terms.sha256():
+                raise TermsError(f"collaboration {collab_id} exists with other terms (sha {existing.sha256()[:12]})")
+            if not exist_ok:
+                raise TermsError(f"collaboration {collab_id} exists already")
+            return collab
+    hub.create_repo(collab_id, exist_ok=True)
+    body = terms.to_dict()
+    admitted = body.pop("admitted")
+    data = {"format": COLLAB_FORMAT, "terms": body, ADMITTED_KEY: admitted}
+    hub.create_commit(collab_id, {COLLAB_FILE: json.dumps(data, indent=1, sort_keys=True).encode()},
+                      commit_message="collaboration terms")  # fmt: skip
+    return collab

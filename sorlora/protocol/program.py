@@ -1,0 +1,542 @@
+"""The peer program: one device's whole collaboration, as a resumable state machine over Hub repos.
+
+:class:`PeerProgram` walks the protocol (``../shared/docs/protocol.md``) one phase per :meth:`PeerProgram.step`:
+
+``register``  load the base (checked against the pinned identity), measure the layer-wise budget and the task
+              statistics on its own data, commit its registration to the collaboration repo;
+``plan``      once registration closed, compute the plan from the registrations at the pinned commit, commit it if
+              nobody did yet, and stop with an error naming the difference if the committed one differs;
+``calibrate`` create its adapter on its slot, choose its masks;
+``train``/``pull``  round r: train ``local_steps`` on its own data, push its revision; then pull the neighbours'
+              round-r revisions (waiting up to ``round_timeout_s``; a missing neighbour is skipped and recorded) and
+              aggregate;
+``exchange``  every ``inter_cluster_every`` rounds and after the last: pull the other clusters' members and form
+              their experts, without averaging them into its own (these bytes are counted like all others);
+``publish``   its final adapter (tag ``final``, with ``report.json``: losses and bytes per round, skips) and, for
+              the MoE method, its own implicit MoE as a ``PreTrainedModel`` repo ``<peer>-moe``.
+
+A step never blocks: a phase that waits for others returns without progress (:attr:`PeerProgram.waiting`), so
+one process can step many programs in turn around one shared base model (the simulation), and ``run`` is a loop
+with real waits (deployment). After every phase the state is saved under ``state_dir``; a program killed at any
+point and started again resumes from there and from its own revisions on the hub, so nothing is lost or doubled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from peft_sorlora.base_model import base_fingerprint
+from peft_sorlora.projection import derive_seed
+from sorlora_gossip import Hub, Peer
+from sorlora_gossip.cards import AdapterCards
+from sorlora_gossip.layout import UPDATE_FILE, round_tag
+
+from ..data.examples import Example
+from ..data.tokenization import collate_for_training, encode_for_training
+from ..methods.rules import AGGREGATIONS, FORWARD_RULES, Group, cluster_expert
+from ..runtime.model_loading import load_base
+from ..runtime.sharing import TensorPool
+from ..runtime.workspace import Workspace, adapter_name
+from .collab import Collaboration
+from .plan import PlanMismatch, compute_plan, plan_differences
+from .publish import publish_final
+from .state import STRUCTURES_FILE, experts_path, load_view, read_state, save_view, view_path, write_state
+from .terms import CollabTerms, Registration, TermsError
+
+__all__ = ["CRASH_ENV", "PeerData", "PeerProgram"]
+
+logger = logging.getLogger(__name__)
+
+CRASH_ENV = "SORLORA_CRASH_AT"  # "<peer id>:<phase>:<round>": the process SIGKILLs itself there (fault tests)
+CALIBRATION = -1  # the "round" whose first batch calibrates masks and measures the task statistics
+
+
+@dataclass(frozen=True)
+class PeerData:
+    """A peer's own data: the task's name and its training examples (never leaves the device)."""
+
+    task: str
+    train: Sequence[Example]
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ValueError(f"task {self.task!r}: no training examples")
+
+
+class _DropSkips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "skipping neighbour" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_skips():
+    """Silence Peer's per-pass "skipping neighbour" warnings while polling without waiting."""
+    peer_logger, drop = logging.getLogger("sorlora_gossip.peer"), _DropSkips()
+    peer_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        peer_logger.removeFilter(drop)
+
+
+class PeerProgram:
+    """One member's life in collaboration ``collab_id`` on ``hub`` (see the module docstring).
+
+    ``peer_id`` is the member's peer repo ``user/name`` (on the real Hub: in the user's own namespace).
+    ``workspace``: a function giving the :class:`~sorlora.workspace.Workspace` to train in once the terms are
+    known (the simulation shares one base model among many programs); by default the program loads its own base
+    (``model``: a local copy or Hub id of the pinned base, checked against its fingerprint).
+    ``position_mm``: this device's position estimate for the channel model (default: derived from its id).
+    ``expected_terms``: the terms' hash this member agreed to; other terms on the hub stop it with an error.
+    ``tensor_pool``: shared by the programs of one process, it keeps one copy of the equal tensors they hold
+    (the same members' pulled revisions, views and experts; :mod:`sorlora.sharing`).
+    """
+
+    PHASES = ("register", "plan", "calibrate", "train", "pull", "exchange", "publish", "done")
+
+    def __init__(
+        self,
+        *,
+        hub: Hub,
+        collab_id: str,
+        peer_id: str,
+        data: PeerData,
+        state_dir: str | os.PathLike[str],
+        workspace: Callable[[CollabTerms], tuple[Workspace, Any]] | None = None,
+        model: str | None = None,
+        position_mm: tuple[int, int] | None = None,
+        expected_terms: str | None = None,
+        poll_interval: float = 0.5,
+        progress: bool = False,
+        tensor_pool: TensorPool | None = None,
+    ) -> None:
+        if peer_id.count("/") != 1:
+            raise ValueError(f"peer id must be a repo id 'user/name', got {peer_id!r}")
+        self.hub, self.peer_id, self.data = hub, peer_id, data
+        self.user, self.name = peer_id.split("/")
+        self.collab = Collaboration(self.hub, collab_id)
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._workspace_factory, self._model = workspace, model
+        self.position_mm = position_mm
+        self.expected_terms = expected_terms
+        self.poll_interval, self.progress = poll_interval, progress
+        self.tensor_pool = tensor_pool
+        self.state: dict[str, Any] = {"phase": "register", "round": 0, "records": [], "exchanges": []}
+        saved = read_state(self.state_dir)
+        if saved is not None:
+            self.state = saved
+        self.waiting = False
+        self._ready = False
+        self._pending: dict[str, Any] | None = None  # an accumulating pull: {"names", "got", "deadline", ...}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def phase(self) -> str:
+        return self.state["phase"]
+
+    @property
+    def done(self) -> bool:
+        return self.phase == "done"
+
+    def _save(self, **changes: Any) -> None:
+        self.state.update(changes)
+        write_state(self.state_dir, self.state)
+
+    @property
+    def plan(self) -> dict[str, Any]:
+        return self.state["plan"]
+
+    @property
+    def index(self) -> int:
+        return self.plan["members"].index(self.peer_id)
+
+    def index_of(self, peer: str) -> int:
+        return self.plan["members"].index(peer)
+
+    def _cluster(self) -> list[str]:
+        return next(c for c in self.plan["clusters"] if self.peer_id in c)
+
+    # ------------------------------------------------------------------ set-up (re-entrant)
+    def _prepare(self) -> None:
+        """Terms, workspace, batches; after the plan: adapter, hub peer, structures and view, from disk and hub."""
+        if self._ready:
+            return
+        self.terms = self.collab.terms()
+        if self.expected_terms is not None and self.terms.sha256() != self.expected_terms:
+            raise TermsError(
+                f"collaboration {self.collab.repo_id} has terms {self.terms.sha256()[:12]}, "
+                f"not the {self.expected_terms[:12]} this peer agreed to: refusing to take part"
+            )
+        self.spec = self.terms.spec
+        self.kind = self.spec.kind
+        if self._workspace_factory is not None:
+            self.ws, self.tokenizer = self._workspace_factory(self.terms)
+        else:
+            base, self.tokenizer, _ = load_base(self.terms.base_model, model=self._model)
+            self.ws = Workspace(base, self.terms.base_model, self.terms, self.kind)
+        found = base_fingerprint(self.ws.base)
+        if found != self.terms.base_fingerprint:
+            raise TermsError(
+                f"peer {self.peer_id}: the base model's weights (fingerprint {found}) are not the pinned base "
+                f"{self.terms.base_model} (fingerprint {self.terms.base_fingerprint})"
+            )
+        self.structure: dict[int, Any] = {}
+        self.view: dict[str, Any] = {}
+        self.experts: dict[int, dict[int, Any]] = {}
+        if "plan" in self.state and self.phase != "calibrate":
+            self._restore()
+        self._ready = True
+
+    def _restore(self) -> None:
+        """Rebuild after a restart: the own structure, the known structures, the view after the last round."""
+        cls = self.kind.payload_cls
+        self.structure = {int(k[4:]): v for k, v in load_view(self.state_dir / STRUCTURES_FILE, cls).items()}
+        r = self.state["round"]
+        last = r - 1 if self.phase in ("train", "pull") else r  # the last round whose view was checkpointed
+        own = {self.name_of(self.index): self.structure[self.index]}
+        self.view = load_view(view_path(self.state_dir, last), cls) if last >= 0 else own
+        if self.spec.cotrain_every:  # the experts the coming rounds train alongside: the latest exchange's
+            done = [e["round"] for e in self.state.get("exchanges", []) if e["round"] <= last]
+            if done:
+                self.load_experts(max(done))
+        self.peer = self._hub_peer()
+        self.peer.last_pushed_round()
+        if self.phase == "pull":  # the own update of this round is on the hub already: use it as pushed
+            self._own = self._own_from_hub(self.state["round"])
+
+    def name_of(self, index: int) -> str:
+        return adapter_name(index)
+
+    def _crash_point(self, tag: str) -> None:
+        """Die by SIGKILL at a named point (fault tests set ``SORLORA_CRASH_AT``); once per state directory, so a
+        restarted peer (by hand, or by Ray) runs on."""
+        marker = self.state_dir / "crashed-once"
+        if os.environ.get(CRASH_ENV) == tag and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _hub_peer(self) -> Peer:
+        self.hub.create_repo(self.hub.repo_id(self.peer_id), exist_ok=True)
+        own = self.structure[self.index]
+        cards = None  # the dense baseline's repo carries no SO-LoRA card
+        if self.kind.sparse:
+            config = self.kind.peft_config(self.terms, slot=self.index, base_model=self.terms.base_model).to_dict()
+            cards = AdapterCards(config, task=self.data.task, peer_id=self.peer_id)
+        return Peer(self.hub, self.peer_id, task=self.data.task, cluster=self.plan["clusters"].index(self._cluster()),
+                    base_model=self.terms.base_model, config_hash=own.config_hash, payload_cls=self.kind.payload_cls,
+                    hook=cards)  # fmt: skip
+
+    def _own_from_hub(self, round: int) -> Any:
+        sha = self.hub.resolve(self.hub.repo_id(self.peer_id), round_tag(round))
+        data = self.hub.read_bytes(self.hub.repo_id(self.peer_id), UPDATE_FILE, revision=sha)
+        masks = None if round == 0 or not self.kind.sparse else self.structure[self.index].masks
+        return self.kind.payload_cls.from_bytes(data, masks=masks)
+
+    def batches(self, round: int) -> list[dict[str, torch.Tensor]]:
+        """The ``local_steps`` batches of ``round``: a pure function of (seed, peer, round, step)."""
+        t = self.terms
+        out = []
+        for step in range(t.local_steps if round != CALIBRATION else 1):
+            g = torch.Generator().manual_seed(derive_seed(t.seed, "batch", self.peer_id, round, step) % 2**63)
+            idx = torch.randint(len(self.data.train), (t.batch_size,), generator=g).tolist()
+            encoded = [encode_for_training(self.data.train[i], self.tokenizer, max_len=t.max_len) for i in idx]
+            out.append(collate_for_training(encoded, pad_token_id=self.tokenizer.pad_token_id))
+        return out
+
+    # ------------------------------------------------------------------ driving
+    def step(self) -> str:
+        """Advance by one phase (or one half round); returns the phase now. Sets :attr:`waiting` when it had to
+        wait for others (call again later)."""
+        if self.done:
+            return self.phase
+        self._prepare()
+        self.waiting = False
+        getattr(self, f"_{self.phase}")()
+        if self.done:  # what it held is on the hub and on disk: keep nothing of it in memory
+            self.view, self.structure, self.experts, self._own, self._pending = {}, {}, {}, None, None
+            self._ready = False
+        elif self.tensor_pool is not None and not self.waiting:
+            self.tensor_pool.share(self.view, self.structure, self.experts, getattr(self, "_own", None))
+        return self.phase
+
+    def run(self, *, max_seconds: float | None = None) -> dict[str, Any]:
+        """Step until done, sleeping ``poll_interval`` while waiting; returns the final state."""
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        bar = tqdm(total=len(self.PHASES) - 1, desc=self.peer_id, disable=not self.progress)
+        try:
+            while not self.done:
+                self.step()
+                bar.set_postfix(phase=self.phase, round=self.state["round"])
+                bar.n = min(self.PHASES.index(self.phase), bar.total)
+                bar.refresh()
+                if self.waiting:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(f"peer {self.peer_id}: still waiting in phase {self.phase} after "
+                                           f"{max_seconds:g} s")  # fmt: skip
+                    time.sleep(self.poll_interval)
+        finally:
+            bar.close()
+        return self.state
+
+    # ------------------------------------------------------------------ phases
+    def _register(self) -> None:
+        kind, ws = self.kind, self.ws
+        calib = self.batches(CALIBRATION)[0]
+        kept = sizes = value_bytes = None
+        stats = None
+        if kind.calibrates and self.spec.topology == "cluster":
+            # the cluster plan needs the layer budget, which depends on the inputs only, not on A: measure it on a
+            # scratch adapter (the calibrate phase measures it again with the real slot: the same counts)
+            scratch = "registering"
+            ws.remove_adapter(scratch)
+            ws.add_adapter(scratch, 0)
+            try:
+                ws.calibrate(scratch, [calib])
+                probe = ws.own_state(scratch, round=0)
+                kept = {k: int(m.sum()) for k, m in sorted(probe.masks.items())}
+                sizes = {k: int(m.numel()) for k, m in sorted(probe.masks.items())}
+                value_bytes = int(kind.stats(probe).value_bytes)
+            finally:
+                ws.remove_adapter(scratch)
+        if self.spec.inter_cluster:
+            stats = self._task_statistics(calib, sorted(kept or self._layer_keys()))
+        from peft_sorlora import __version__
+
+        registration = Registration(
+            peer=self.peer_id, user=self.user, task=self.data.task, n_train=len(self.data.train),
+            terms_sha256=self.terms.sha256(), position_mm=self.position_mm, kept=kept, sizes=sizes,
+            value_bytes=value_bytes, software=f"sorlora {__version__}",
+        )  # fmt: skip
+        self.collab.register(registration, stats=stats)
+        self._save(phase="plan")
+
+    def _layer_keys(self) -> list[str]:
+        targets = tuple(self.terms.target_modules)
+        return [n for n, _ in self.ws.base.named_modules() if n.rsplit(".", 1)[-1] in targets and "lora" not in n]
+
+    def _task_statistics(self, batch: dict[str, torch.Tensor], keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Mean layer inputs of its own data on the bare base (the implicit MoE routes on them; Eq. 26)."""
+        from moe_router import task_statistics
+
+        inputs = self.ws.on_device({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+        with self.ws.bare_base():
+            stats = task_statistics(self.ws.base, [inputs], keys)
+        return {k: v.float().cpu() for k, v in stats.items()}
+
+    def _plan(self) -> None:
+        closing = self.collab.close_if_due(self.peer_id, now=time.time())
+        if closing is None:
+            self.waiting = True
+            return
+        if self.peer_id not in [r.peer for r in closing.registrations]:
+            raise self.collab.refusal(closing, self.peer_id)
+        computed = compute_plan(self.terms, closing.registrations, collab_commit=closing.commit)
+        committed = self.collab.commit_plan(computed)
+        diffs = plan_differences(committed, computed)
+        if diffs:
+            raise PlanMismatch(
+                f"peer {self.peer_id}: the plan committed to {self.collab.repo_id} differs from the plan computed "
+                f"here from the registrations at {closing.commit[:12]}: " + "; ".join(diffs)
+            )
+        tasks = {r.peer: r.task for r in closing.registrations}
+        self._save(phase="calibrate", plan=computed, tasks=tasks)
+
+    def _calibrate(self) -> None:
+        name = self.name_of(self.index)
+        if not self.ws.has_adapter(name):
+            self.ws.add_adapter(name, self.index)
+        if self.kind.calibrates:
+            self.ws.calibrate(name, self.batches(CALIBRATION))
+        own = self.ws.own_state(name, round=0)
+        self.structure = {self.index: own}
+        self.view = {name: own}
+        save_view(self.state_dir / STRUCTURES_FILE, {name: own})
+        self.peer = self._hub_peer()
+        self.peer.last_pushed_round()
+        self._save(phase="train", round=0)
+
+    def _train(self) -> None:
+        r, name = self.state["round"], self.name_of(self.index)
+        self.ws.load_view(self.view)
+        forward = FORWARD_RULES[self.spec.forward].active(
+            self.peer_id, self._cluster(), self.plan["neighbours"][self.peer_id]
+        )
+        active = [n for n in (self.name_of(self.index_of(q)) for q in forward) if n in self.view]
+        if self.spec.cotrain_every and self.experts:  # co-training: the other clusters' experts, frozen
+            frozen = {self.name_of(q): part for e in self.experts.values() for q, part in e.items()}
+            self.ws.load_view(frozen)
+            active += sorted(frozen)
+        losses = self.ws.train(name, active, self.batches(r), lr=self.terms.lr)
+        update = self.kind.values_only(self.ws.own_state(name, round=r))
+        pushed = self.peer.push_round(r, update, metrics={"train_loss": float(np.mean(losses))})
+        self._own = update if pushed.created else self._own_from_hub(r)
+        stats = self.kind.stats(self._own)
+        records = [rec for rec in self.state["records"] if rec["round"] != r]
+        records.append(
+            {
+                "round": r,
+                "loss": float(np.mean(losses)),
+                "bytes_pushed": pushed.bytes,
+                "params_transmitted": stats.params_transmitted,
+                "params_updated": stats.params_updated,
+                "value_bytes": stats.value_bytes,
+            }
+        )
+        self._crash_point(f"{self.peer_id}:pushed:{r}")
+        self._save(phase="pull", records=records)
+
+    def _poll(self, round: int, names: Sequence[str]) -> dict[str, Any] | None:
+        """One non-blocking pass over ``names``' round-``round`` revisions; the result once all are in or the
+        round timeout passed (then the missing ones are skipped), else None (waiting)."""
+        key = (round, tuple(names))
+        if self._pending is None or self._pending["key"] != key:
+            self._pending = {"key": key, "updates": {}, "bytes": {}, "revisions": {}, "rejected": {},
+                             "deadline": time.monotonic() + self.terms.round_timeout_s}  # fmt: skip
+        p = self._pending
+        missing = [n for n in names if n not in p["updates"] and n not in p["rejected"]]
+        if missing:
+            with _quiet_skips():  # one pass is not a skip yet: this program decides at the round timeout
+                pull = self.peer.pull_round(round, missing, timeout=0.0, poll_interval=0.0)
+            if self.tensor_pool is not None:
+                self.tensor_pool.share(pull.updates)
+            p["updates"].update(pull.updates)
+            # the Peer keeps its last pull for the record its next push carries (revisions, skips): the parsed
+            # updates and peer.json infos in it are taken now, so it keeps only that record
+            pull.updates.clear()
+            pull.infos.clear()
+            p["bytes"].update(pull.bytes)
+            p["revisions"].update(pull.revisions)
+            p["rejected"].update({k: str(v) for k, v in pull.rejected.items()})
+            missing = [n for n in names if n not in p["updates"] and n not in p["rejected"]]
+        if missing and time.monotonic() < p["deadline"]:
+            self.waiting = True
+            return None
+        self._pending = None
+        p["skipped"] = {n: f"{round_tag(round)} not pushed within {self.terms.round_timeout_s:g} s" for n in missing}
+        for n, why in p["skipped"].items():
+            logger.warning("peer %s: skipping %s in round %d: %s", self.peer_id, n, round, why)
+        return p
+
+    def _pull_structures(self, names: Sequence[str]) -> dict[str, Any] | None:
+        """Round-0 payloads (masks, shapes) of ``names`` not known yet; None while waiting."""
+        unknown = [n for n in names if self.index_of(n) not in self.structure]
+        if not unknown:
+            return {"bytes": {}, "skipped": {}, "rejected": {}}
+        got = self._poll(0, unknown)
+        if got is None:
+            return None
+        for n, update in got["updates"].items():
+            self.structure[self.index_of(n)] = update
+        save_view(self.state_dir / STRUCTURES_FILE,
+                   {self.name_of(i): s for i, s in sorted(self.structure.items())})  # fmt: skip
+        return got
+
+    def _pull(self) -> None:
+        r = self.state["round"]
+        neighbours = self.plan["neighbours"][self.peer_id]
+        got = self._poll(r, neighbours)
+        if got is None:
+            return
+        if r > 0 and self._pull_structures(list(got["updates"])) is None:  # only after a restart: known otherwise
+            return
+        received = {self.index_of(n): u for n, u in got["updates"].items()}
+        if r == 0:
+            for q, update in received.items():
+                self.structure[q] = update
+            save_view(self.state_dir / STRUCTURES_FILE,
+                       {self.name_of(i): s for i, s in sorted(self.structure.items())})  # fmt: skip
+        self.view = self._aggregate(received)
+        save_view(view_path(self.state_dir, r), self.view)
+        records = self.state["records"]
+        records[-1].update(bytes_pulled=int(sum(got["bytes"].values())), used=dict(got["revisions"]),
+                           skipped=got["skipped"], rejected=got["rejected"])  # fmt: skip
+        last = r == self.terms.rounds - 1
+        every = self.spec.cotrain_every or self.terms.inter_cluster_every
+        exchange = self.spec.inter_cluster and (last or (every and (r + 1) % every == 0))
+        self._crash_point(f"{self.peer_id}:pulled:{r}")
+        if exchange:
+            self._save(phase="exchange", records=records)
+        elif last:
+            self._save(phase="publish", records=records)
+        else:
+            self._save(phase="train", round=r + 1, records=records)
+
+    def _aggregate(self, received: dict[int, Any]) -> dict[str, Any]:
+        """The new view from the own trained update and the neighbours' (method.md §3): the spec's aggregation
+        rule (:data:`~sorlora.methods.rules.AGGREGATIONS`) gives this round's parts; under a forward rule that keeps
+        the view, members skipped this round keep their earlier parts."""
+        group = Group(
+            me=self.index,
+            own=self.kind.with_structure(self._own, self.structure[self.index]),
+            received={q: self.kind.with_structure(u, self.structure[q]) for q, u in received.items()},
+            weights={q: float(w) for q, w in ((self.index_of(p), w) for p, w in self.plan["weights"].items())},
+            cluster=[self.index_of(q) for q in self._cluster()],
+            forward=self.spec.forward,
+            shared_projection=self.kind.shared_projection,
+        )
+        parts = AGGREGATIONS[self.spec.aggregation](group)
+        view = dict(self.view) if FORWARD_RULES[self.spec.forward].keeps_view else {}
+        view.update({self.name_of(q): part for q, part in parts.items()})
+        return view
+
+    def _exchange(self) -> None:
+        """Pull every other cluster's members of this round and form their experts (never averaged in)."""
+        r = self.state["round"]
+        others = [q for c in self.plan["clusters"] if self.peer_id not in c for q in c]
+        got = self._poll(r, others)
+        if got is None:
+            return
+        structures = self._pull_structures(list(got["updates"]))  # pushed before round r: there already
+        if structures is None:
+            return
+        experts: dict[int, dict[int, Any]] = {}
+        for c, members in enumerate(self.plan["clusters"]):
+            if self.peer_id in members:
+                continue
+            have = [m for m in members if m in got["updates"] and self.index_of(m) in self.structure]
+            if not have:
+                continue
+            ups = [self.kind.with_structure(got["updates"][m], self.structure[self.index_of(m)]) for m in have]
+            parts = cluster_expert(ups, [float(self.plan["weights"][m]) for m in have])
+            experts[c] = {self.index_of(m): part for m, part in zip(have, parts)}
+        self.experts = experts
+        save_view(experts_path(self.state_dir, r),
+                   {f"{self.name_of(q)}": part for e in experts.values() for q, part in e.items()})  # fmt: skip
+        exchanges = [e for e in self.state["exchanges"] if e["round"] != r]
+        exchanges.append({"round": r, "bytes_pulled": int(sum(got["bytes"].values()) +
+                                                          sum(structures["bytes"].values())),
+                          "skipped": got["skipped"], "rejected": got["rejected"]})  # fmt: skip
+        last = r == self.terms.rounds - 1
+        self._save(phase="publish" if last else "train", round=r if last else r + 1, exchanges=exchanges)
+
+    # ------------------------------------------------------------------ publishing
+    def _publish(self) -> None:
+        """Publish the final adapter and what the final model needs (:mod:`sorlora.protocol.publish`)."""
+        publish_final(self, crash_point=self._crash_point)
+        self._save(phase="done")
+
+    def load_experts(self, round: int) -> None:
+        """The other clusters' experts as the exchange after ``round`` saved them (none if it did not happen)."""
+        path = experts_path(self.state_dir, round)
+        if not path.exists():
+            return
+        loaded = load_view(path, self.kind.payload_cls)
+        self.experts = {}
+        for c, members in enumerate(self.plan["clusters"]):
+            got = {self.index_of(m): loaded[self.name_of(self.index_of(m))] for m in members
+                   if self.name_of(self.index_of(m)) in loaded}  # fmt: skip
+            if got:
+                self.experts[c] = got

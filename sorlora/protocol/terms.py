@@ -1,0 +1,231 @@
+"""The terms of a collaboration (``collab.json``) and a member's registration (``members/<user>/<peer>.json``).
+
+Terms are what every member pins: the base model by a portable identity (a Hub id, or the bundled model's id plus a
+weights fingerprint; never a local path), the method (adapter kind, topology, aggregation, final model), the
+adapter template, the schedule, the topology's parameters, timeouts and the member limit. A registration is what a
+member tells the others before the plan: its task, how much data it holds, its layer-wise sparsity budget (integer
+counts, so the plan is computed on exact values) and its position for the channel model (integer millimetres).
+
+Both are plain JSON, parsed with size caps and validated field by field; a bad one is refused with one line naming
+the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft_sorlora.base_model import is_portable_base_id
+
+from ..methods.specs import ALL_METHODS, METHOD_SPECS, MethodSpec
+from ..runtime.precision import PRECISIONS
+
+__all__ = [
+    "COLLAB_FORMAT",
+    "REGISTRATION_FORMAT",
+    "CollabTerms",
+    "Registration",
+    "TermsError",
+    "canonical_json",
+    "sha256_json",
+]
+
+COLLAB_FORMAT = "sorlora-collab/1"
+REGISTRATION_FORMAT = "sorlora-registration/1"
+
+
+class TermsError(ValueError):
+    """Terms, a registration or a plan that cannot be used (the message names the file and the field)."""
+
+
+def canonical_json(data: Any) -> bytes:
+    """The canonical JSON bytes of ``data`` (sorted keys, no spaces, no NaN): equal on every machine."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def sha256_json(data: Any) -> str:
+    """SHA-256 hex digest of :func:`canonical_json` of ``data``."""
+    return hashlib.sha256(canonical_json(data)).hexdigest()
+
+
+def _portable(base_model: str) -> str:
+    if not is_portable_base_id(base_model):
+        raise TermsError(f"collab.json: base_model must be a Hub id or a fingerprint name, not a path: {base_model!r}")
+    return base_model
+
+
+@dataclass(frozen=True)
+class CollabTerms:
+    """The pinned terms of one collaboration (see the module docstring); every field is part of :meth:`sha256`."""
+
+    base_model: str = field(metadata={"help": "portable base model id (Hub id or 'weights-sha256-...'), no path"})
+    base_fingerprint: str = field(metadata={"help": "peft_sorlora.base_fingerprint of the base weights"})
+    method: str = field(
+        default="solora", metadata={"help": f"a key of sorlora.methods.specs.METHOD_SPECS: {', '.join(ALL_METHODS)}"}
+    )
+    rank: int = field(default=8, metadata={"help": "LoRA rank r of every adapter"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha"})
+    target_modules: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={"help": "adapted modules"})
+    sparsity: float = field(default=0.25, metadata={"help": "fraction of B entries each peer trains and sends"})
+    sparsity_allocation: str = field(default="spectral_entropy", metadata={"help": "layer-wise budget rule"})
+    payload_dtype: str = field(default="float32", metadata={"help": "dtype of the values on the wire"})
+    seed: int = field(default=0, metadata={"help": "seed of projections, batches, random topologies"})
+    rounds: int = field(default=3, metadata={"help": "gossip rounds"})
+    local_steps: int = field(default=6, metadata={"help": "AdamW steps per round on a peer's own data"})
+    batch_size: int = field(default=8, metadata={"help": "training batch size"})
+    max_len: int = field(default=96, metadata={"help": "maximum tokens of a training example"})
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate"})
+    precision: str = field(
+        default="float32",
+        metadata={"help": "compute precision of training and calibration: float32 or bfloat16 (autocast; "
+                  "weights, optimizer and payloads stay float32); see sorlora/precision.py"},
+    )  # fmt: skip
+    inter_cluster_every: int = field(
+        default=0, metadata={"help": "rounds between inter-cluster exchanges (0: only after the last round)"}
+    )
+    s_max: float = field(default=0.1, metadata={"help": "collision-rate bound of the cluster topology"})
+    degree: int = field(default=2, metadata={"help": "neighbours per peer in the random topology"})
+    router_top_k: int | None = field(default=None, metadata={"help": "components kept per token (None: k = r)"})
+    router_refine: str = field(default="routing", metadata={"help": "routing refinement of the implicit MoE"})
+    max_members: int = field(default=4, metadata={"help": "registration closes when this many peers registered"})
+    registration_deadline_s: float | None = field(
+        default=None, metadata={"help": "seconds after creation (hub commit times) when registration closes"}
+    )
+    round_timeout_s: float = field(default=60.0, metadata={"help": "seconds a peer waits for a neighbour's round"})
+    publish_base: bool = field(
+        default=False, metadata={"help": "ship the base weights in each peer's MoE repo (base not on the Hub)"}
+    )
+    admitted: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "users allowed to register (None: any authenticated user)"}
+    )
+
+    def __post_init__(self) -> None:
+        _portable(self.base_model)
+        if self.method not in METHOD_SPECS:
+            raise TermsError(f"collab.json: method {self.method!r} unknown; choose from {sorted(METHOD_SPECS)}")
+        for name in ("rank", "rounds", "local_steps", "batch_size", "max_len", "max_members"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise TermsError(f"collab.json: {name} must be a positive integer, got {value!r}")
+        if not 0 < self.sparsity <= 1:
+            raise TermsError(f"collab.json: sparsity must be in (0, 1], got {self.sparsity!r}")
+        for name in ("lr", "round_timeout_s", "lora_alpha"):
+            if not (isinstance(getattr(self, name), (int, float)) and math.isfinite(getattr(self, name))):
+                raise TermsError(f"collab.json: {name} must be a finite number, got {getattr(self, name)!r}")
+        if self.round_timeout_s <= 0 or self.lr <= 0:
+            raise TermsError("collab.json: lr and round_timeout_s must be > 0")
+        deadline = self.registration_deadline_s
+        if deadline is not None and (
+            isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline < math.inf
+        ):
+            raise TermsError(
+                f"collab.json: registration_deadline_s must be a positive number or null, got {deadline!r}"
+            )
+        if self.precision not in PRECISIONS:
+            raise TermsError(f"collab.json: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.inter_cluster_every < 0:
+            raise TermsError(f"collab.json: inter_cluster_every must be >= 0, got {self.inter_cluster_every}")
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The method's :class:`~sorlora.methods.specs.MethodSpec` (adapter kind, topology, aggregation, final model)."""
+        return METHOD_SPECS[self.method]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        data["admitted"] = None if self.admitted is None else list(self.admitted)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "collab.json") -> CollabTerms:
+        if not isinstance(data, dict):
+            raise TermsError(f"{source}: terms must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TermsError(f"{source}: unknown terms {unknown}; known: {', '.join(sorted(known))}")
+        missing = [k for k in ("base_model", "base_fingerprint") if k not in data]
+        if missing:
+            raise TermsError(f"{source}: missing {missing}")
+        values = dict(data)
+        for key in ("target_modules", "admitted"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(str(v) for v in values[key])
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise TermsError(f"{source}: {exc}") from exc
+
+    def sha256(self) -> str:
+        """The terms' hash: what a plan and every registration name to show they were made under these terms."""
+        return sha256_json(self.to_dict())
+
+    def replace(self, **changes: Any) -> CollabTerms:
+        return dataclasses.replace(self, **changes)
+
+
+def _int_map(value: Any, what: str, source: str) -> dict[str, int]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in value.items()
+    ):
+        raise TermsError(f"{source}: {what} must map layer names to non-negative integers")
+    return dict(sorted(value.items()))
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One member's registration: who it is and what the plan needs to know about it (see the module docstring)."""
+
+    peer: str  # the member's peer repo id, "user/name"
+    user: str
+    task: str
+    n_train: int
+    terms_sha256: str
+    position_mm: tuple[int, int] | None = None  # channel-model position estimate, integer millimetres
+    kept: dict[str, int] | None = None  # SO-LoRA: B entries kept per layer (the layer-wise budget)
+    sizes: dict[str, int] | None = None  # SO-LoRA: B entries per layer
+    value_bytes: int | None = None  # bytes of one round's values on the wire
+    software: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["format"] = REGISTRATION_FORMAT
+        data["position_mm"] = None if self.position_mm is None else list(self.position_mm)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str) -> Registration:
+        """Validate a registration read from the hub (``source`` names its file in messages)."""
+        if not isinstance(data, dict) or data.get("format") != REGISTRATION_FORMAT:
+            raise TermsError(f"{source}: not a {REGISTRATION_FORMAT} registration")
+        body = {k: v for k, v in data.items() if k != "format"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(body) - known:
+            raise TermsError(f"{source}: unknown fields {sorted(set(body) - known)}")
+        for key in ("peer", "user", "task", "terms_sha256"):
+            if not isinstance(body.get(key), str) or not body[key]:
+                raise TermsError(f"{source}: field {key!r} must be a non-empty string")
+        if body["peer"].count("/") != 1 or body["peer"].split("/")[0] != body["user"]:
+            raise TermsError(f"{source}: peer {body['peer']!r} is not a repo of user {body['user']!r}")
+        n_train = body.get("n_train")
+        if not isinstance(n_train, int) or isinstance(n_train, bool) or n_train <= 0:
+            raise TermsError(f"{source}: field 'n_train' must be a positive integer, got {n_train!r}")
+        pos = body.get("position_mm")
+        if pos is not None:
+            if not (isinstance(pos, list) and len(pos) == 2 and all(isinstance(v, int) for v in pos)):
+                raise TermsError(f"{source}: field 'position_mm' must be [x, y] integers")
+            body["position_mm"] = (int(pos[0]), int(pos[1]))
+        for key in ("kept", "sizes"):
+            if body.get(key) is not None:
+                body[key] = _int_map(body[key], key, source)
+        if body.get("kept") is not None and (body.get("sizes") is None or set(body["kept"]) != set(body["sizes"])):
+            raise TermsError(f"{source}: fields 'kept' and 'sizes' must name the same layers")
+        vb = body.get("value_bytes")
+        if vb is not None and (not isinstance(vb, int) or isinstance(vb, bool) or vb < 0):
+            raise TermsError(f"{source}: field 'value_bytes' must be a non-negative integer")
+        return cls(**body)

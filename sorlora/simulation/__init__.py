@@ -1,0 +1,1 @@
+"""The simulation: settings, the runner, and the engines that run the device programs (in-process, processes, Ray)."""

@@ -1,0 +1,359 @@
+"""A study that can rank the methods: the same comparison over several seeds, paired per question, with CIs.
+
+Every seed is an ordinary, resumable ``sorlora run`` of the study's settings with ``seed`` changed — the seed also
+resamples the data split, the adapters' initialisation and the training order. Besides every method's row, each
+seed holds the rows of the evaluation variants a run reports on the same weights (``solora:sum``: the ``solora``
+experts with every component kept, the plain sum of all clusters' updates instead of the implicit-MoE router;
+``solora:hard``: each task served by the cluster of the peers that hold it) and ``zero-shot`` (the base model
+alone), all scored on the same questions. The per-question outcomes of every method are stored per seed (``seed-<s>/seed_result.json``), so a
+finished seed is never redone and more seeds can be added later. The statistics (:mod:`sorlora.evaluation.stats`): a
+hierarchical bootstrap over seeds and questions, 95% intervals, Holm-corrected pre-registered contrasts and the
+smallest difference each contrast could detect with 80% power.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import write_json
+from ..evaluation.report import fmt_bytes
+from ..evaluation.stats import DIAGNOSTIC_CONTRASTS, PREREGISTERED_CONTRASTS, compare_methods, estimate
+from ..simulation.config import ExperimentConfig
+
+__all__ = ["StudySettings", "STUDY_PRESETS", "run_study", "study_table", "summarize"]
+
+ZERO_SHOT = "zero-shot"
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """A study: the run settings every seed shares, and the seeds."""
+
+    config: ExperimentConfig
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    zero_shot: bool = field(default=True, metadata={"help": "add the base model alone as a row"})
+    n_boot: int = field(default=4000, metadata={"help": "bootstrap replicates per estimate"})
+
+    def __post_init__(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
+
+    def fingerprint(self) -> str:
+        """The settings that every seed shares (the config without its seed)."""
+        return self.config.replace(seed=0).fingerprint()
+
+
+_STUDY_CONFIG = ExperimentConfig(
+    # the pilot's kept tasks (4 x 4 steps, 60 validation questions, 2026-12-02): intent_recognition +36.8 and
+    # rotten_tomatoes +45.0 points over the base; bbc_news, goal_step_wikihow, social_iqa, fact_checker,
+    # strategyqa (and sports_understanding before) gain less than 10 points or their interval holds 0 (README)
+    tasks=("intent_recognition", "rotten_tomatoes"),
+    # the paper's methods, the upper bound, and the two diagnostics of the implicit MoE (not pre-registered)
+    methods=("lora", "lori", "solora-single", "solora", "oracle", "solora-union", "solora-cotrain"),
+    # two peers per task (the paper: several devices may share a task): oracle's per-task clusters then aggregate,
+    # so it is an upper bound and not local's training; every method gets the same 4 peers and data shards
+    peers=4,
+    rounds=8,  # 8 rounds beat 4 by 7-12 points for every method (results/study-rounds8); the pilot uses them too
+    local_steps=4,
+    n_train=256,
+    n_test=120,  # 240 questions per seed
+    n_validation=24,
+    n_curve=8,
+    # each question answered by one member of a per-peer method (lora, lori): 1/4 of the scoring cost
+    score_members="dealt",
+    precision="bfloat16",  # as the demo: mixed precision, about 1.5-2x faster on CPUs with bfloat16 units
+)
+
+STUDY_PRESETS: dict[str, StudySettings] = {
+    # seeds x 2 tasks x 120 questions; README "Results" gives the cost per seed and the detectable difference
+    "study": StudySettings(_STUDY_CONFIG),
+    # the pilot's settings: every candidate task, validation questions only (sorlora pilot)
+    "pilot": StudySettings(_STUDY_CONFIG.replace(n_validation=60, n_test=60, methods=("local",)), seeds=(0,)),
+}
+
+
+# ---------------------------------------------------------------- one seed
+
+
+def _row(accuracy: Mapping[str, float], per_question: Mapping[str, Mapping[str, list]], tasks: Sequence[str],
+         bytes_sent: int | None) -> dict[str, Any]:  # fmt: skip
+    def mean(values: list) -> float:
+        scored = [v for v in values if v is not None]
+        return float(np.mean(scored)) if scored else float("nan")
+
+    return {
+        "accuracy": {t: accuracy[t] for t in tasks},
+        "acc_norm": {t: mean(per_question[t]["correct_norm"]) for t in tasks},
+        "correct": {t: per_question[t]["correct"] for t in tasks},
+        "correct_norm": {t: per_question[t]["correct_norm"] for t in tasks},
+        "bytes_transmitted": bytes_sent,
+    }
+
+
+def _method_rows(name: str, result: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """A method's row and one row per evaluation variant on the same weights (e.g. ``solora:sum``)."""
+    if "per_question" not in result:
+        raise ValueError(f"method {name!r}: the run's results hold no per-question outcomes")
+    sent = result["bytes_transmitted"]
+    rows = {name: _row(result["accuracy"], result["per_question"], tasks, sent)}
+    for variant, v in (result.get("variants") or {}).items():
+        rows[f"{name}:{variant}"] = _row(v["accuracy"], v["per_question"], tasks, sent)
+    return rows
+
+
+def _diagnostics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method of a seed's run (its results, as in ``results.json``), what explains its accuracy besides it: its
+    clusters and their adjusted Rand index against the tasks, the implicit MoE's chosen router and each task's share
+    of kept components going to its own expert."""
+    keys = ("clusters", "cluster_task_ari", "router", "routing")
+    return {name: {key: result.get(key) for key in keys} for name, result in results.items()}
+
+
+def _zero_shot(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The base model alone on the seed's test questions."""
+    from ..evaluation.scoring import evaluate, per_question  # noqa: PLC0415 - torch is only needed once a seed runs
+    from ..simulation.setup import load_model, load_tasks  # noqa: PLC0415
+
+    model, tokenizer, _ = load_model(cfg)
+    kw = cfg.eval_kwargs()
+    results = {t: evaluate(model, tokenizer, task, **kw) for t, task in load_tasks(cfg).items()}
+    return _row({t: r["accuracy"] for t, r in results.items()}, per_question(results), cfg.tasks, 0)
+
+
+def run_seed(settings: StudySettings, study_dir: Path, seed: int, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or read back) one seed: every method (and its variants) plus the zero-shot row, per question."""
+    from ..simulation.runner import run_experiment  # noqa: PLC0415
+
+    seed_dir = study_dir / f"seed-{seed}"
+    done = seed_dir / "seed_result.json"
+    if done.exists():
+        record = json.loads(done.read_text())
+        if "diagnostics" not in record:  # a seed finished before they were kept: from its run's results
+            record["diagnostics"] = _diagnostics(json.loads((seed_dir / "run/results.json").read_text())["methods"])
+        return record
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    cfg = settings.config.replace(seed=seed)
+    started = time.perf_counter()
+    summary = run_experiment(cfg, seed_dir / "run", progress=progress)
+    run_seconds = time.perf_counter() - started
+    methods: dict[str, dict[str, Any]] = {}
+    for name, result in summary["methods"].items():
+        methods.update(_method_rows(name, result, cfg.tasks))
+    extra_started = time.perf_counter()
+    if settings.zero_shot:
+        methods[ZERO_SHOT] = _zero_shot(cfg)
+    record = {
+        "seed": seed,
+        "methods": methods,
+        "seconds": {"run": run_seconds, "extra_rows": time.perf_counter() - extra_started},
+        "n_test": {t: len(next(iter(methods.values()))["correct"][t]) for t in cfg.tasks},
+        "diagnostics": _diagnostics(summary["methods"]),
+    }
+    write_json(done, record)
+    return record
+
+
+# ---------------------------------------------------------------- the study
+
+
+def _outcomes(seeds: Sequence[Mapping[str, Any]], tasks: Sequence[str], key: str) -> dict[str, list[np.ndarray]]:
+    """Per method, per seed: the scores of the questions that every method scored, in task order."""
+    names = [m for m in seeds[0]["methods"] if all(m in s["methods"] for s in seeds)]
+    out: dict[str, list[np.ndarray]] = {m: [] for m in names}
+    for record in seeds:
+        rows = record["methods"]
+        for t in tasks:
+            scored = [all(rows[m][key][t][i] is not None for m in names) for i in range(len(rows[names[0]][key][t]))]
+            for m in names:
+                values = rows[m][key][t]
+                if len(values) != len(scored):
+                    raise ValueError(f"seed {record['seed']}, task {t!r}: methods scored different question sets")
+                out[m].append(np.array([v for v, ok in zip(values, scored) if ok], dtype=float))
+    # one array per seed: the tasks' questions concatenated
+    n_tasks = len(tasks)
+    return {m: [np.concatenate(v[i : i + n_tasks]) for i in range(0, len(v), n_tasks)] for m, v in out.items()}
+
+
+def summarize(settings: StudySettings, seeds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The study's statistics from its per-seed records."""
+    tasks = settings.config.tasks
+    acc = _outcomes(seeds, tasks, "correct")
+    norm = _outcomes(seeds, tasks, "correct_norm")
+    stats = compare_methods(acc, contrasts=PREREGISTERED_CONTRASTS, n_boot=settings.n_boot)
+    diagnostics = compare_methods(acc, contrasts=DIAGNOSTIC_CONTRASTS, n_boot=settings.n_boot)
+    acc_norm = {m: estimate(o, n_boot=settings.n_boot).as_dict() for m, o in norm.items()}
+    per_task = {m: {t: float(np.mean([s["methods"][m]["accuracy"][t] for s in seeds])) for t in tasks} for m in acc}
+    bytes_sent: dict[str, float | None] = {}
+    for m in acc:
+        sent = [s["methods"][m]["bytes_transmitted"] for s in seeds]
+        bytes_sent[m] = None if None in sent else float(np.mean(sent))
+    seconds = [s["seconds"]["run"] + s["seconds"]["extra_rows"] for s in seeds]
+    return {
+        "settings": {
+            "config": settings.config.to_dict(),
+            "seeds": [s["seed"] for s in seeds],
+            "n_boot": settings.n_boot,
+        },  # fmt: skip
+        "questions_per_seed": next(iter(acc.values()))[0].size if acc else 0,
+        "accuracy": stats["methods"],
+        "acc_norm": acc_norm,
+        "per_task": per_task,
+        "bytes_transmitted": bytes_sent,
+        "contrasts": stats["contrasts"],
+        "skipped_contrasts": stats["skipped"],
+        "diagnostic_contrasts": diagnostics["contrasts"],
+        "diagnostics": _diagnostics_summary(seeds),
+        "seconds_per_seed": seconds,
+    }
+
+
+def _diagnostics_summary(seeds: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method, over the seeds: the clusters' adjusted Rand index against the tasks (mean and each seed's) and
+    each task's share of the router's kept components going to its own expert (mean, beside the uniform share)."""
+    out: dict[str, dict[str, Any]] = {}
+    methods = sorted({m for s in seeds for m in s.get("diagnostics", {})})
+    for m in methods:
+        got = [s["diagnostics"][m] for s in seeds if m in s.get("diagnostics", {})]
+        row: dict[str, Any] = {"n_clusters": [len(d["clusters"] or []) for d in got]}
+        aris = [d["cluster_task_ari"] for d in got if d.get("cluster_task_ari") is not None]
+        if aris:
+            row["ari"] = {"mean": float(np.mean(aris)), "per_seed": aris}
+        routing = [d["routing"] for d in got if d.get("routing")]
+        if routing:
+            tasks = list(routing[0])
+            row["own_share"] = {t: float(np.mean([r[t]["own_share"] for r in routing if t in r])) for t in tasks}
+            row["uniform_share"] = float(np.mean([r[t]["uniform"] for r in routing for t in r]))
+        out[m] = row
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _contrast_table(contrasts: Sequence[Mapping[str, Any]], verdict: str) -> list[str]:
+    lines = [
+        f"| contrast (paired) | difference [95% CI] | p | p (Holm) | detectable (80% power) | {verdict} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in contrasts:
+        d = c["difference"]
+        lines.append(
+            f"| {c['name']} | {100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] | "
+            f"{c['p_value']:.3f} | {c['p_holm']:.3f} | {_pct(c['detectable'])} ({_pct(c['detectable_holm'])} at "
+            f"Holm's strictest step) | {c['verdict']} |"
+        )
+    return lines
+
+
+def study_table(result: Mapping[str, Any]) -> str:
+    """Markdown: accuracy per method with 95% CIs, then the contrasts with Holm p-values and detectable differences."""
+    tasks = result["settings"]["config"]["tasks"]
+    lines = [
+        "| method | acc [95% CI] | acc_norm [95% CI] | " + " | ".join(tasks) + " | bytes sent (mean per seed) |",
+        "|" + "---|" * (4 + len(tasks)),
+    ]
+    for m, e in result["accuracy"].items():
+        n = result["acc_norm"][m]
+        b = result["bytes_transmitted"][m]
+        lines.append(
+            f"| {m} | **{_pct(e['mean'])}** [{_pct(e['low'])}, {_pct(e['high'])}] | {_pct(n['mean'])} "
+            f"[{_pct(n['low'])}, {_pct(n['high'])}] | "
+            + " | ".join(_pct(result["per_task"][m][t]) for t in tasks)
+            + f" | {'—' if b is None else fmt_bytes(b)} |"
+        )
+    lines += ["", *_contrast_table(result["contrasts"], "paper's claim")]
+    if result.get("diagnostic_contrasts"):
+        lines += ["", "Diagnostics (exploratory, not pre-registered; Holm-corrected as a family of their own; 'holds' "
+                  "= the first is better, 'reversed' = the second is better, at Holm p < 0.05):", "",
+                  *_contrast_table(result["diagnostic_contrasts"], "first better?")]  # fmt: skip
+    diag = result.get("diagnostics") or {}
+    aris = [f"`{m}` {d['ari']['mean']:.2f} ({'/'.join(map(str, d['n_clusters']))} clusters)"
+            for m, d in diag.items() if "ari" in d]  # fmt: skip
+    if aris:
+        lines += ["", "Clusters against the tasks (adjusted Rand index, mean over seeds; 1 = one cluster per task, "
+                  "0 = unrelated; clusters per seed): " + ", ".join(aris) + "."]  # fmt: skip
+    shares = [f"`{m}` " + ", ".join(f"{t} {v:.2f}" for t, v in d["own_share"].items()) + f" (uniform {d['uniform_share']:.2f})"
+              for m, d in diag.items() if "own_share" in d]  # fmt: skip
+    if shares:
+        lines += ["", "Share of the router's kept components going to the task's own expert (mean over seeds): "
+                  + "; ".join(shares) + "."]  # fmt: skip
+    seeds = result["settings"]["seeds"]
+    seconds = result["seconds_per_seed"]
+    lines += [
+        "",
+        f"Accuracy in % over {len(seeds)} seeds ({', '.join(map(str, seeds))}; each also resamples the data split) × "
+        f"{result['questions_per_seed']} test questions per seed ({len(tasks)} tasks); intervals from a hierarchical "
+        f"bootstrap (seeds, then questions; {result['settings']['n_boot']} replicates). Contrasts are paired per "
+        "question and Holm-corrected as one family; 'holds' / 'reversed' = Holm p < 0.05 in the paper's / the "
+        "opposite direction, else 'undecided'. Detectable = the true difference found with 80% power at α = 0.05. "
+        f"Cost: {np.mean(seconds) / 60:.1f} min per seed (min {min(seconds) / 60:.1f}, max {max(seconds) / 60:.1f}).",
+    ]
+    if result["skipped_contrasts"]:
+        lines.append(f"Not computed (a method is missing): {', '.join(result['skipped_contrasts'])}.")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(result: Mapping[str, Any], study_dir: Path) -> dict[str, Path]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    names = list(result["accuracy"])
+    means = np.array([result["accuracy"][m]["mean"] for m in names]) * 100
+    err = np.array([[result["accuracy"][m]["mean"] - result["accuracy"][m]["low"],
+                     result["accuracy"][m]["high"] - result["accuracy"][m]["mean"]] for m in names]).T * 100  # fmt: skip
+    paths = {"accuracy": study_dir / "accuracy_ci.png", "bytes": study_dir / "accuracy_vs_bytes.png"}
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(range(len(names)), means, yerr=err, capsize=4, color="#7aa6c2")
+    ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+    ax.set_ylabel("accuracy (%), 95% CI")
+    ax.set_title(f"Accuracy per method ({len(result['settings']['seeds'])} seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(paths["accuracy"])
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, m in enumerate(names):
+        b = result["bytes_transmitted"][m]
+        if b is None:
+            continue
+        marker = "osD^v"[i // 10 % 5]  # the colour cycle has 10 colours: a new marker after each 10 methods
+        ax.errorbar([max(b, 1.0)], [means[i]], yerr=err[:, i : i + 1], fmt=marker, capsize=4, label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes sent over the whole run (all links; 1 = nothing sent)")
+    ax.set_ylabel("accuracy (%), 95% CI")
+    ax.set_title("Accuracy vs cumulative bytes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths["bytes"])
+    return paths
+
+
+def run_study(settings: StudySettings, study_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) every seed of the study, then write study.json, study.md and the two plots."""
+    study_dir = Path(study_dir)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    marker = study_dir / "study_settings.json"
+    if marker.exists():
+        stored = json.loads(marker.read_text())
+        if stored["fingerprint"] != settings.fingerprint():
+            raise ValueError(f"{study_dir} holds a study with other settings: use another --run-dir or delete it")
+    write_json(marker, {"fingerprint": settings.fingerprint(), "config": settings.config.to_dict(),
+                         "seeds": list(settings.seeds)})  # fmt: skip
+    records = [run_seed(settings, study_dir, s, progress=progress) for s in settings.seeds]
+    result = summarize(settings, records)
+    write_json(study_dir / "study.json", result)
+    (study_dir / "study.md").write_text("# Study\n\n" + study_table(result))
+    result["plots"] = {k: str(v) for k, v in _plots(result, study_dir).items()}
+    return result

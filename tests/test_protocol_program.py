@@ -1,0 +1,167 @@
+"""The peer program on its own: collaboration terms and registration, decentralized agreement on the plan, and the
+faults of a real collaboration (a member that never shows up, a late joiner, a member whose plan differs), with
+peers stepped in one process on a LocalHub and a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from peft_sorlora.base_model import base_fingerprint
+from sorlora.data.synthetic import synthetic_task
+from sorlora.protocol.collab import Collaboration, RegistrationClosed, create_collaboration
+from sorlora.protocol.plan import PlanMismatch, compute_plan
+from sorlora.protocol.program import PeerData, PeerProgram
+from sorlora.protocol.terms import CollabTerms, TermsError
+from sorlora.runtime.model_loading import TINY_BASE_ID, load_base
+from sorlora.simulation.engines.local import InProcessEngine
+from sorlora_gossip import LocalHub
+
+BASE, TOKENIZER, _ = load_base(TINY_BASE_ID)
+TERMS = CollabTerms(
+    base_model=TINY_BASE_ID, base_fingerprint=base_fingerprint(BASE), method="solora-single", rank=4,
+    sparsity=0.5, rounds=2, local_steps=1, batch_size=4, max_len=48, max_members=4, round_timeout_s=1.5,
+    publish_base=True,
+)  # fmt: skip
+DATA = {t: synthetic_task(t, n_train=12, n_test=2).train for t in ("synthetic-alpha", "synthetic-beta")}
+
+
+@pytest.fixture
+def engine():
+    """An in-process engine around the shared tiny base, given back clean (no adapters left) after the test."""
+    engine = InProcessEngine(base=BASE, tokenizer=TOKENIZER, progress=False)
+    yield engine
+    engine.release()
+
+
+def _programs(hub, tmp_path, users, *, engine, collab="lab/c"):
+    return [
+        PeerProgram(hub=hub, collab_id=collab, peer_id=f"{u}/dev", state_dir=tmp_path / u, workspace=engine.workspace,
+                    data=PeerData(task=t, train=DATA[t]))
+        for u, t in zip(users, ["synthetic-alpha", "synthetic-beta"] * 4)
+    ]  # fmt: skip
+
+
+def _drive(programs, *, max_seconds=120.0):
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline:
+        live = [p for p in programs if not p.done]
+        if not live:
+            return
+        for p in live:
+            p.step()
+        if all(p.waiting for p in live):
+            time.sleep(0.05)
+    raise AssertionError(f"not done after {max_seconds} s: {[(p.peer_id, p.phase) for p in programs]}")
+
+
+def test_terms_refuse_a_local_path_as_the_base_model():
+    with pytest.raises(TermsError, match="not a path"):
+        TERMS.replace(base_model="/home/me/models/smollm")
+    with pytest.raises(TermsError, match="unknown terms"):
+        CollabTerms.from_dict({**TERMS.to_dict(), "roundz": 3})
+
+
+def test_a_member_that_never_shows_up_is_skipped_and_recorded(tmp_path, engine):
+    hub = LocalHub(tmp_path / "hub", namespace="lab")
+    create_collaboration(hub, "lab/c", TERMS)
+    programs = _programs(hub, tmp_path, ["ann", "ben", "cat", "ghost"], engine=engine)
+    ghost = programs.pop()
+    ghost.step()  # registers, then is never seen again
+    assert ghost.phase == "plan"
+    _drive(programs)
+    for p in programs:
+        report = json.loads(hub.read_bytes(hub.repo_id(p.peer_id), "report.json", revision="final"))
+        assert [sorted(rec["skipped"]) for rec in report["records"]] == [["ghost/dev"]] * TERMS.rounds
+        assert all(len(rec["used"]) == 2 for rec in report["records"]), "the other two members were used"
+    assert not hub.repo_exists("ghost/dev")
+
+
+def test_a_late_joiner_is_refused_clearly(tmp_path, engine):
+    hub = LocalHub(tmp_path / "hub", namespace="lab")
+    create_collaboration(hub, "lab/c", TERMS)
+    programs = _programs(hub, tmp_path, ["ann", "ben", "cat", "dan", "eve"], engine=engine)
+    for p in programs[:4]:
+        p.step()
+    with pytest.raises(RegistrationClosed, match=r"closed registration at commit .*4 members registered.*eve/dev"):
+        programs[4].step()
+    assert "members/eve/dev.json" not in hub.list_files("lab/c")
+
+
+def test_a_member_computing_another_plan_stops_naming_the_difference(tmp_path, engine, monkeypatch):
+    hub = LocalHub(tmp_path / "hub", namespace="lab")
+    create_collaboration(hub, "lab/c", TERMS.replace(method="oracle"))
+    programs = _programs(hub, tmp_path, ["ann", "ben", "cat", "dan"], engine=engine)
+    for p in programs:
+        p.step()  # every member registers
+    for p in programs[:3]:
+        p.step()  # three plan: the first commits, the next two recompute and agree
+        assert p.phase == "calibrate"
+    collab = Collaboration(hub, "lab/c")
+    closing = collab.closing()
+    assert collab.read_plan() == compute_plan(collab.terms(), closing.registrations, collab_commit=closing.commit)
+    # the fourth runs other software: its topology puts everyone in one cluster
+    from sorlora.protocol import plan as plan_module
+
+    monkeypatch.setitem(plan_module.TOPOLOGIES, "task", plan_module.TOPOLOGIES["single"])
+    with pytest.raises(PlanMismatch, match=r"dan/dev.*differs.*clusters: committed \[\['ann/dev', 'cat/dev'\]"):
+        programs[3].step()
+    assert programs[3].phase == "plan"
+
+
+def test_a_peer_refuses_terms_it_did_not_agree_to(tmp_path):
+    hub = LocalHub(tmp_path / "hub", namespace="lab")
+    create_collaboration(hub, "lab/c", TERMS)
+    program = PeerProgram(hub=hub, collab_id="lab/c", peer_id="ann/dev", state_dir=tmp_path / "ann",
+                          data=PeerData(task="t", train=DATA["synthetic-alpha"]), expected_terms="0" * 64)  # fmt: skip
+    with pytest.raises(TermsError, match="not the 000000000000 this peer agreed to"):
+        program.step()
+
+
+def test_the_base_must_be_the_pinned_one(tmp_path):
+    hub = LocalHub(tmp_path / "hub", namespace="lab")
+    create_collaboration(hub, "lab/c", TERMS.replace(base_fingerprint="feedfacefeedface"))
+    program = PeerProgram(hub=hub, collab_id="lab/c", peer_id="ann/dev", state_dir=tmp_path / "ann",
+                          data=PeerData(task="t", train=DATA["synthetic-alpha"]))  # fmt: skip
+    with pytest.raises(TermsError, match="fingerprint .* are not the pinned base tiny-random-llama"):
+        program.step()
+
+
+def test_programs_in_one_process_share_equal_tensors_and_publish_the_same(tmp_path):
+    terms = TERMS.replace(method="solora", s_max=0.5, rounds=1)
+    published = {}
+    base, tokenizer, _ = load_base(TINY_BASE_ID)  # the same weights, no adapters left by the other tests
+    for pooled in (True, False):
+        hub = LocalHub(tmp_path / f"hub-{pooled}", namespace="lab")
+        create_collaboration(hub, "lab/c", terms)
+        engine = InProcessEngine(base=base, tokenizer=tokenizer, progress=False)
+        if not pooled:
+            engine.tensor_pool = None
+        programs = _programs(hub, tmp_path / str(pooled), ["ann", "ben", "cat", "dan"], engine=engine)
+        for p in programs:
+            p.tensor_pool = engine.tensor_pool
+        try:
+            deadline = time.monotonic() + 120
+            while any(p.phase != "publish" for p in programs) and time.monotonic() < deadline:
+                for p in programs:
+                    if p.phase != "publish":
+                        p.step()
+            # every program holds every member's round-0 structure (its cluster's, then the others' for the experts)
+            held = {q: [p.structure[q] for p in programs if q in p.structure and q != p.index] for q in range(4)}
+            assert all(len(v) == 3 for v in held.values()), {q: len(v) for q, v in held.items()}
+            for structures in held.values():
+                first = structures[0]
+                for other in structures[1:]:
+                    for key, mask in first.masks.items():
+                        assert torch.equal(other.masks[key], mask)
+                        assert (other.masks[key] is mask) == pooled, "one copy of each pulled mask with the pool"
+            _drive(programs)
+            assert all(p.done and not p.view and not p.structure for p in programs), "done programs hold nothing"
+        finally:
+            engine.release()
+        published[pooled] = {p.peer_id: hub.read_bytes(p.peer_id, "expert.safetensors", revision="final")
+                             for p in programs}  # fmt: skip
+    assert published[True] == published[False]
