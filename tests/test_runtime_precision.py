@@ -1,4 +1,4 @@
-"""Compute precision (sorlora/precision.py), the training loss over labelled positions only, and the checks of
+"""Compute precision (sorlora/runtime/precision.py), the training loss over labelled positions only, and the checks of
 terms values added with them."""
 
 from __future__ import annotations

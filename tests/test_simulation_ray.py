@@ -119,9 +119,9 @@ def test_unplaceable_actors_time_out_with_a_clear_message(ray_cluster, tmp_path)
 
 def test_without_ray_the_engine_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if the extra were not installed
-    monkeypatch.delitem(sys.modules, "sorlora.ray_engine", raising=False)
+    monkeypatch.delitem(sys.modules, "sorlora.simulation.engines.ray", raising=False)
     with pytest.raises(ValueError, match=r"pip install 'peft-sorlora\[ray\]'"):
-        importlib.import_module("sorlora.ray_engine")
+        importlib.import_module("sorlora.simulation.engines.ray")
     with pytest.raises(ValueError, match=r"--engine ray needs the optional extra"):
         run_experiment(CFG.replace(engine="ray", methods=("lora",)), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "methods" / "lora" / "final.json").exists()

@@ -55,7 +55,7 @@ def evaluate_moe(
     progress: bool = False,
     **eval_kw: Any,
 ) -> dict[str, float]:
-    """Accuracy per task of the implicit MoE (``eval_kw``: :func:`~sorlora.evaluation.evaluate`'s options)."""
+    """Accuracy per task of the implicit MoE (``eval_kw``: :func:`~sorlora.evaluation.scoring.evaluate`'s options)."""
     out = {}
     for name, task in tqdm(tasks.items(), desc="evaluate MoE", disable=not progress, leave=False):
         out[name] = evaluate(moe, tokenizer, task, **eval_kw)["accuracy"]
@@ -72,7 +72,7 @@ def choose_router(
 ) -> dict[str, Any]:
     """Pick the routing settings (k in {r, 2r, all} x refinement) with the best mean accuracy on validation tasks.
 
-    The chosen settings are applied to ``moe``; ``eval_kw`` are :func:`~sorlora.evaluation.evaluate`'s options.
+    The chosen settings are applied to ``moe``; ``eval_kw`` are :func:`~sorlora.evaluation.scoring.evaluate`'s options.
     The router itself is never trained; only this one setting is chosen, on held-out questions, never on test ones.
     """
     scores: dict[str, float] = {}
@@ -111,7 +111,7 @@ class Published:
         return {adapter_name(index[p]): self.parts[p] for p in peers if p in self.parts}
 
     def score_view(self, view: Mapping[str, Any], tasks: Mapping[str, Task]) -> dict[str, dict[str, Any]]:
-        """Full :func:`~sorlora.evaluation.evaluate` results (per-question outcomes included) of ``view``."""
+        """Full :func:`~sorlora.evaluation.scoring.evaluate` results (per-question outcomes included) of ``view``."""
         self.ws.load_view(view)
         self.ws.activate(list(view))
         return score(self.ws.network, self.tokenizer, tasks, **self.eval_kw)
@@ -121,7 +121,7 @@ class Published:
 
 
 def score(model: Any, tokenizer: Any, tasks: Mapping[str, Task], **eval_kw: Any) -> dict[str, dict[str, Any]]:
-    """:func:`~sorlora.evaluation.evaluate` of one model on every task."""
+    """:func:`~sorlora.evaluation.scoring.evaluate` of one model on every task."""
     return {t: evaluate(model, tokenizer, task, **eval_kw) for t, task in tasks.items()}
 
 

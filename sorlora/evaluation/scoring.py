@@ -170,7 +170,7 @@ def evaluate(
     precision: str = "float32",
 ) -> dict[str, Any]:
     """Zero-shot multiple-choice accuracy of ``model`` on ``task.test``, computed at ``precision``
-    (sorlora/precision.py; log-probabilities are always taken in float32).
+    (sorlora/runtime/precision.py; log-probabilities are always taken in float32).
 
     Returns accuracy (highest summed log-likelihood), acc_norm (log-likelihood per character of the option, as
     lm-eval's acc_norm), n (questions scored), n_correct, n_truncated (questions that do not fit ``max_len``),

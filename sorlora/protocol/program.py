@@ -95,13 +95,13 @@ class PeerProgram:
     """One member's life in collaboration ``collab_id`` on ``hub`` (see the module docstring).
 
     ``peer_id`` is the member's peer repo ``user/name`` (on the real Hub: in the user's own namespace).
-    ``workspace``: a function giving the :class:`~sorlora.workspace.Workspace` to train in once the terms are
+    ``workspace``: a function giving the :class:`~sorlora.runtime.workspace.Workspace` to train in once the terms are
     known (the simulation shares one base model among many programs); by default the program loads its own base
     (``model``: a local copy or Hub id of the pinned base, checked against its fingerprint).
     ``position_mm``: this device's position estimate for the channel model (default: derived from its id).
     ``expected_terms``: the terms' hash this member agreed to; other terms on the hub stop it with an error.
     ``tensor_pool``: shared by the programs of one process, it keeps one copy of the equal tensors they hold
-    (the same members' pulled revisions, views and experts; :mod:`sorlora.sharing`).
+    (the same members' pulled revisions, views and experts; :mod:`sorlora.runtime.sharing`).
     """
 
     PHASES = ("register", "plan", "calibrate", "train", "pull", "exchange", "publish", "done")

@@ -82,7 +82,7 @@ class CollabTerms:
     precision: str = field(
         default="float32",
         metadata={"help": "compute precision of training and calibration: float32 or bfloat16 (autocast; "
-                  "weights, optimizer and payloads stay float32); see sorlora/precision.py"},
+                  "weights, optimizer and payloads stay float32); see sorlora/runtime/precision.py"},
     )  # fmt: skip
     inter_cluster_every: int = field(
         default=0, metadata={"help": "rounds between inter-cluster exchanges (0: only after the last round)"}

@@ -4,7 +4,7 @@ A peer's state is its *view*: the adapter values it holds (its own, plus its clu
 methods). Before a peer trains or is evaluated its view is loaded into the workspace, so many peers share one base
 model (100 peers fit in 24 GiB: each extra peer costs only its adapter) and a separate process runs the same code
 with a workspace of its own. What an adapter is (config, payload) is the adapter kind's business
-(:mod:`sorlora.adapters`); the workspace only holds them.
+(:mod:`sorlora.methods.kinds`); the workspace only holds them.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class Workspace:
 
     @property
     def precision(self) -> str:
-        """The compute precision the terms pin (sorlora/precision.py)."""
+        """The compute precision the terms pin (sorlora/runtime/precision.py)."""
         return self.terms.precision
 
     def on_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
