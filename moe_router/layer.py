@@ -17,17 +17,15 @@ This module imports only torch so that it can travel to the Hub as remote code.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routers import ForwardInputs, Router, make_router
+from .routers import RouterState
 
-__all__ = ["LayerExperts", "RouterState", "ImplicitMoELinear", "task_gain", "TENSOR_NAMES"]
+__all__ = ["LayerExperts", "ImplicitMoELinear", "task_gain", "TENSOR_NAMES"]
 
 TENSOR_NAMES = ("A", "B", "scale", "expert", "member", "gain")
 
@@ -99,51 +97,6 @@ class LayerExperts:
                 raise ValueError(f"experts file lacks {missing} for layer {key!r}")
             out[key] = cls(**{n: parts[n] for n in TENSOR_NAMES})
         return out
-
-
-@dataclass
-class RouterState:
-    """Routing settings and per-forward routing state shared by all expert layers of one model (changed through the
-    model, read by the layers).
-
-    ``routing``: the active router's name (:data:`moe_router.routers.ROUTERS`), ``impl`` its instance (built by
-    :meth:`configure`); ``options``: router name -> options; ``tensors``: router data that travels with the experts
-    (e.g. the ``sequence`` router's ``centroids``); ``choices``: per-sequence choices stored at prefill and reused
-    while decoding; ``inputs``: what the current forward's pre-hook saw; ``layer_keys``: expert layers in module
-    order; ``embed``: the base model's input embeddings (for routers that pool them).
-    """
-
-    num_experts: int
-    top_k: int | None = None
-    routing: str = "implicit"
-    refine: str = "none"  # "none", "task_stats" (values refined, Eq. 26 literally) or "routing" (selection only)
-    expert_ids: torch.Tensor | int | None = None
-    recorder: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = field(default=None, repr=False)
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    layer_keys: list[str] = field(default_factory=list)
-    layer_widths: dict[str, int] = field(default_factory=dict)  # in_features per expert layer
-    choices: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    inputs: ForwardInputs | None = field(default=None, repr=False)
-    last_scores: torch.Tensor | None = field(default=None, repr=False)
-    embed: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
-    impl: Router | None = field(default=None, repr=False)
-
-    def configure(self, routing: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> Router:
-        """Make ``routing`` (with its entry of ``options``) the active router; the stored choices are dropped."""
-        impl = make_router(self, routing, options if options is not None else self.options)
-        self.impl, self.routing = impl, impl.name
-        if options is not None:
-            self.options = {k: dict(v) for k, v in options.items()}
-        self.choices.clear()
-        return impl
-
-    def begin(self, inputs: ForwardInputs) -> None:
-        """Called by the model's forward pre-hook once per forward of the base model, before any expert layer."""
-        self.inputs = inputs
-        if self.impl is None:
-            self.configure(self.routing)
-        self.impl.begin(inputs)
 
 
 class ImplicitMoELinear(nn.Module):

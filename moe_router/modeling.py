@@ -28,8 +28,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import cached_file
 
 from .configuration import BASE_SUBFOLDER, EXPERTS_FILE, ImplicitMoEConfig, check_router_settings
-from .layer import ImplicitMoELinear, LayerExperts, RouterState
-from .routers import ROUTERS, ForwardInputs, resolve_router_name
+from .layer import ImplicitMoELinear, LayerExperts
+from .routers import ROUTERS, ForwardInputs, RouterState, resolve_router_name
 
 __all__ = [
     "ImplicitMoEPreTrainedModel",

@@ -17,7 +17,7 @@ from .accounting import (
     total_stats,
 )
 from .aggregation import cluster_experts, fedavg, masked_average, masked_average_updates, member_views, restrict_to_mask
-from .cards import AdapterCards, RoundHook, publish_adapter
+from .cards import AdapterCards, publish_adapter
 from .dense import DenseUpdate
 from .hub import (
     EntryNotFound,
@@ -34,7 +34,7 @@ from .hub import (
     open_hub,
 )
 from .payload import Payload
-from .peer import Peer, PushResult, Rejection, RoundPull, round_tag
+from .peer import Peer, PushResult, Rejection, RoundHook, RoundPull, round_tag
 from .plot import plot_topology
 from .topology import (
     cluster_collision_rate,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from sorlora.simulation.config import preset
 from sorlora.study.study import STUDY_PRESETS, StudySettings, run_study, study_table, summarize
 
 from .test_simulation_runner import TINY
@@ -62,8 +64,11 @@ def test_outcomes_must_cover_the_same_questions():
 def test_study_preset_is_sized_as_documented():
     study = STUDY_PRESETS["study"]
     cfg = study.config
-    assert cfg.tasks == ("intent_recognition", "rotten_tomatoes"), "the pilot's kept tasks"
-    assert cfg.n_test * len(cfg.tasks) == 240 and (cfg.rounds, cfg.local_steps) == (4, 4)
+    assert cfg.tasks == ("rotten_tomatoes", "review_or_plot", "word_polarity", "virtue_or_vice"), "the pilot's best"
+    kept = json.loads((Path(__file__).parents[1] / "results/pilot/pilot.json").read_text())["kept"]
+    assert set(cfg.tasks) <= set(kept) and len(cfg.tasks) >= 4, "at least 4 tasks, each kept by today's pilot"
+    assert cfg.tasks == preset("demo").tasks, "the demo runs the study's tasks"
+    assert cfg.n_test * len(cfg.tasks) == 480 and (cfg.rounds, cfg.local_steps) == (8, 4)
     assert {"lora", "lori", "solora-single", "solora", "oracle", "solora-union", "solora-cotrain"} == set(cfg.methods)
     assert cfg.peers == 2 * len(cfg.tasks), "two peers per task: oracle's per-task clusters aggregate"
     assert cfg.score_members == "dealt"
