@@ -120,6 +120,19 @@ def test_a_peer_refuses_terms_it_did_not_agree_to(tmp_path):
     with pytest.raises(TermsError, match="not the 000000000000 this peer agreed to"):
         program.step()
 
+    # the 12-digit prefix that `sorlora collab create` prints is accepted, as is the whole hash; a wrong prefix is not
+    sha = create_collaboration(hub, "lab/c", TERMS, exist_ok=True).terms().sha256()
+    for agreed in (sha[:12], sha, sha[:12].upper()):
+        ok = PeerProgram(hub=hub, collab_id="lab/c", peer_id="ann/dev", state_dir=tmp_path / f"ok-{agreed}",
+                         data=PeerData(task="t", train=DATA["synthetic-alpha"]), expected_terms=agreed)  # fmt: skip
+        ok._prepare()
+        assert ok.terms.sha256() == sha
+    wrong = ("1" if sha[0] != "1" else "2") + sha[1:12]
+    refused = PeerProgram(hub=hub, collab_id="lab/c", peer_id="ann/dev", state_dir=tmp_path / "wrong",
+                          data=PeerData(task="t", train=DATA["synthetic-alpha"]), expected_terms=wrong)  # fmt: skip
+    with pytest.raises(TermsError, match="this peer agreed to"):
+        refused.step()
+
 
 def test_the_base_must_be_the_pinned_one(tmp_path):
     hub = LocalHub(tmp_path / "hub", namespace="lab")

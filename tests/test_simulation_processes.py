@@ -104,6 +104,10 @@ def collaboration(tmp_path_factory):
         logs = {u: (tmp / f"{u}.log").read_text(errors="replace") for u in USERS}
         assert codes == dict.fromkeys(range(4), 0), {u: logs[u][-1500:] for u in USERS}
         assert restarted
+        # a finished peer run again, as the README invites: nothing to do, says so, exit 0 (was an AttributeError)
+        again = subprocess.run(peer_cmd(0), env={**env, "HF_TOKEN": tokens[USERS[0]]}, capture_output=True, text=True,
+                               timeout=300)  # fmt: skip
+        assert again.returncode == 0 and f"peer {USERS[0]}/dev: done (" in again.stdout, again.stderr[-2000:]
         yield {"tmp": tmp, "endpoint": endpoint, "tokens": tokens, "data": data, "logs": logs}
     finally:
         for proc in locals().get("procs", {}).values():

@@ -150,8 +150,16 @@ def _peer(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted in phase {program.phase}; run the same command to resume")
         return 130
-    print(f"peer {peer_id}: done ({program.terms.rounds} rounds); final adapter at {peer_id}@final")
+    rounds = program.collab.terms().rounds  # program.terms is set only when the run had a phase left to do
+    print(f"peer {peer_id}: done ({rounds} rounds); final adapter at {peer_id}@final")
     return 0
+
+
+def _terms_sha(text: str) -> str:
+    value = text.strip().lower()
+    if not 12 <= len(value) <= 64 or any(c not in "0123456789abcdef" for c in value):
+        raise argparse.ArgumentTypeError(f"expected 12 to 64 hex digits of the terms' sha256, got {text!r}")
+    return value
 
 
 def add_collab_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -194,7 +202,9 @@ def add_collab_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     peer.add_argument("--state-dir", default=None, help="local state for resuming (default ./sorlora-peers/<id>)")
     peer.add_argument("--position-mm", default=None, metavar="X,Y", help="position estimate for the channel model")
-    peer.add_argument("--terms-sha", default=None, help="refuse to take part unless the terms have this sha256")
+    peer.add_argument("--terms-sha", default=None, type=_terms_sha, metavar="HEX",
+                      help="refuse to take part unless the terms have this sha256 (whole, or the first 12+ hex digits "
+                      "that `collab create` prints)")  # fmt: skip
     peer.add_argument("--poll-interval", type=float, default=0.5, help="seconds between polls while waiting")
     peer.add_argument("--max-seconds", type=float, default=None, help="give up after this long waiting")
     peer.add_argument("--threads", type=int, default=None, help="torch CPU threads")
