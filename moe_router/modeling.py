@@ -286,6 +286,12 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
         ``spectral``: ``"spectral:<layer>"`` per layer), as stored for the decode steps; empty for per-token routers."""
         return {k: v.detach().clone() for k, v in self.router.choices.items()}
 
+    def reorder_routing(self, index: torch.Tensor) -> None:
+        """Reorder the stored per-sequence choices as a KV cache's ``reorder_cache(index)`` reorders its rows (e.g.
+        one prompt's cache copied to each of its continuations), so that the decode steps keep each prompt's choice."""
+        for key, chosen in list(self.router.choices.items()):
+            self.router.choices[key] = chosen.index_select(0, torch.as_tensor(index).long().to(chosen.device))
+
     @contextlib.contextmanager
     def routed(self, expert_ids: torch.Tensor | int | list[int] | None = None) -> Iterator[None]:
         """Within this block, ``oracle`` routing uses ``expert_ids`` (an int, or one id per sample of the batch)."""

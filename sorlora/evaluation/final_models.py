@@ -7,7 +7,11 @@ peers published on the hub (what a peer publishes: :mod:`sorlora.protocol.publis
 - ``cluster``: the adapters of one cluster's members active together (one model: all members hold the same);
 - ``oracle``: per task, the cluster of the peers holding it (hard routing upper bound);
 - ``moe``: every peer builds its own implicit MoE of all clusters' experts and publishes it as a
-  ``PreTrainedModel`` repo; the evaluator loads one from the hub (all peers hold the same experts).
+  ``PreTrainedModel`` repo; the evaluator loads one from the hub (all peers hold the same experts). Its row is the
+  published router (the terms' ``router``); the same weights are also scored under every other router of
+  :data:`EVAL_ROUTERS` (``variants``: ``solora:implicit``, ``solora:sequence``, ...; ``hard`` routes each task to the
+  cluster holding it), and every router's routing diagnostics (cluster-selection accuracy per task against the true
+  task's cluster, own-expert share, task x cluster confusion) are reported on the test prompts alone.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moe_router import ImplicitMoEForCausalLM, routing_shares
+from moe_router import ImplicitMoEForCausalLM, routing_diagnostics, routing_shares
 from moe_router.configuration import REFINE_MODES
 from sorlora_gossip.hub.base import EntryNotFound, RequestTooLarge
 from sorlora_gossip.layout import FINAL_TAG, NEIGHBOURHOOD_DIR, moe_repo_name
@@ -32,19 +36,23 @@ from ..data.examples import Task
 from ..runtime.moe import load_moe
 from ..runtime.precision import autocast
 from ..runtime.workspace import Workspace, adapter_name
-from .scoring import PromptTooLongError, evaluate, fits, mean_per_question, per_question
+from .scoring import PromptTooLongError, _encode_question, evaluate, fits, mean_per_question, per_question
 
 __all__ = [
+    "EVAL_ROUTERS",
     "FINAL_MODELS",
     "FinalModel",
     "Published",
     "choose_router",
     "evaluate_moe",
     "own_expert_shares",
+    "router_diagnostics",
     "score",
 ]
 
 logger = logging.getLogger(__name__)
+
+EVAL_ROUTERS = ("implicit", "sequence", "spectral", "sum", "hard")  # every router the MoE's weights are scored under
 
 
 def evaluate_moe(
@@ -160,6 +168,57 @@ def own_expert_shares(
         shares = (totals / totals.sum()).tolist()
         out[t] = {"own_expert": int(own[t]), "own_share": float(shares[own[t]]), "uniform": 1.0 / moe.num_experts,
                   "shares": [float(x) for x in shares]}  # fmt: skip
+    return out
+
+
+def _prompt_batches(
+    tasks: Mapping[str, Task], tokenizer: Any, *, batch_size: int, max_len: int
+) -> list[tuple[dict[str, torch.Tensor], list[str]]]:
+    """The test prompts (the questions alone, tokenized and cut as scoring does), right-padded, with their tasks."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    n_special = len(tokenizer("", add_special_tokens=True)["input_ids"])
+    out = []
+    for t, task in tasks.items():
+        ok = fits(task.test, tokenizer, max_len=max_len)
+        contexts = [_encode_question(e, tokenizer, max_len=max_len, n_special=n_special)[0]
+                    for e, fit in zip(task.test, ok) if fit]  # fmt: skip
+        for start in range(0, len(contexts), batch_size):
+            chunk = contexts[start : start + batch_size]
+            width = max(len(c) for c in chunk)
+            batch = {"input_ids": torch.tensor([c + [pad] * (width - len(c)) for c in chunk]),
+                     "attention_mask": torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in chunk])}  # fmt: skip
+            out.append((batch, [t] * len(chunk)))
+    return out
+
+
+def router_diagnostics(
+    moe: ImplicitMoEForCausalLM,
+    tasks: Mapping[str, Task],
+    tokenizer: Any,
+    own: Mapping[str, int],
+    *,
+    routers: Sequence[str] = EVAL_ROUTERS,
+    batch_size: int = 16,
+    max_len: int = 256,
+    precision: str = "float32",
+    **_: Any,
+) -> dict[str, dict[str, Any]]:
+    """Per router (the model's settings otherwise), :func:`moe_router.routing_diagnostics` on the test prompts:
+    per task the cluster-selection accuracy against ``own[t]`` (the cluster holding the task), the own-expert share
+    and the task x cluster confusion; plus ``selected`` (per prompt, in task and test order) and ``min_accuracy``.
+    A router that cannot run on this model (``sequence`` without centroids) gets ``{"unavailable": why}``."""
+    device = next(moe.parameters()).device
+    batches = [({k: v.to(device) for k, v in b.items()}, ts)
+               for b, ts in _prompt_batches(tasks, tokenizer, batch_size=batch_size, max_len=max_len)]  # fmt: skip
+    out: dict[str, dict[str, Any]] = {}
+    for name in routers:
+        try:
+            with moe.router_settings(router=name), autocast(precision, device):
+                diag = routing_diagnostics(moe, batches, dict(own))
+        except ValueError as exc:
+            out[name] = {"unavailable": str(exc)}
+            continue
+        out[name] = {**diag.to_dict(), "selected": list(diag.selected), "min_accuracy": diag.min_accuracy}
     return out
 
 
@@ -287,24 +346,35 @@ class ImplicitMoE(FinalModel):
         if validation:
             router = choose_router(moe, validation, pub.tokenizer, rank=pub.rank, **pub.eval_kw)
         results = score(moe, pub.tokenizer, tasks, **pub.eval_kw)
-        variants = {}
-        # The same weights without the router: every component of every cluster kept (the plain sum) ...
-        with moe.router_settings(routing="sum", refine="none"):
-            plain = score(moe, pub.tokenizer, tasks, **pub.eval_kw)
-        variants["sum"] = {"accuracy": _accuracy(plain), "per_question": per_question(plain)}
-        # ... and hard routing by the true task: only the expert of the cluster that holds the task.
-        if moe.num_experts == len(pub.plan["clusters"]):
-            hard = {}
-            with moe.router_settings(routing="oracle"):
-                for t, task in tasks.items():
-                    with moe.routed(_holder_cluster(pub, t)):
-                        hard[t] = evaluate(moe, pub.tokenizer, task, **pub.eval_kw)
-            variants["hard"] = {"accuracy": _accuracy(hard), "per_question": per_question(hard)}
-        extra = {"router": router, "moe_config": json.loads(moe.config.to_json_string())}
-        if moe.num_experts == len(pub.plan["clusters"]):
-            extra["routing"] = own_expert_shares(
-                moe, tasks, pub.tokenizer, {t: _holder_cluster(pub, t) for t in tasks}, **pub.eval_kw
-            )
+        published = moe.config.router
+        one_per_cluster = moe.num_experts == len(pub.plan["clusters"])
+        variants, unavailable = {}, {}
+        # The same weights under every other router: sum (every component of every cluster kept), implicit,
+        # sequence, spectral, and hard routing by the true task (only the expert of the cluster that holds it).
+        for name in EVAL_ROUTERS:
+            if name == published or (name == "hard" and not one_per_cluster):
+                continue
+            try:
+                if name == "hard":
+                    got = {}
+                    with moe.router_settings(router="hard"):
+                        for t, task in tasks.items():
+                            with moe.routed(_holder_cluster(pub, t)):
+                                got[t] = evaluate(moe, pub.tokenizer, task, **pub.eval_kw)
+                else:
+                    with moe.router_settings(router=name, refine="none" if name == "sum" else None):
+                        got = score(moe, pub.tokenizer, tasks, **pub.eval_kw)
+            except ValueError as exc:  # e.g. sequence without centroids
+                unavailable[name] = str(exc)
+                continue
+            variants[name] = {"accuracy": _accuracy(got), "per_question": per_question(got)}
+        extra = {"router": router, "published_router": published, "moe_config": json.loads(moe.config.to_json_string())}
+        if unavailable:
+            extra["unavailable_routers"] = unavailable
+        if one_per_cluster:
+            own = {t: _holder_cluster(pub, t) for t in tasks}
+            extra["routing"] = own_expert_shares(moe, tasks, pub.tokenizer, own, **pub.eval_kw)
+            extra["routing_diagnostics"] = router_diagnostics(moe, tasks, pub.tokenizer, own, **pub.eval_kw)
         return _accuracy(results), {**extra, "per_question": per_question(results), "variants": variants}
 
 

@@ -113,6 +113,11 @@ class ReadBack:
             else None,
             "router": extra.get("router"),
             "routing": extra.get("routing"),  # implicit MoE: share of kept components going to each task's expert
+            # implicit MoE: the router it was published with, and per router (the row's and every variant's) the
+            # cluster-selection accuracy per task, own-expert share and task x cluster confusion on the test prompts
+            "published_router": extra.get("published_router"),
+            "routing_diagnostics": extra.get("routing_diagnostics"),
+            "unavailable_routers": extra.get("unavailable_routers", {}),
             "per_question": extra.get("per_question"),  # the outcomes behind "accuracy" (paired statistics)
             "variants": extra.get("variants", {}),  # other evaluations of the same weights (e.g. solora's plain sum)
             "refused": extra.get("refused", {}),  # published parts the evaluator refused (peer -> part -> why)

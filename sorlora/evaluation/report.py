@@ -119,6 +119,23 @@ def _moe_notes(name: str, res: dict[str, Any], tasks: list[str]) -> list[str]:
             + f" (the router: {100 * res['average']:.1f}; sum = every component of every cluster kept, "
             "hard = each task served by its own cluster's expert alone)."
         )
+    published = res.get("published_router")
+    if published:
+        lines.append(f"`{name}`'s row is its published MoE under the `{published}` router.")
+    diagnostics = res.get("routing_diagnostics") or {}
+    if diagnostics:
+        lines += ["", f"`{name}`'s routing on the test prompts (cluster-selection accuracy per task against the cluster "
+                  "holding the task; own-expert share of the kept components):", "",
+                  "| router | " + " | ".join(f"{t} acc / own" for t in tasks) + " | min acc |",
+                  "|---|" + "---|" * (len(tasks) + 1)]  # fmt: skip
+        for router_name, d in diagnostics.items():
+            if "unavailable" in d:
+                lines.append(f"| {router_name} | " + " | ".join("–" for _ in tasks) + " | unavailable |")
+                continue
+            cells = [f"{100 * d['accuracy'][t]:.0f}% / {d['own_share'][t]:.2f}" if t in d["accuracy"] else "–"
+                     for t in tasks]  # fmt: skip
+            lines.append(f"| {router_name} | " + " | ".join(cells) + f" | {100 * d['min_accuracy']:.0f}% |")
+        lines.append("")
     routing = res.get("routing")
     if routing:
         lines.append(

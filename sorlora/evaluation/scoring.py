@@ -1,7 +1,8 @@
 """Multiple-choice log-likelihood accuracy, as lm-evaluation-harness computes it (acc and length-normalised acc_norm).
 
 Each question's prompt runs once; its key/value cache is copied to every option, so the options' tokens are the only
-extra work. Several questions are batched together (prompts left-padded, options right-padded).
+extra work. An implicit MoE with a per-prompt router (``sequence``, ``spectral``) chooses its experts from the prompt
+alone, at that first forward, and keeps the choice for the options (``reorder_routing`` follows the cache's copy). Several questions are batched together (prompts left-padded, options right-padded).
 
 A question whose prompt and longest option do not fit in ``max_len`` tokens is never scored silently: by default it
 is skipped and counted (``n_truncated`` in every result, with one warning per task), or the evaluation raises
@@ -127,6 +128,9 @@ def _score_batch(model, encoded, *, pad_id: int, device) -> list[list[float]]:
     index = torch.tensor([q for q, _ in rows], device=device)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     cache.reorder_cache(index)
+    reorder = getattr(model, "reorder_routing", None)
+    if callable(reorder):  # a router that chose per prompt (moe_router: sequence, spectral) keeps it for its options
+        reorder(index)
     cont_width = max(len(c) for _, c in rows)
     cont_ids = torch.tensor([c + [pad_id] * (cont_width - len(c)) for _, c in rows], device=device)
     cont_mask = torch.tensor([[1] * len(c) + [0] * (cont_width - len(c)) for _, c in rows], device=device)

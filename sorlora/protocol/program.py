@@ -44,14 +44,20 @@ from sorlora_gossip.cards import AdapterCards
 from sorlora_gossip.layout import UPDATE_FILE, round_tag
 
 from ..data.examples import Example
-from ..data.tokenization import collate_for_training, encode_for_training
+from ..data.tokenization import (
+    collate_for_training,
+    context_continuation_ids,
+    encode_for_training,
+    n_special_prefix,
+    truncate_context,
+)
 from ..methods.rules import AGGREGATIONS, FORWARD_RULES, Group, cluster_expert
 from ..runtime.model_loading import load_base
 from ..runtime.sharing import TensorPool
 from ..runtime.workspace import Workspace, adapter_name
 from .collab import Collaboration
 from .plan import PlanMismatch, compute_plan, plan_differences
-from .publish import publish_final
+from .publish import publish_centroids, publish_final
 from .state import STRUCTURES_FILE, experts_path, load_view, read_state, save_view, view_path, write_state
 from .terms import CollabTerms, Registration, TermsError
 
@@ -61,6 +67,7 @@ logger = logging.getLogger(__name__)
 
 CRASH_ENV = "SORLORA_CRASH_AT"  # "<peer id>:<phase>:<round>": the process SIGKILLs itself there (fault tests)
 CALIBRATION = -1  # the "round" whose first batch calibrates masks and measures the task statistics
+CENTROID_PROMPTS = 64  # training prompts a member's sequence-router centroids are computed from
 
 
 @dataclass(frozen=True)
@@ -313,6 +320,8 @@ class PeerProgram:
                 ws.remove_adapter(scratch)
         if self.spec.inter_cluster:
             stats = self._task_statistics(calib, sorted(kept or self._layer_keys()))
+        if self.spec.final == "moe":  # the sequence router's centroids travel with the registration
+            publish_centroids(self, *self._centroids(sorted(kept or self._layer_keys())))
         from peft_sorlora import __version__
 
         registration = Registration(
@@ -335,6 +344,30 @@ class PeerProgram:
         with self.ws.bare_base():
             stats = task_statistics(self.ws.base, [inputs], keys)
         return {k: v.float().cpu() for k, v in stats.items()}
+
+    def _centroids(self, keys: Sequence[str]) -> tuple[torch.Tensor, str]:
+        """Up to ``MAX_CENTROIDS`` centroids of its first ``CENTROID_PROMPTS`` training prompts' (the questions, not
+        the answers: what the MoE routes on) mean-pooled hidden states at the MoE's pooling layer (its first expert
+        layer), on the bare base, with the terms' ``centroid_epsilon`` noise; and that layer's key."""
+        from moe_router.centroids import MAX_CENTROIDS, first_layer, sequence_centroids
+
+        t, tok = self.terms, self.tokenizer
+        contexts = [truncate_context(context_continuation_ids(tok, e.prompt, e.answer)[0], budget=t.max_len,
+                                     n_special=n_special_prefix(tok)) for e in self.data.train[:CENTROID_PROMPTS]]  # fmt: skip
+        batches = []
+        for start in range(0, len(contexts), t.batch_size):
+            chunk = contexts[start : start + t.batch_size]
+            width = max(len(c) for c in chunk)
+            batches.append(self.ws.on_device({
+                "input_ids": torch.tensor([c + [tok.pad_token_id] * (width - len(c)) for c in chunk]),
+                "attention_mask": torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in chunk]),
+            }))  # fmt: skip
+        noise = torch.Generator().manual_seed(derive_seed(t.seed, "centroids", self.peer_id) % 2**63)
+        with self.ws.bare_base():
+            pool = first_layer(self.ws.base, keys)
+            centroids = sequence_centroids(self.ws.base, batches, pool_layer=pool, k=MAX_CENTROIDS, seed=t.seed,
+                                           epsilon=t.centroid_epsilon, generator=noise)  # fmt: skip
+        return centroids, pool
 
     def _plan(self) -> None:
         closing = self.collab.close_if_due(self.peer_id, now=time.time())

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe_router.routers import ROUTERS
 from peft_sorlora.base_model import is_portable_base_id
 
 from ..methods.specs import ALL_METHODS, METHOD_SPECS, MethodSpec
@@ -91,6 +92,21 @@ class CollabTerms:
     degree: int = field(default=2, metadata={"help": "neighbours per peer in the random topology"})
     router_top_k: int | None = field(default=None, metadata={"help": "components kept per token (None: k = r)"})
     router_refine: str = field(default="routing", metadata={"help": "routing refinement of the implicit MoE"})
+    router: str = field(
+        default="sequence",
+        metadata={"help": "router of the implicit MoE each peer publishes (moe_router.ROUTERS): sequence (per prompt, "
+                  "the cluster whose members' centroids are nearest; the members' centroids travel with their "
+                  "registrations), implicit (the paper's per-token top-k of the frozen projections), spectral "
+                  "(data-free, from each expert's SVD), sum, average; without any valid centroids a sequence MoE "
+                  "is published with implicit"},
+    )  # fmt: skip
+    centroid_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "Gaussian noise on the centroids a member registers (sequence router): (epsilon, 1e-5)-DP "
+                  "for one centroid (k > 1 centroids: a heuristic); None: no noise. The centroids are means of the "
+                  "member's training prompts' pooled hidden states on the bare base: statistics, not text, but "
+                  "they reveal what its prompts look like on average"},
+    )  # fmt: skip
     max_members: int = field(default=4, metadata={"help": "registration closes when this many peers registered"})
     registration_deadline_s: float | None = field(
         default=None, metadata={"help": "seconds after creation (hub commit times) when registration closes"}
@@ -127,6 +143,13 @@ class CollabTerms:
             )
         if self.precision not in PRECISIONS:
             raise TermsError(f"collab.json: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.router not in ROUTERS or self.router == "hard":
+            raise TermsError(
+                f"collab.json: router must be one of {', '.join(r for r in ROUTERS if r != 'hard')}, got {self.router!r}"
+            )
+        eps = self.centroid_epsilon
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf):
+            raise TermsError(f"collab.json: centroid_epsilon must be a positive number or null, got {eps!r}")
         if self.inter_cluster_every < 0:
             raise TermsError(f"collab.json: inter_cluster_every must be >= 0, got {self.inter_cluster_every}")
 

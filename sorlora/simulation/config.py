@@ -117,6 +117,18 @@ class ExperimentConfig:
         help="MoE refinement: routing (task statistics only select), task_stats (Eq. 26 literally), none; "
         "with validation questions, k and refinement are chosen on them",
     )
+    router: Literal["sequence", "implicit", "spectral", "sum", "average"] = _setting(
+        "sequence",
+        help="router of the implicit MoE the peers publish (moe_router.ROUTERS): sequence (each prompt picks the "
+        "cluster whose members' centroids of pooled hidden states are nearest; chosen at prefill, kept while "
+        "decoding), implicit (the paper's per-token top-k of the frozen projections), spectral (data-free, SVD of "
+        "each expert), sum, average; the evaluator also scores the same weights under every other router",
+    )
+    centroid_epsilon: float | None = _setting(
+        None,
+        help="Gaussian noise (epsilon, delta=1e-5) on the centroids each member registers for the sequence router; "
+        "none: exact centroids (means of its training prompts' pooled hidden states on the bare base)",
+    )
     seed: int = _setting(0, help="seed of data splits, projections and training")
     eval_batch_size: int = _setting(16, help="questions per evaluation batch")
     hub: str | None = _setting(None, help="none: a LocalHub under the run directory; else an http(s):// Hub endpoint")
@@ -165,6 +177,8 @@ class ExperimentConfig:
             raise ConfigError("eval_batch_size, degree, lora_alpha and pull_timeout must be > 0")
         if self.router_top_k is not None and self.router_top_k <= 0:
             raise ConfigError(f"router_top_k must be > 0 or none, got {self.router_top_k}")
+        if self.centroid_epsilon is not None and self.centroid_epsilon <= 0:
+            raise ConfigError(f"centroid_epsilon must be > 0 or none, got {self.centroid_epsilon}")
         if self.threads is not None and self.threads <= 0:
             raise ConfigError(f"threads must be > 0 or none, got {self.threads}")
         if not self.tasks or not self.methods or not self.target_modules:
