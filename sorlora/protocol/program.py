@@ -106,7 +106,8 @@ class PeerProgram:
     known (the simulation shares one base model among many programs); by default the program loads its own base
     (``model``: a local copy or Hub id of the pinned base, checked against its fingerprint).
     ``position_mm``: this device's position estimate for the channel model (default: derived from its id).
-    ``expected_terms``: the terms' hash this member agreed to; other terms on the hub stop it with an error.
+    ``expected_terms``: the terms' sha256 this member agreed to, whole or a prefix of at least 12 hex digits (as
+    ``sorlora collab create`` prints it); other terms on the hub stop it with an error.
     ``tensor_pool``: shared by the programs of one process, it keeps one copy of the equal tensors they hold
     (the same members' pulled revisions, views and experts; :mod:`sorlora.runtime.sharing`).
     """
@@ -182,7 +183,7 @@ class PeerProgram:
         if self._ready:
             return
         self.terms = self.collab.terms()
-        if self.expected_terms is not None and self.terms.sha256() != self.expected_terms:
+        if self.expected_terms is not None and not self.terms.sha256().startswith(self.expected_terms.lower()):
             raise TermsError(
                 f"collaboration {self.collab.repo_id} has terms {self.terms.sha256()[:12]}, "
                 f"not the {self.expected_terms[:12]} this peer agreed to: refusing to take part"
