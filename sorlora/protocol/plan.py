@@ -4,11 +4,18 @@ Every member computes it and gets the same bytes: members are ordered by peer id
 the orthogonal A and their adapter name), inputs are integers (kept entries per layer, positions in millimetres,
 training-set sizes), every tie is broken by index, and ``plan.json`` records the hash of its inputs so that a
 mismatch names its cause. The topology of each method comes from :data:`TOPOLOGIES`, one function per kind.
+
+Registrations are untrusted: before any topology sees them, :func:`screen_registrations` bounds every registered
+number (``n_train``, positions, layer sizes, kept counts, value bytes) and checks them against each other and
+against the majority of members (the same layers and sizes: they run the same base); a member that fails, or whose
+task statistics the caller found unusable (``problems``), is excluded from the plan with its reason
+(``plan["excluded"]``). The exclusion is a pure function of the same inputs, so every member excludes the same
+peers; a bad registration never stops the others.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +28,10 @@ from sorlora_gossip.topology import cluster_topology, random_topology, single_cl
 from .terms import CollabTerms, Registration, TermsError, sha256_json
 
 __all__ = [
+    "MAX_LAYERS",
+    "MAX_LAYER_SIZE",
+    "MAX_N_TRAIN",
+    "MAX_POSITION_MM",
     "PLAN_FORMAT",
     "PlanInputs",
     "PlanMismatch",
@@ -29,10 +40,16 @@ __all__ = [
     "plan_differences",
     "plan_graph",
     "default_position_mm",
+    "majority",
+    "screen_registrations",
 ]
 
 PLAN_FORMAT = "sorlora-plan/1"
 RADIUS_MM = 100_000  # peers without a position estimate are placed in this disk (the channel model's default area)
+MAX_N_TRAIN = 10**9  # a registered training-set size above this is not a device's data set
+MAX_POSITION_MM = 10**9  # 1000 km: positions beyond are not a wireless neighbourhood
+MAX_LAYERS = 10_000  # adapted layers of one base model
+MAX_LAYER_SIZE = 2**31  # B entries of one layer
 
 
 class PlanMismatch(TermsError):
@@ -118,17 +135,107 @@ TOPOLOGIES: dict[str, Callable[[PlanInputs], nx.Graph]] = {
 }
 
 
-def compute_plan(terms: CollabTerms, registrations: Sequence[Registration], *, collab_commit: str) -> dict[str, Any]:
-    """The plan (JSON-ready) for ``registrations`` made at ``collab_commit`` under ``terms``."""
-    regs = tuple(sorted(registrations, key=lambda r: r.peer))
+def majority(values: Sequence[tuple[str, Any]]) -> Any:
+    """The value most ``(peer, value)`` pairs hold; a tie goes to the value of the smallest peer id among the tied
+    (deterministic on every member)."""
+    counts: dict[str, tuple[int, str, Any]] = {}
+    for peer, value in values:
+        key = repr(value)
+        n, first, _ = counts.get(key, (0, peer, value))
+        counts[key] = (n + 1, min(first, peer), value)
+    return min(counts.values(), key=lambda c: (-c[0], c[1]))[2]
+
+
+def _int_ok(x: Any, lo: int, hi: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+def _payload_itemsize(terms: CollabTerms) -> int | None:
+    import torch
+
+    dtype = getattr(torch, str(terms.payload_dtype), None)
+    return torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else None
+
+
+def screen_registrations(
+    terms: CollabTerms, registrations: Sequence[Registration], problems: Mapping[str, str] | None = None
+) -> tuple[list[Registration], dict[str, str]]:
+    """The registrations the plan may use (sorted by peer id) and the excluded ones (peer -> reason).
+
+    Checked per member: terms hash, ``n_train`` in ``[1, MAX_N_TRAIN]``, ``position_mm`` within
+    ``±MAX_POSITION_MM``, at most ``MAX_LAYERS`` layers of at most ``MAX_LAYER_SIZE`` entries, ``0 <= kept <=
+    sizes`` per layer, ``value_bytes`` equal to the kept entries times the payload dtype's size; then against the
+    others: the layers and sizes the majority registered, the presence of a budget where the majority has one.
+    ``problems`` (peer -> reason) are found by the caller (e.g. unusable task statistics) and exclude too.
+    """
+    problems = dict(problems or {})
+    regs = sorted(registrations, key=lambda r: r.peer)
+    excluded: dict[str, str] = {}
+    seen: set[str] = set()
+    itemsize = _payload_itemsize(terms)
+    for r in regs:
+        if r.peer in seen:
+            excluded[r.peer] = "registered twice"
+            continue
+        seen.add(r.peer)
+        if r.terms_sha256 != terms.sha256():
+            excluded[r.peer] = f"registered under other terms ({str(r.terms_sha256)[:12]})"
+        elif not _int_ok(r.n_train, 1, MAX_N_TRAIN):
+            excluded[r.peer] = f"n_train is not an integer in [1, {MAX_N_TRAIN}]"
+        elif r.position_mm is not None and not (
+            len(r.position_mm) == 2 and all(_int_ok(v, -MAX_POSITION_MM, MAX_POSITION_MM) for v in r.position_mm)
+        ):
+            excluded[r.peer] = f"position_mm is not two integers within +-{MAX_POSITION_MM} mm"
+        elif (r.kept is None) != (r.sizes is None):
+            excluded[r.peer] = "kept and sizes must be registered together"
+        elif r.sizes is not None and (
+            len(r.sizes) > MAX_LAYERS
+            or set(r.kept or {}) != set(r.sizes)
+            or not all(_int_ok(v, 1, MAX_LAYER_SIZE) for v in r.sizes.values())
+        ):
+            excluded[r.peer] = f"sizes: more than {MAX_LAYERS} layers, layers unlike kept's, or a size not in [1, 2^31]"
+        elif r.kept is not None and not all(_int_ok(r.kept[k], 0, r.sizes[k]) for k in r.sizes):  # type: ignore[index]
+            excluded[r.peer] = "kept is not an integer in [0, sizes] on every layer"
+        elif r.value_bytes is not None and not _int_ok(r.value_bytes, 0, MAX_LAYERS * MAX_LAYER_SIZE * 8):
+            excluded[r.peer] = "value_bytes is out of bounds"
+        elif (
+            r.kept is not None
+            and r.value_bytes is not None
+            and itemsize is not None
+            and r.value_bytes != sum(r.kept.values()) * itemsize
+        ):
+            excluded[r.peer] = (f"value_bytes {r.value_bytes} is not its {sum(r.kept.values())} kept entries x "
+                                f"{itemsize} bytes")  # fmt: skip
+        elif r.peer in problems:
+            excluded[r.peer] = problems[r.peer]
+    fine = [r for r in regs if r.peer not in excluded]
+    if fine:  # the majority's layout: members of another base (or lying about theirs) are excluded
+        layout = majority([(r.peer, None if r.sizes is None else sorted(r.sizes.items())) for r in fine])
+        for r in fine:
+            mine = None if r.sizes is None else sorted(r.sizes.items())
+            if mine != layout:
+                excluded[r.peer] = (
+                    "registered no layer budget where the other members did" if mine is None
+                    else "registered other adapter layers or sizes than the majority of members"
+                )  # fmt: skip
+    return [r for r in regs if r.peer not in excluded], dict(sorted(excluded.items()))
+
+
+def compute_plan(
+    terms: CollabTerms,
+    registrations: Sequence[Registration],
+    *,
+    collab_commit: str,
+    problems: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The plan (JSON-ready) for ``registrations`` made at ``collab_commit`` under ``terms``; the members that
+    :func:`screen_registrations` excludes (or that ``problems`` names) are in ``plan["excluded"]`` with the reason,
+    and nowhere else."""
+    kept, excluded = screen_registrations(terms, registrations, problems)
+    regs = tuple(kept)
     if not regs:
-        raise TermsError("no member registered: there is nothing to plan")
+        raise TermsError(f"no usable registration: there is nothing to plan (excluded: {excluded})")
     ids = [r.peer for r in regs]
-    if len(set(ids)) != len(ids):
-        raise TermsError(f"peers registered twice: {sorted({p for p in ids if ids.count(p) > 1})}")
-    wrong = [r.peer for r in regs if r.terms_sha256 != terms.sha256()]
-    if wrong:
-        raise TermsError(f"members {wrong} registered under other terms (terms sha {terms.sha256()[:12]} expected)")
     inputs = PlanInputs(terms=terms, members=regs)
     graph = TOPOLOGIES[terms.spec.topology](inputs)
     cluster_ids = sorted({graph.nodes[i]["cluster"] for i in graph.nodes})
@@ -145,6 +252,8 @@ def compute_plan(terms: CollabTerms, registrations: Sequence[Registration], *, c
         "weights": {r.peer: r.n_train for r in regs},
         "positions_mm": {r.peer: list(r.position_mm or default_position_mm(r.peer, terms.seed)) for r in regs},
     }
+    if excluded:  # only when there is one, so the plans of clean collaborations keep their bytes
+        plan["excluded"] = excluded
     plan["plan_sha256"] = sha256_json(plan)
     return plan
 

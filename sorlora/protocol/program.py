@@ -41,6 +41,7 @@ from peft_sorlora.base_model import base_fingerprint
 from peft_sorlora.projection import derive_seed
 from sorlora_gossip import Hub, Peer
 from sorlora_gossip.cards import AdapterCards
+from sorlora_gossip.hub.base import EntryNotFound
 from sorlora_gossip.layout import UPDATE_FILE, round_tag
 
 from ..data.examples import Example
@@ -54,11 +55,22 @@ from ..data.tokenization import (
 from ..methods.rules import AGGREGATIONS, FORWARD_RULES, Group, cluster_expert
 from ..runtime.model_loading import load_base
 from ..runtime.sharing import TensorPool
-from ..runtime.workspace import Workspace, adapter_name
+from ..runtime.workspace import Workspace, adapter_name, answer_loss
 from .collab import Collaboration
-from .plan import PlanMismatch, compute_plan, plan_differences
+from .plan import PlanMismatch, compute_plan, majority, plan_differences
 from .publish import publish_centroids, publish_final
-from .state import STRUCTURES_FILE, experts_path, load_view, read_state, save_view, view_path, write_state
+from .state import (
+    STRUCTURES_FILE,
+    experts_path,
+    load_reference,
+    load_view,
+    read_state,
+    reference_path,
+    save_reference,
+    save_view,
+    view_path,
+    write_state,
+)
 from .terms import CollabTerms, Registration, TermsError
 
 __all__ = ["CRASH_ENV", "PeerData", "PeerProgram"]
@@ -80,6 +92,12 @@ class PeerData:
     def __post_init__(self) -> None:
         if not self.train:
             raise ValueError(f"task {self.task!r}: no training examples")
+
+
+def _all_finite(losses: Sequence[float], update: Any) -> bool:
+    """Whether every training loss and every value of ``update`` is finite (what may be pushed and checkpointed)."""
+    values = getattr(update, "values", {}) or {}
+    return bool(np.all(np.isfinite(losses))) and all(bool(torch.isfinite(v).all()) for v in values.values())
 
 
 class _DropSkips(logging.Filter):
@@ -204,6 +222,7 @@ class PeerProgram:
         self.structure: dict[int, Any] = {}
         self.view: dict[str, Any] = {}
         self.experts: dict[int, dict[int, Any]] = {}
+        self.reference: dict[str, torch.Tensor] | None = None  # the last round's dense B̄ (robust aggregation)
         if "plan" in self.state and self.phase != "calibrate":
             self._restore()
         self._ready = True
@@ -216,6 +235,7 @@ class PeerProgram:
         last = r - 1 if self.phase in ("train", "pull") else r  # the last round whose view was checkpointed
         own = {self.name_of(self.index): self.structure[self.index]}
         self.view = load_view(view_path(self.state_dir, last), cls) if last >= 0 else own
+        self.reference = load_reference(reference_path(self.state_dir, last)) if last >= 0 else None
         if self.spec.cotrain_every:  # the experts the coming rounds train alongside: the latest exchange's
             done = [e["round"] for e in self.state.get("exchanges", []) if e["round"] <= last]
             if done:
@@ -377,7 +397,11 @@ class PeerProgram:
             return
         if self.peer_id not in [r.peer for r in closing.registrations]:
             raise self.collab.refusal(closing, self.peer_id)
-        computed = compute_plan(self.terms, closing.registrations, collab_commit=closing.commit)
+        computed = compute_plan(self.terms, closing.registrations, collab_commit=closing.commit,
+                                problems=self._statistics_problems(closing))  # fmt: skip
+        if self.peer_id in computed.get("excluded", {}):
+            raise TermsError(f"peer {self.peer_id}: the plan of {self.collab.repo_id} excludes this member: "
+                             f"{computed['excluded'][self.peer_id]}")  # fmt: skip
         committed = self.collab.commit_plan(computed)
         diffs = plan_differences(committed, computed)
         if diffs:
@@ -387,6 +411,27 @@ class PeerProgram:
             )
         tasks = {r.peer: r.task for r in closing.registrations}
         self._save(phase="calibrate", plan=computed, tasks=tasks)
+
+    def _statistics_problems(self, closing: Any) -> dict[str, str]:
+        """Members whose task statistics the implicit MoE could not use (missing, unreadable, not finite, other
+        layers or shapes than the majority's), read at the closing commit: every member finds the same."""
+        if not self.spec.inter_cluster:
+            return {}
+        problems: dict[str, str] = {}
+        shapes: dict[str, list] = {}
+        for r in closing.registrations:
+            try:
+                stats = self.collab.member_stats(r.peer, revision=closing.commit)
+            except (TermsError, EntryNotFound) as exc:
+                problems[r.peer] = f"task statistics unusable: {str(exc)[:200]}"
+                continue
+            shapes[r.peer] = sorted((k, list(v.shape)) for k, v in stats.items())
+        if shapes:
+            layout = majority(sorted(shapes.items()))
+            for peer, mine in shapes.items():
+                if mine != layout:
+                    problems[peer] = "task statistics with other layers or shapes than the majority of members'"
+        return problems
 
     def _calibrate(self) -> None:
         name = self.name_of(self.index)
@@ -415,22 +460,45 @@ class PeerProgram:
             active += sorted(frozen)
         losses = self.ws.train(name, active, self.batches(r), lr=self.terms.lr)
         update = self.kind.values_only(self.ws.own_state(name, round=r))
-        pushed = self.peer.push_round(r, update, metrics={"train_loss": float(np.mean(losses))})
+        dropped = None
+        if not _all_finite(losses, update):  # drop, never die: the view it trained from is suspect
+            dropped = {"round": r, "action": "rejected", "peer": None, "layer": None,
+                       "reason": f"training loss {float(np.mean(losses))} or update not finite: the round "
+                                 f"{r - 1} view was dropped and the round retrained from the own update alone"}  # fmt: skip
+            logger.warning("peer %s: %s", self.peer_id, dropped["reason"])
+            self.view = {name: self._own_before(r)}
+            self.ws.load_view(self.view)
+            losses = self.ws.train(name, [name], self.batches(r), lr=self.terms.lr)
+            update = self.kind.values_only(self.ws.own_state(name, round=r))
+            if not _all_finite(losses, update):  # its own training diverges: push the untrained own part
+                self.ws.load_view(self.view)
+                update = self.kind.values_only(self.ws.own_state(name, round=r))
+                losses = [float("nan")]
+                dropped["reason"] += "; that diverged too: the untrained own part was pushed"
+        loss = float(np.mean(losses))
+        metrics = {"train_loss": loss} if np.isfinite(loss) else {}
+        pushed = self.peer.push_round(r, update, metrics=metrics)
         self._own = update if pushed.created else self._own_from_hub(r)
         stats = self.kind.stats(self._own)
         records = [rec for rec in self.state["records"] if rec["round"] != r]
         records.append(
             {
                 "round": r,
-                "loss": float(np.mean(losses)),
+                "loss": loss if np.isfinite(loss) else None,
                 "bytes_pushed": pushed.bytes,
                 "params_transmitted": stats.params_transmitted,
                 "params_updated": stats.params_updated,
                 "value_bytes": stats.value_bytes,
+                "decisions": [] if dropped is None else [dropped],
             }
         )
         self._crash_point(f"{self.peer_id}:pushed:{r}")
         self._save(phase="pull", records=records)
+
+    def _own_before(self, round: int) -> Any:
+        """The own update this member pushed before ``round`` (its round-0 structure at round 0), with structure."""
+        own = self.structure[self.index]
+        return own if round == 0 else self.kind.with_structure(self._own_from_hub(round - 1), own)
 
     def _poll(self, round: int, names: Sequence[str]) -> dict[str, Any] | None:
         """One non-blocking pass over ``names``' round-``round`` revisions; the result once all are in or the
@@ -492,11 +560,14 @@ class PeerProgram:
                 self.structure[q] = update
             save_view(self.state_dir / STRUCTURES_FILE,
                        {self.name_of(i): s for i, s in sorted(self.structure.items())})  # fmt: skip
-        self.view = self._aggregate(received)
+        self.view, decisions = self._aggregate(received)
         save_view(view_path(self.state_dir, r), self.view)
+        save_reference(reference_path(self.state_dir, r), self.reference)
         records = self.state["records"]
         records[-1].update(bytes_pulled=int(sum(got["bytes"].values())), used=dict(got["revisions"]),
                            skipped=got["skipped"], rejected=got["rejected"])  # fmt: skip
+        records[-1]["decisions"] = [*(d for d in records[-1].get("decisions", []) if d.get("peer") is None),
+                                    *decisions]  # fmt: skip
         last = r == self.terms.rounds - 1
         every = self.spec.cotrain_every or self.terms.inter_cluster_every
         exchange = self.spec.inter_cluster and (last or (every and (r + 1) % every == 0))
@@ -508,23 +579,53 @@ class PeerProgram:
         else:
             self._save(phase="train", round=r + 1, records=records)
 
-    def _aggregate(self, received: dict[int, Any]) -> dict[str, Any]:
-        """The new view from the own trained update and the neighbours' (method.md §3): the spec's aggregation
-        rule (:data:`~sorlora.methods.rules.AGGREGATIONS`) gives this round's parts; under a forward rule that keeps
-        the view, members skipped this round keep their earlier parts."""
-        group = Group(
+    def _aggregate(self, received: dict[int, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The new view from the own trained update and the neighbours' (method.md §3) and the robust strategy's
+        decisions: the spec's aggregation rule (:data:`~sorlora.methods.rules.AGGREGATIONS`) gives this round's
+        parts under the terms' ``aggregation`` strategy, measured from the last round's B̄ (:attr:`reference`,
+        checkpointed); a view whose loss on the own calibration batch is not finite drops the most suspicious
+        neighbour and is aggregated again. Under a forward rule that keeps the view, members skipped this round keep
+        their earlier parts; rejected members' parts leave the view."""
+        keeps = FORWARD_RULES[self.spec.forward].keeps_view
+        combined = AGGREGATIONS[self.spec.aggregation](Group(
             me=self.index,
             own=self.kind.with_structure(self._own, self.structure[self.index]),
             received={q: self.kind.with_structure(u, self.structure[q]) for q, u in received.items()},
-            weights={q: float(w) for q, w in ((self.index_of(p), w) for p, w in self.plan["weights"].items())},
+            weights={self.index_of(p): w for p, w in self.plan["weights"].items()},  # raw: never float() here
             cluster=[self.index_of(q) for q in self._cluster()],
             forward=self.spec.forward,
             shared_projection=self.kind.shared_projection,
-        )
-        parts = AGGREGATIONS[self.spec.aggregation](group)
-        view = dict(self.view) if FORWARD_RULES[self.spec.forward].keeps_view else {}
+            strategy=self.terms.aggregation,
+            round=self.state["round"],
+            reference=self.reference,
+            names={self.index_of(p): p for p in self.plan["members"]},
+            check=lambda parts: self._finite_view(self._compose(parts, keeps)),
+        ))  # fmt: skip
+        view = self._compose(combined.parts, keeps)
+        for q in combined.rejected:
+            if q not in combined.parts:
+                view.pop(self.name_of(q), None)
+        if combined.reference is not None:
+            self.reference = combined.reference
+        return view, combined.decisions
+
+    def _compose(self, parts: dict[int, Any], keeps: bool) -> dict[str, Any]:
+        view = dict(self.view) if keeps else {}
         view.update({self.name_of(q): part for q, part in parts.items()})
         return view
+
+    def _finite_view(self, view: dict[str, Any]) -> bool:
+        """Whether the loss of ``view`` (its forward rule's adapters) on the own calibration batch is finite."""
+        if not hasattr(self, "_check_batch"):
+            self._check_batch = self.batches(CALIBRATION)[0]
+        self.ws.load_view(view)
+        forward = FORWARD_RULES[self.spec.forward].active(
+            self.peer_id, self._cluster(), self.plan["neighbours"][self.peer_id]
+        )
+        self.ws.activate([n for n in (self.name_of(self.index_of(q)) for q in forward) if n in view])
+        with torch.no_grad():
+            loss = answer_loss(self.ws.network, self.ws.on_device(self._check_batch))
+        return bool(torch.isfinite(loss))
 
     def _exchange(self) -> None:
         """Pull every other cluster's members of this round and form their experts (never averaged in)."""
@@ -537,6 +638,7 @@ class PeerProgram:
         if structures is None:
             return
         experts: dict[int, dict[int, Any]] = {}
+        decisions: list[dict[str, Any]] = []
         for c, members in enumerate(self.plan["clusters"]):
             if self.peer_id in members:
                 continue
@@ -544,15 +646,17 @@ class PeerProgram:
             if not have:
                 continue
             ups = [self.kind.with_structure(got["updates"][m], self.structure[self.index_of(m)]) for m in have]
-            parts = cluster_expert(ups, [float(self.plan["weights"][m]) for m in have])
-            experts[c] = {self.index_of(m): part for m, part in zip(have, parts)}
+            parts, found = cluster_expert(ups, [self.plan["weights"][m] for m in have], strategy=self.terms.aggregation,
+                                          names=have, round=r)  # fmt: skip
+            decisions += found
+            experts[c] = {self.index_of(m): part for m, part in zip(have, parts) if part is not None}
         self.experts = experts
         save_view(experts_path(self.state_dir, r),
                    {f"{self.name_of(q)}": part for e in experts.values() for q, part in e.items()})  # fmt: skip
         exchanges = [e for e in self.state["exchanges"] if e["round"] != r]
         exchanges.append({"round": r, "bytes_pulled": int(sum(got["bytes"].values()) +
                                                           sum(structures["bytes"].values())),
-                          "skipped": got["skipped"], "rejected": got["rejected"]})  # fmt: skip
+                          "skipped": got["skipped"], "rejected": got["rejected"], "decisions": decisions})  # fmt: skip
         last = r == self.terms.rounds - 1
         self._save(phase="publish" if last else "train", round=r if last else r + 1, exchanges=exchanges)
 

@@ -2,8 +2,9 @@
 
 Everything a program needs to resume after being killed at any point lies in its state directory:
 ``state.json`` (phase, round, records, plan), ``structures.safetensors`` (the members' round-0 payloads it knows),
-``view-<round>.safetensors`` (its view after each round) and ``experts-<round>.safetensors`` (the other clusters'
-experts of an exchange). Payloads are stored as their own wire bytes, one uint8 tensor per adapter name.
+``view-<round>.safetensors`` (its view after each round), ``reference-<round>.safetensors`` (the dense B̄ of that
+round's robust aggregation: what the next round's updates are measured from) and ``experts-<round>.safetensors``
+(the other clusters' experts of an exchange). Payloads are stored as their own wire bytes, one uint8 tensor per adapter name.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ __all__ = [
     "STATE_FILE",
     "STRUCTURES_FILE",
     "experts_path",
+    "load_reference",
     "load_view",
     "read_state",
+    "reference_path",
+    "save_reference",
     "save_view",
     "view_path",
     "write_state",
@@ -41,6 +45,22 @@ def view_path(state_dir: Path, round: int) -> Path:
 def experts_path(state_dir: Path, round: int) -> Path:
     """The other clusters' experts a program formed in the exchange after ``round``."""
     return Path(state_dir) / f"experts-{round:04d}.safetensors"
+
+
+def reference_path(state_dir: Path, round: int) -> Path:
+    """The dense B̄ (layer -> tensor) of a program's aggregation in ``round``."""
+    return Path(state_dir) / f"reference-{round:04d}.safetensors"
+
+
+def save_reference(path: Path, reference: dict[str, torch.Tensor] | None) -> None:
+    """Save a reference B̄ (nothing for None), atomically."""
+    if reference is not None:
+        write_bytes(path, save_safetensors({k: v.detach().contiguous().cpu() for k, v in sorted(reference.items())}))
+
+
+def load_reference(path: Path) -> dict[str, torch.Tensor] | None:
+    """A reference saved by :func:`save_reference`, or None when there is none."""
+    return dict(load_file(str(path))) if Path(path).exists() else None
 
 
 def save_view(path: Path, view: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from moe_router.routers import ROUTERS
 from peft_sorlora.base_model import is_portable_base_id
+from sorlora_gossip.robust import DEFAULT_STRATEGY, STRATEGIES
 
 from ..methods.specs import ALL_METHODS, METHOD_SPECS, MethodSpec
 from ..runtime.precision import PRECISIONS
@@ -118,6 +119,14 @@ class CollabTerms:
     admitted: tuple[str, ...] | None = field(
         default=None, metadata={"help": "users allowed to register (None: any authenticated user)"}
     )
+    aggregation: str = field(
+        default=DEFAULT_STRATEGY,
+        metadata={"help": f"how every average of members' updates treats them (sorlora_gossip.robust.STRATEGIES: "
+                  f"{', '.join(STRATEGIES)}): mean (the plain weighted masked average, trusts everyone), clipped "
+                  "(bounded weights, direction check, per-layer norm clipping to the members' median), trimmed or "
+                  "median (clipped, then a trimmed mean / median where an entry has 3+ holders); every member "
+                  "rejected or clipped is recorded with peer, round and reason"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _portable(self.base_model)
@@ -143,6 +152,10 @@ class CollabTerms:
             )
         if self.precision not in PRECISIONS:
             raise TermsError(f"collab.json: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.aggregation not in STRATEGIES:
+            raise TermsError(
+                f"collab.json: aggregation must be one of {', '.join(STRATEGIES)}, got {self.aggregation!r}"
+            )
         if self.router not in ROUTERS or self.router == "hard":
             raise TermsError(
                 f"collab.json: router must be one of {', '.join(r for r in ROUTERS if r != 'hard')}, got {self.router!r}"

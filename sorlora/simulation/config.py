@@ -129,6 +129,12 @@ class ExperimentConfig:
         help="Gaussian noise (epsilon, delta=1e-5) on the centroids each member registers for the sequence router; "
         "none: exact centroids (means of its training prompts' pooled hidden states on the bare base)",
     )
+    aggregation: Literal["mean", "clipped", "trimmed", "median"] = _setting(
+        "clipped",
+        help="how peers average each other's updates (sorlora_gossip.robust.STRATEGIES): clipped (bounded "
+        "weights, direction check, per-layer norm clipping; rejections recorded), trimmed, median, or mean "
+        "(the plain masked average, the behaviour before issue 22)",
+    )
     seed: int = _setting(0, help="seed of data splits, projections and training")
     eval_batch_size: int = _setting(16, help="questions per evaluation batch")
     hub: str | None = _setting(None, help="none: a LocalHub under the run directory; else an http(s):// Hub endpoint")

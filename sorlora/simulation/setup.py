@@ -82,7 +82,7 @@ def terms_for(cfg: ExperimentConfig, method: str, *, base_model: str, fingerprin
         inter_cluster_every=cfg.inter_cluster_every, s_max=cfg.s_max, degree=cfg.degree,
         router_top_k=cfg.router_top_k, router_refine=cfg.router_refine, max_members=cfg.peers,
         router=cfg.router, centroid_epsilon=cfg.centroid_epsilon,
-        round_timeout_s=cfg.pull_timeout, publish_base=base_model == TINY_BASE_ID,
+        round_timeout_s=cfg.pull_timeout, publish_base=base_model == TINY_BASE_ID, aggregation=cfg.aggregation,
     )  # fmt: skip
 
 
