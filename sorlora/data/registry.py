@@ -123,6 +123,17 @@ def _word_polarity() -> Pools:
     return {"all": examples}
 
 
+def _one_label_words(labels: dict[str, set[str]], names: tuple[str, ...], question: str) -> list[Example]:
+    """A multiple-choice example per word that carries exactly one of ``names`` (``question`` lists them)."""
+    listed = ", ".join(names[:-1]) + " or " + names[-1]
+    return [
+        Example(f"Word: {word}\n{question.format(listed=listed)}", tuple(continuation(n) for n in names),
+                names.index(next(iter(found))))
+        for word, found in sorted(labels.items())
+        if len(found) == 1
+    ]  # fmt: skip
+
+
 WORD_CATEGORIES = {"HU": "person", "PLACE": "place", "ANI": "animal", "Food": "food", "Tool": "tool"}
 
 
@@ -140,13 +151,7 @@ def _word_category() -> Pools:
         if word.isalpha() and tags:
             found.setdefault(word, set()).update(tags)
     names = tuple(WORD_CATEGORIES.values())
-    listed = ", ".join(names[:-1]) + " or " + names[-1]
-    examples = [
-        Example(f"Word: {word}\nWhat is it ({listed})?", tuple(continuation(n) for n in names),
-                names.index(next(iter(tags))))
-        for word, tags in sorted(found.items())
-        if len(tags) == 1
-    ]  # fmt: skip
+    examples = _one_label_words(found, names, "What is it ({listed})?")
     return {"all": examples}
 
 
@@ -197,13 +202,7 @@ def _moral_foundation() -> Pools:
         foundation = row["cat"].split(".")[0]
         if foundation in MORAL_FOUNDATIONS:
             foundations.setdefault(row["term"].strip().lower(), set()).add(foundation)
-    listed = ", ".join(MORAL_FOUNDATIONS[:-1]) + " or " + MORAL_FOUNDATIONS[-1]
-    examples = [
-        Example(f"Word: {word}\nMoral foundation ({listed}):", tuple(continuation(f) for f in MORAL_FOUNDATIONS),
-                MORAL_FOUNDATIONS.index(next(iter(found))))
-        for word, found in sorted(foundations.items())
-        if len(found) == 1
-    ]  # fmt: skip
+    examples = _one_label_words(foundations, MORAL_FOUNDATIONS, "Moral foundation ({listed}):")
     return {"all": examples}
 
 
