@@ -14,6 +14,7 @@ PACKAGE_LAYERS = {"model_cards": 0, "peft_sorlora": 1, "moe_router": 2, "sorlora
 SORLORA_LAYERS = {
     "sorlora": 0,  # the package itself (sets OMP_WAIT_POLICY)
     "sorlora.atomic": 0,
+    "sorlora.fields": 0,
     "sorlora.data": 0,
     "sorlora.methods": 0,
     "sorlora.runtime": 1,

@@ -66,3 +66,17 @@ def test_every_option_has_help(argv):
         sub = sub._subparsers._group_actions[0].choices[argv[1]]
     for action in sub._actions:
         assert action.help, (argv, action.option_strings)
+
+
+def test_collab_create_help_lists_every_term_with_its_default_and_meaning(capsys):
+    import dataclasses
+
+    from sorlora.protocol.terms import CollabTerms
+
+    with pytest.raises(SystemExit):
+        main(["collab", "create", "--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(CollabTerms):
+        assert f"  {f.name} (" in text, f"term {f.name} is not in collab create --help"
+        assert f.metadata.get("help") and f.metadata["help"][:30] in " ".join(text.split()), f.name
+    assert "round_timeout_s (float; default 600.0)" in text and "base_model (str; required)" in text

@@ -166,11 +166,17 @@ def add_collab_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``collab create``, ``collab status`` and ``peer`` to an argparse subparsers object (each sets ``func``)."""
     collab = subparsers.add_parser("collab", help="create or inspect a collaboration repo")
     sub = collab.add_subparsers(dest="collab_command", required=True)
-    create = sub.add_parser("create", help="write the pinned terms of a new collaboration")
+    from ..fields import fields_help
+    from ..protocol.terms import CollabTerms
+
+    create = sub.add_parser("create", help="write the pinned terms of a new collaboration",
+                            description="Write the pinned terms (collab.json) of a new collaboration repo.",
+                            epilog="terms (the keys of --config's JSON object):\n" + fields_help(CollabTerms),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _hub_arguments(create)
     create.add_argument("--config", required=True, metavar="TERMS.json",
-                        help="JSON object of the terms (sorlora.protocol.terms.CollabTerms fields); base_fingerprint is "
-                             "computed from the base when missing")  # fmt: skip
+                        help="JSON object of the terms listed below; base_fingerprint is computed from the base when "
+                        "missing")  # fmt: skip
     create.add_argument("--model", default=None, metavar="PATH_OR_ID", help="local copy of the base to fingerprint")
     create.add_argument("--exist-ok", action="store_true", help="accept an existing collaboration with equal terms")
     create.set_defaults(func=_create)

@@ -112,7 +112,13 @@ class CollabTerms:
     registration_deadline_s: float | None = field(
         default=None, metadata={"help": "seconds after creation (hub commit times) when registration closes"}
     )
-    round_timeout_s: float = field(default=60.0, metadata={"help": "seconds a peer waits for a neighbour's round"})
+    round_timeout_s: float = field(
+        default=600.0,
+        metadata={
+            "help": "seconds a peer waits for a neighbour's round "
+            "(a restarted peer reloads the base first: minutes on a loaded machine)"
+        },
+    )
     publish_base: bool = field(
         default=False, metadata={"help": "ship the base weights in each peer's MoE repo (base not on the Hub)"}
     )

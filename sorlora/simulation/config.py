@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..fields import fields_help, type_name
 from ..methods.specs import METHODS, method_names
 
 __all__ = [
@@ -268,27 +269,12 @@ def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(ExperimentConfig)
 
 
-def _type_name(hint: Any) -> str:
-    """A short human name of a field type (``int``, ``int or none``, ``list of str``, ``one of a, b``)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return " or ".join(_type_name(a) for a in inner) + " or none"
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, args))
-    if origin is tuple:
-        return f"list of {_type_name(args[0])}"
-    if origin is dict:
-        return f"JSON object of {_type_name(args[1])}"
-    return getattr(hint, "__name__", str(hint))
-
-
 def _checked(name: str, hint: Any, value: Any) -> Any:
     """``value`` as type ``hint`` (lists to tuples, ints to floats), or a :class:`ConfigError` naming ``name``."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
 
     def wrong() -> ConfigError:
-        return ConfigError(f"{name} must be {_type_name(hint)}, got {value!r}")
+        return ConfigError(f"{name} must be {type_name(hint)}, got {value!r}")
 
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -381,16 +367,7 @@ def apply_settings(cfg: ExperimentConfig, items: typing.Sequence[str]) -> Experi
 
 def settings_help() -> str:
     """Every setting with its type, default and help, one per line (the epilog of ``sorlora run --help``)."""
-    hints = _field_types()
-    lines = []
-    for f in dataclasses.fields(ExperimentConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = "none" if default is None else json.dumps(list(default) if isinstance(default, tuple) else default)
-        if len(shown) > 60:
-            shown = shown[:57] + "..."
-        lines.append(f"  {f.name} ({_type_name(hints[f.name])}; default {shown})")
-        lines.append(f"      {f.metadata.get('help', '(undocumented)')}")
-    return "\n".join(lines)
+    return fields_help(ExperimentConfig)
 
 
 PRESETS: dict[str, ExperimentConfig] = {
