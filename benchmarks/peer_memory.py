@@ -101,10 +101,10 @@ class _PlanOnce:
     def __init__(self, compute) -> None:
         self.compute, self.plans = compute, {}
 
-    def __call__(self, terms, registrations, *, collab_commit):
-        key = (terms.sha256(), collab_commit, tuple(r.peer for r in registrations))
+    def __call__(self, terms, registrations, *, collab_commit, **options):
+        key = (terms.sha256(), collab_commit, tuple(r.peer for r in registrations), repr(sorted(options.items())))
         if key not in self.plans:
-            self.plans[key] = self.compute(terms, registrations, collab_commit=collab_commit)
+            self.plans[key] = self.compute(terms, registrations, collab_commit=collab_commit, **options)
         return copy.deepcopy(self.plans[key])
 
 
