@@ -101,7 +101,10 @@ def lori_and_local(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Published, "score_view", spy)
-        summary = run_experiment(TINY.replace(methods=("lori", "local"), rounds=1), run_dir, progress=False)
+        # the plain average (mean): this checks the forward rule's arithmetic; tests/test_protocol_robust.py the
+        # robust default
+        summary = run_experiment(TINY.replace(methods=("lori", "local"), rounds=1, aggregation="mean"), run_dir,
+                                 progress=False)  # fmt: skip
     return run_dir, summary
 
 
@@ -111,7 +114,7 @@ def test_a_lori_peer_holds_the_average_on_the_union_of_its_neighbourhood_masks(l
     from sorlora_gossip.aggregation import masked_average_updates
 
     run_dir, summary = lori_and_local
-    hub, _ = open_run_hub(TINY, run_dir)
+    hub, _ = open_run_hub(TINY.replace(aggregation="mean"), run_dir)
     plan = json.loads(hub.read_bytes(hub.repo_id(f"{TINY.hub_namespace}/collab-lori"), "plan.json", revision="main"))
     me = plan["members"][0]
     neighbours = plan["neighbours"][me]
@@ -164,7 +167,7 @@ def test_lori_still_sends_only_its_own_mask_and_differs_from_local(lori_and_loca
     lori, local = summary["methods"]["lori"], summary["methods"]["local"]
     from sorlora.simulation.setup import open_run_hub
 
-    hub, _ = open_run_hub(TINY, run_dir)
+    hub, _ = open_run_hub(TINY.replace(aggregation="mean"), run_dir)
     own = _round_update(hub, f"{TINY.hub_namespace}/lori-peer00", 0)
     # bytes: every link carries one peer's own masked values (round 0: plus its structure), never the union
     assert lori["params_transmitted_per_round"] == pytest.approx(sum(int(m.sum()) for m in own.masks.values()))
@@ -188,7 +191,7 @@ def test_the_evaluator_scores_the_published_neighbourhood_and_refuses_bad_parts(
     from sorlora_gossip.layout import NEIGHBOURHOOD_DIR
 
     run_dir, _ = lori_and_local
-    hub, _ = open_run_hub(TINY, run_dir)
+    hub, _ = open_run_hub(TINY.replace(aggregation="mean"), run_dir)
     plan = json.loads(hub.read_bytes(hub.repo_id(f"{TINY.hub_namespace}/collab-lori"), "plan.json", revision="main"))
     cls = METHOD_SPECS["lori"].kind.payload_cls
     parts = {p: cls.from_bytes(hub.read_bytes(hub.repo_id(p), "expert.safetensors", revision="final"))

@@ -19,7 +19,10 @@ from sorlora.simulation.setup import open_run_hub
 from .test_simulation_runner import TINY
 
 TRAINED: list[tuple[str, str, tuple[str, ...]]] = []  # (method, trained adapter, active adapters) per train call
-COTRAIN = TINY.replace(methods=("solora-union", "solora-single", "solora-cotrain"), rounds=3, s_max=0.2)
+# the plain average (mean): these tests check each rule's arithmetic exactly; tests/test_protocol_robust.py the
+# robust default
+COTRAIN = TINY.replace(methods=("solora-union", "solora-single", "solora-cotrain"), rounds=3, s_max=0.2,
+                       aggregation="mean")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
