@@ -45,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _no_library_progress_bars() -> None:
+    """``--no-progress`` also silences the libraries' bars (GGUF de-quantizing, weight loading, downloads)."""
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sorlora`` console script; returns the exit code (2 for every user error)."""
     parser = build_parser()
@@ -52,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if getattr(args, "no_progress", False):
+        _no_library_progress_bars()
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
         return int(func(args) or 0)
