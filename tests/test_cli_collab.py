@@ -80,3 +80,12 @@ def test_collab_create_help_lists_every_term_with_its_default_and_meaning(capsys
         assert f"  {f.name} (" in text, f"term {f.name} is not in collab create --help"
         assert f.metadata.get("help") and f.metadata["help"][:30] in " ".join(text.split()), f.name
     assert "round_timeout_s (float; default 600.0)" in text and "base_model (str; required)" in text
+
+
+def test_a_peer_without_task_says_which_name_it_publishes(tmp_path, capsys):
+    good = write_examples(tmp_path / "phone-data.jsonl", synthetic_task("synthetic-alpha", n_train=4, n_test=2).train)
+    code = main(["peer", "--hub", str(tmp_path / "hub"), "--collab", "lab/none", "--peer-id", "ann/dev", "--data",
+                 str(good), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "task: 'phone-data', the data file's name (--task NAME publishes another)", err
+    assert code == 2 and len(err) == 2 and "lab/none" in err[1], "then the missing collaboration, one line"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 __all__ = ["add_collab_commands", "load_peer_data"]
@@ -136,6 +137,8 @@ def _peer(args: argparse.Namespace) -> int:
     hub = _open(args, namespace=args.peer_id.split("/")[0] if "/" in args.peer_id else None)
     peer_id = args.peer_id if "/" in args.peer_id else f"{hub.namespace}/{args.peer_id}"
     data = load_peer_data(args.data, args.task)
+    if args.task is None:  # the registration and the cards publish the task's name: say which one was taken
+        print(f"task: {data.task!r}, the data file's name (--task NAME publishes another)", file=sys.stderr)
     position = None
     if args.position_mm:
         x, _, y = args.position_mm.partition(",")
