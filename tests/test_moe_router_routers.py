@@ -339,3 +339,41 @@ def test_sequence_router_travels_as_remote_code(base_dir, moe_parts, tmp_path): 
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[0, 0, 1, 1] 0.0"
+
+
+def test_sequence_moe_pushed_to_a_hub_server_routes_as_in_memory(base_dir, moe_parts, tmp_path, hub_server):  # noqa: F811
+    """Pushed to a Hub-compatible server over HTTP and loaded with AutoModelForCausalLM in another process: every
+    prompt goes to the same cluster as in memory, with the same logits (issue 21's Hub round trip)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub_server.endpoint)
+    api.create_repo("test/tiny-base", exist_ok=True)
+    api.upload_folder(repo_id="test/tiny-base", folder_path=base_dir)
+    moe = build(base_dir, moe_parts, router="sequence")
+    moe.config.base_model_name_or_path = "test/tiny-base"  # the base as users find it on the hub
+    batch = {k: torch.cat([prompts(0, seed=90)[k], prompts(1, seed=90)[k]]) for k in ("input_ids", "attention_mask")}
+    expected = run(moe, batch)
+    chosen = moe.routing_choices()["sequence"].flatten().tolist()
+    assert chosen == [0] * 4 + [1] * 4, "in memory, every prompt goes to its task's cluster"
+    moe.save_pretrained(tmp_path / "moe")
+    api.create_repo("test/sequence-moe", exist_ok=True)
+    api.upload_folder(repo_id="test/sequence-moe", folder_path=str(tmp_path / "moe"))
+    save_file({**batch, "logits": expected}, str(tmp_path / "ref.safetensors"))
+    script = f"""
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        import moe_router
+        ref = load_file({str(tmp_path / "ref.safetensors")!r})
+        model = AutoModelForCausalLM.from_pretrained("test/sequence-moe")
+        assert isinstance(model, moe_router.ImplicitMoEForCausalLM) and model.config.router == "sequence"
+        with torch.no_grad():
+            out = model(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"]).logits
+        print(model.routing_choices()["sequence"].flatten().tolist(), float((out - ref["logits"]).abs().max()))
+    """
+    env = dict(os.environ, HF_ENDPOINT=hub_server.endpoint, HF_HUB_DISABLE_XET="1")
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == f"{chosen} 0.0"
