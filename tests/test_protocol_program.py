@@ -15,7 +15,7 @@ from sorlora.data.synthetic import synthetic_task
 from sorlora.protocol.collab import Collaboration, RegistrationClosed, create_collaboration
 from sorlora.protocol.plan import PlanMismatch, compute_plan
 from sorlora.protocol.program import PeerData, PeerProgram
-from sorlora.protocol.terms import CollabTerms, TermsError
+from sorlora.protocol.terms import CollabTerms, Registration, TermsError
 from sorlora.runtime.model_loading import TINY_BASE_ID, load_base
 from sorlora.simulation.engines.local import InProcessEngine
 from sorlora_gossip import LocalHub
@@ -132,6 +132,18 @@ def test_a_peer_refuses_terms_it_did_not_agree_to(tmp_path):
                           data=PeerData(task="t", train=DATA["synthetic-alpha"]), expected_terms=wrong)  # fmt: skip
     with pytest.raises(TermsError, match="this peer agreed to"):
         refused.step()
+
+
+def test_a_registration_commits_only_the_members_own_files_with_it(tmp_path):
+    hub = LocalHub(tmp_path / "hub", namespace="lab")
+    collab = create_collaboration(hub, "lab/c", TERMS)
+    reg = Registration(peer="ann/dev", user="ann", task="t", n_train=4, terms_sha256=collab.terms().sha256())
+    with pytest.raises(ValueError, match="not files of ann/dev"):
+        collab.register(reg, files={"members/bob/dev.centroids.safetensors": b"x"})
+    sha = collab.register(reg, files={"members/ann/dev.centroids.safetensors": b"x"})
+    files = hub.list_files("lab/c", revision=sha)
+    assert {"members/ann/dev.json", "members/ann/dev.centroids.safetensors"} <= set(files)
+    assert not any(f.startswith("members/bob/") for f in files), "the refused call committed nothing"
 
 
 def test_the_base_must_be_the_pinned_one(tmp_path):

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -45,7 +46,7 @@ from sorlora_gossip.untrusted import MAX_JSON_BYTES, read_json
 
 from .terms import COLLAB_FORMAT, CollabTerms, Registration, TermsError
 
-__all__ = ["Collaboration", "RegistrationClosed", "create_collaboration", "stats_path"]
+__all__ = ["Collaboration", "RegistrationClosed", "create_collaboration", "read_capped", "stats_path"]
 
 logger = logging.getLogger(__name__)
 MAX_STATS_BYTES = 16 << 20
@@ -65,7 +66,8 @@ def _time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def _read_capped(hub: Hub, repo_id: str, path: str, revision: str, limit: int) -> bytes:
+def read_capped(hub: Hub, repo_id: str, path: str, revision: str, limit: int) -> bytes:
+    """``path`` of ``repo_id`` at ``revision``, at most ``limit`` bytes (a larger file is a ``TermsError``)."""
     try:
         return hub.read_bytes(repo_id, path, revision=revision, max_bytes=limit)
     except RequestTooLarge as exc:
@@ -204,16 +206,27 @@ class Collaboration:
         self.hub.create_commit(self.repo_id, {marker: body}, commit_message=f"{peer}: registration deadline passed")
         return self.closing()
 
-    def register(self, registration: Registration, *, stats: dict[str, torch.Tensor] | None = None) -> str:
-        """Commit ``registration`` (and the member's task statistics); idempotent; refused once registration closed."""
+    def register(
+        self,
+        registration: Registration,
+        *,
+        stats: dict[str, torch.Tensor] | None = None,
+        files: Mapping[str, bytes] | None = None,
+    ) -> str:
+        """Commit ``registration`` with the member's task statistics and other ``files`` of its own (e.g. the
+        sequence router's centroids) in one commit; idempotent; refused once registration closed."""
         user, name = registration.peer.split("/", 1)
         path = member_path(user, name)
+        own = path.removesuffix(".json") + "."
+        foreign = [f for f in files or {} if not f.startswith(own)]
+        if foreign:
+            raise ValueError(f"register: {foreign} are not files of {registration.peer} (they must start with {own})")
         closing = self.closing()
         if closing is not None:
             if any(r.peer == registration.peer for r in closing.registrations):
                 return closing.commit
             raise self.refusal(closing, registration.peer)
-        files: dict[str, bytes] = {path: json.dumps(registration.to_dict(), indent=1, sort_keys=True).encode()}
+        files = {**(files or {}), path: json.dumps(registration.to_dict(), indent=1, sort_keys=True).encode()}
         if stats is not None:
             files[stats_path(user, name)] = save_safetensors({k: v.contiguous() for k, v in sorted(stats.items())})
         try:
@@ -241,7 +254,7 @@ class Collaboration:
         """A member's task statistics (layer -> mean input), validated: finite float tensors only."""
         user, name = peer.split("/", 1)
         path = stats_path(user, name)
-        data = _read_capped(self.hub, self.repo_id, path, revision, MAX_STATS_BYTES)
+        data = read_capped(self.hub, self.repo_id, path, revision, MAX_STATS_BYTES)
         try:
             tensors = load_safetensors(data)
         except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted bytes is a refusal

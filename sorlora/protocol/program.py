@@ -58,7 +58,7 @@ from ..runtime.sharing import TensorPool
 from ..runtime.workspace import Workspace, adapter_name, answer_loss
 from .collab import Collaboration
 from .plan import PlanMismatch, compute_plan, majority, plan_differences
-from .publish import publish_centroids, publish_final
+from .publish import centroid_bytes, centroids_path, publish_final
 from .state import (
     STRUCTURES_FILE,
     experts_path,
@@ -341,8 +341,10 @@ class PeerProgram:
                 ws.remove_adapter(scratch)
         if self.spec.inter_cluster:
             stats = self._task_statistics(calib, sorted(kept or self._layer_keys()))
+        files = {}
         if self.spec.final == "moe":  # the sequence router's centroids travel with the registration
-            publish_centroids(self, *self._centroids(sorted(kept or self._layer_keys())))
+            centroids, pool_layer = self._centroids(sorted(kept or self._layer_keys()))
+            files[centroids_path(self.user, self.name)] = centroid_bytes(centroids, pool_layer)
         from peft_sorlora import __version__
 
         registration = Registration(
@@ -350,7 +352,7 @@ class PeerProgram:
             terms_sha256=self.terms.sha256(), position_mm=self.position_mm, kept=kept, sizes=sizes,
             value_bytes=value_bytes, software=f"sorlora {__version__}",
         )  # fmt: skip
-        self.collab.register(registration, stats=stats)
+        self.collab.register(registration, stats=stats, files=files)
         self._save(phase="plan")
 
     def _layer_keys(self) -> list[str]:

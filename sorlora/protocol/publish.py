@@ -8,7 +8,7 @@ implicit mixture of experts of all clusters, ``<peer>-moe``). How an evaluator s
 
 The MoE's ``sequence`` router needs every cluster's centroids: each member of an MoE method registers, beside its
 task statistics, up to :data:`~moe_router.centroids.MAX_CENTROIDS` centroids of its training prompts' mean-pooled
-hidden states on the bare base (``members/<user>/<peer>.centroids.safetensors``, :func:`publish_centroids`; with
+hidden states on the bare base (``members/<user>/<peer>.centroids.safetensors``, :func:`centroid_bytes`, committed with its registration; with
 ``centroid_epsilon`` in the terms, Gaussian noise is added first). A publishing peer reads them back at the plan's
 pinned commit with :func:`read_centroids` (size cap, 2-D shape, at most ``MAX_CENTROIDS`` rows, the pooled layer's
 width, finite values, the same pooling layer): an invalid or missing file only leaves that member's centroids out.
@@ -33,7 +33,7 @@ from moe_router.centroids import MAX_CENTROIDS
 from moe_router.configuration import EXPERTS_FILE
 from peft_sorlora import PayloadError
 from sorlora_gossip.cards import publish_adapter
-from sorlora_gossip.hub.base import DEFAULT_BRANCH, EntryNotFound, RequestTooLarge, RevisionNotFound
+from sorlora_gossip.hub.base import EntryNotFound, RevisionNotFound
 from sorlora_gossip.layout import (
     EXPERT_FILE,
     FINAL_TAG,
@@ -44,6 +44,7 @@ from sorlora_gossip.layout import (
 )
 
 from ..runtime.moe import build_moe
+from .collab import read_capped
 from .terms import TermsError
 
 __all__ = [
@@ -55,7 +56,6 @@ __all__ = [
     "centroids_path",
     "experts_for_moe",
     "moe_centroids",
-    "publish_centroids",
     "publish_final",
     "read_centroids",
 ]
@@ -186,20 +186,6 @@ def centroid_bytes(centroids: torch.Tensor, pool_layer: str) -> bytes:
                             metadata={"format": CENTROIDS_FORMAT, "pool_layer": pool_layer})  # fmt: skip
 
 
-def publish_centroids(program: Any, centroids: torch.Tensor, pool_layer: str) -> None:
-    """Commit the member's centroids file to the collaboration repo (before its registration; once: an identical
-    file already there is not committed again)."""
-    collab = program.collab
-    path = centroids_path(program.user, program.name)
-    data = centroid_bytes(centroids, pool_layer)
-    try:
-        if collab.hub.read_bytes(collab.repo_id, path, revision=DEFAULT_BRANCH) == data:
-            return
-    except EntryNotFound:
-        pass
-    collab.hub.create_commit(collab.repo_id, {path: data}, commit_message=f"{program.peer_id}: routing centroids")
-
-
 def _metadata(data: bytes) -> dict[str, str]:
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + length])
@@ -212,11 +198,9 @@ def read_centroids(hub: Any, repo_id: str, peer: str, *, revision: str, pool_lay
     path = centroids_path(user, name)
     where = f"{repo_id}/{path}@{revision[:12]}"
     try:
-        data = hub.read_bytes(repo_id, path, revision=revision, max_bytes=MAX_CENTROID_BYTES)
+        data = read_capped(hub, repo_id, path, revision, MAX_CENTROID_BYTES)
     except EntryNotFound as exc:
         raise TermsError(f"{where}: no centroids registered") from exc
-    except RequestTooLarge as exc:
-        raise TermsError(f"{where}: larger than the {MAX_CENTROID_BYTES} bytes allowed") from exc
     try:
         tensors, meta = load_safetensors(data), _metadata(data)
     except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted bytes is a refusal
