@@ -79,14 +79,14 @@ class Hostile(PeerProgram):
         if self.attack_registration is not None:
             register, change = self.collab.register, self.attack_registration
 
-            def hostile(registration, stats=None):
+            def hostile(registration, stats=None, files=None):
                 if change == "kept":  # more kept entries than the layer has
                     sizes = registration.sizes or {"model.layers.0.self_attn.q_proj": 64}
                     registration = dataclasses.replace(registration, sizes=sizes,
                                                        kept={k: v + 1 for k, v in sizes.items()})  # fmt: skip
                 else:
                     registration = dataclasses.replace(registration, **change)
-                return register(registration, stats=stats)
+                return register(registration, stats=stats, files=files)
 
             self.collab.register = hostile
         super()._register()
