@@ -76,6 +76,7 @@ __all__ = [
     "get_strategy",
     "register",
     "robust_fedavg",
+    "full_masks",
     "robust_masked_average",
     "robust_masked_average_updates",
 ]
@@ -564,6 +565,12 @@ def robust_masked_average_updates(
                                  own=own, round=round, reference=reference)  # fmt: skip
 
 
+def full_masks(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A dense state as a sparse member that holds every entry: an all-true mask per tensor (dense LoRA's FedAvg
+    as a masked average)."""
+    return {k: torch.ones(t.shape, dtype=torch.bool) for k, t in state.items()}
+
+
 def robust_fedavg(
     state_dicts: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[object] | None = None,
@@ -579,7 +586,7 @@ def robust_fedavg(
     full = []
     for sd in state_dicts:
         try:
-            full.append({k: torch.ones(t.shape, dtype=torch.bool) for k, t in sd.items()})
+            full.append(full_masks(sd))
         except AttributeError:
             full.append(None)
     return robust_masked_average(state_dicts, full, weights, strategy=strategy, peers=peers, own=own, round=round,

@@ -24,7 +24,7 @@ import torch
 
 from sorlora_gossip.aggregation import member_views
 from sorlora_gossip.dense import DenseUpdate
-from sorlora_gossip.robust import Aggregate, aggregate_never_die
+from sorlora_gossip.robust import Aggregate, aggregate_never_die, full_masks
 
 __all__ = ["AGGREGATIONS", "FORWARD_RULES", "Combined", "ForwardRule", "Group", "cluster_expert"]
 
@@ -109,7 +109,7 @@ def _fedavg(group: Group) -> Combined:
     and the own one."""
     members, order = group.members, group.order
     values = [members[q].values for q in order]
-    masks = [{k: torch.ones(t.shape, dtype=torch.bool) for k, t in v.items()} for v in values]
+    masks = [full_masks(v) for v in values]
 
     def to_parts(avg):
         return {group.me: DenseUpdate(values=dict(avg), metadata=group.own.metadata)}
