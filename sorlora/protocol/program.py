@@ -84,10 +84,12 @@ CENTROID_PROMPTS = 64  # training prompts a member's sequence-router centroids a
 
 @dataclass(frozen=True)
 class PeerData:
-    """A peer's own data: the task's name and its training examples (never leaves the device)."""
+    """A peer's own data: the task's name, its training examples and the questions it holds back to score the final
+    models on (``test``, the terms' ``test_share``; never trained on). None of it leaves the device."""
 
     task: str
     train: Sequence[Example]
+    test: Sequence[Example] = ()
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -200,12 +202,7 @@ class PeerProgram:
         """Terms, workspace, batches; after the plan: adapter, hub peer, structures and view, from disk and hub."""
         if self._ready:
             return
-        self.terms = self.collab.terms()
-        if self.expected_terms is not None and not self.terms.sha256().startswith(self.expected_terms.lower()):
-            raise TermsError(
-                f"collaboration {self.collab.repo_id} has terms {self.terms.sha256()[:12]}, "
-                f"not the {self.expected_terms[:12]} this peer agreed to: refusing to take part"
-            )
+        self.terms = self._agreed_terms()
         self.spec = self.terms.spec
         self.kind = self.spec.kind
         if self._workspace_factory is not None:
@@ -226,6 +223,37 @@ class PeerProgram:
         if "plan" in self.state and self.phase != "calibrate":
             self._restore()
         self._ready = True
+
+    def _agreed_terms(self) -> CollabTerms:
+        """The collaboration's terms, refused unless they are the ``expected_terms`` this member agreed to."""
+        terms = self.collab.terms()
+        if self.expected_terms is not None and not terms.sha256().startswith(self.expected_terms.lower()):
+            raise TermsError(
+                f"collaboration {self.collab.repo_id} has terms {terms.sha256()[:12]}, "
+                f"not the {self.expected_terms[:12]} this peer agreed to: refusing to take part"
+            )
+        return terms
+
+    def preflight(self) -> CollabTerms:
+        """Everything this member can check without the base model, before it loads (a model load takes seconds to
+        minutes; these are a few small reads): the collaboration exists, its terms parse and are the ones agreed to,
+        and, before registering, registration is still open or closed with this peer among its members. Raises the
+        error :meth:`step` would raise after the load; returns the terms."""
+        terms = self._agreed_terms()
+        if self.phase == "register":
+            closing = self.collab.closing()
+            if closing is not None and self.peer_id not in [r.peer for r in closing.registrations]:
+                raise self.collab.refusal(closing, self.peer_id)
+        return terms
+
+    def rounds_done(self) -> int:
+        """Gossip rounds this member has finished (trained, pushed, pulled and aggregated): what its progress counts."""
+        phase, r = self.phase, self.state["round"]
+        if phase in ("register", "plan", "calibrate"):
+            return 0
+        if phase in ("train", "pull"):
+            return r
+        return r + 1 if phase == "exchange" else self.collab.terms().rounds
 
     def _restore(self) -> None:
         """Rebuild after a restart: the own structure, the known structures, the view after the last round."""
@@ -300,16 +328,24 @@ class PeerProgram:
             self.tensor_pool.share(self.view, self.structure, self.experts, getattr(self, "_own", None))
         return self.phase
 
-    def run(self, *, max_seconds: float | None = None) -> dict[str, Any]:
-        """Step until done, sleeping ``poll_interval`` while waiting; returns the final state."""
+    def run(self, *, max_seconds: float | None = None, heartbeat: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Step until done, sleeping ``poll_interval`` while waiting; returns the final state. One progress bar
+        counts the finished rounds forward (its ETA from their pace), the phase beside it. ``heartbeat`` is called
+        after every step (e.g. to renew this copy's claim of the peer id)."""
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
-        bar = tqdm(total=len(self.PHASES) - 1, desc=self.peer_id, disable=not self.progress)
+        done = self.rounds_done()
+        bar = tqdm(total=self.collab.terms().rounds, initial=done, desc=self.peer_id, unit="round",
+                   disable=not self.progress, dynamic_ncols=True)  # fmt: skip
         try:
             while not self.done:
                 self.step()
-                bar.set_postfix(phase=self.phase, round=self.state["round"])
-                bar.n = min(self.PHASES.index(self.phase), bar.total)
-                bar.refresh()
+                if heartbeat is not None:
+                    heartbeat()
+                now = self.rounds_done()
+                if now > done:
+                    bar.update(now - done)
+                    done = now
+                bar.set_postfix_str(f"{self.phase}{' (waiting)' if self.waiting else ''}", refresh=True)
                 if self.waiting:
                     if deadline is not None and time.monotonic() > deadline:
                         raise TimeoutError(f"peer {self.peer_id}: still waiting in phase {self.phase} after "

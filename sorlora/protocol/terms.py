@@ -134,6 +134,13 @@ class CollabTerms:
                   "rejected or clipped is recorded with peer, round and reason"},
     )  # fmt: skip
 
+    test_share: float = field(
+        default=0.1,
+        metadata={"help": "share of a member's own data file held back from training (split by a seeded hash of the "
+                  "prompts; a file's own split=test records and a registry task's test split are used instead): "
+                  "`sorlora peer` scores its final adapter and the collaboration's MoE on it at the end; 0: none"},
+    )  # fmt: skip
+
     def __post_init__(self) -> None:
         _portable(self.base_model)
         if self.method not in METHOD_SPECS:
@@ -169,6 +176,9 @@ class CollabTerms:
         eps = self.centroid_epsilon
         if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf):
             raise TermsError(f"collab.json: centroid_epsilon must be a positive number or null, got {eps!r}")
+        share = self.test_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+            raise TermsError(f"collab.json: test_share must be a number in [0, 1), got {share!r}")
         if self.inter_cluster_every < 0:
             raise TermsError(f"collab.json: inter_cluster_every must be >= 0, got {self.inter_cluster_every}")
 
