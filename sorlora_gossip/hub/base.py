@@ -240,11 +240,15 @@ def validate_path(path: str) -> str:
 
 @dataclass(frozen=True)
 class CommitEntry:
-    """One commit of a repo's history: its sha, summary message and creation time (ISO 8601, UTC)."""
+    """One commit of a repo's history: its sha, summary message, creation time (ISO 8601, UTC) and ``authors``: the
+    users the hub authenticated for it (on the Hub and on ``hub-serve`` with tokens, the writer's user name; empty
+    where an open hub authenticated nobody). Only the hub writes ``authors``: a committer cannot choose them, which
+    is what makes them evidence of who wrote a file (:mod:`sorlora.protocol.collab` reads them)."""
 
     sha: str
     message: str
     created_at: str
+    authors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -365,6 +369,12 @@ class Hub(ABC):
         validate_repo_id(repo_id)
         return dict(sorted(self._file_sizes(repo_id, revision=validate_revision(revision)).items()))
 
+    def file_ids(self, repo_id: str, *, revision: str = DEFAULT_BRANCH) -> dict[str, str]:
+        """Path -> git blob id of every file at ``revision``, without downloading any: equal ids, equal contents,
+        so comparing two commits' ids finds the files a commit changed."""
+        validate_repo_id(repo_id)
+        return dict(sorted(self._file_ids(repo_id, revision=validate_revision(revision)).items()))
+
     def list_files(self, repo_id: str, *, revision: str = DEFAULT_BRANCH) -> list[str]:
         """Sorted paths of the files in the tree at ``revision``."""
         return list(self.file_sizes(repo_id, revision=revision))
@@ -424,6 +434,9 @@ class Hub(ABC):
 
     @abstractmethod
     def _file_sizes(self, repo_id: str, *, revision: str) -> dict[str, int]: ...
+
+    @abstractmethod
+    def _file_ids(self, repo_id: str, *, revision: str) -> dict[str, str]: ...
 
     @abstractmethod
     def _list_commits(self, repo_id: str, *, revision: str) -> list[CommitEntry]: ...

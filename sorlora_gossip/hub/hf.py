@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi, constants, hf_hub_url
@@ -334,21 +334,29 @@ class HfHub(Hub):
                 Path(tmp).unlink(missing_ok=True)
                 raise
 
-    def _file_sizes(self, repo_id: str, *, revision: str) -> dict[str, int]:
-        what = f"file_sizes {repo_id}@{revision}"
+    def _tree(self, repo_id: str, revision: str) -> list[Any]:
+        """The files (``RepoFile``: path, size, blob id) at ``revision``, without the Hub's ``.gitattributes``."""
+        what = f"list_repo_tree {repo_id}@{revision}"
         items = self._call(what, lambda: list(self._api.list_repo_tree(repo_id, revision=revision, recursive=True)),
                            on=(repo_id, revision))  # fmt: skip
-        return {
-            item.path: int(item.size)
-            for item in items
-            if getattr(item, "size", None) is not None and item.path != ".gitattributes"
-        }
+        return [i for i in items if getattr(i, "size", None) is not None and i.path != ".gitattributes"]
+
+    def _file_sizes(self, repo_id: str, *, revision: str) -> dict[str, int]:
+        return {item.path: int(item.size) for item in self._tree(repo_id, revision)}
+
+    def _file_ids(self, repo_id: str, *, revision: str) -> dict[str, str]:
+        return {item.path: str(item.blob_id) for item in self._tree(repo_id, revision)}
 
     def _list_commits(self, repo_id: str, *, revision: str) -> list[CommitEntry]:
         commits = self._call(f"list_commits {repo_id}@{revision}", self._api.list_repo_commits, repo_id,
                              revision=revision, on=(repo_id, revision))  # fmt: skip
         return [
-            CommitEntry(sha=c.commit_id, message=c.title, created_at=c.created_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+            CommitEntry(
+                sha=c.commit_id,
+                message=c.title,
+                created_at=c.created_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                authors=tuple(str(a) for a in c.authors or ()),
+            )
             for c in commits
         ]
 

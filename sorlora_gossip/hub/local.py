@@ -50,6 +50,8 @@ _CHUNK = 1 << 20
 _ZEROS = bytes(_CHUNK)
 # A check run on the head tree under the repo lock just before a commit lands (see LocalHub.commit_check)
 _COMMIT_CHECK: ContextVar[Callable[[dict[str, dict]], None] | None] = ContextVar("local_commit_check", default=None)
+# The user a commit is recorded as written by (see LocalHub.commit_author)
+_COMMIT_AUTHOR: ContextVar[str | None] = ContextVar("local_commit_author", default=None)
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -162,6 +164,9 @@ class LocalHub(Hub):
 
     def _write_commit(self, repo_id: str, tree: dict, parent: str | None, message: str) -> str:
         body = {"parents": [parent] if parent else [], "message": message, "created_at": _now(), "tree": tree}
+        author = _COMMIT_AUTHOR.get()
+        if author is not None:
+            body["authors"] = [author]
         sha = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()
         _atomic_write(self._repo_dir(repo_id) / "commits" / f"{sha}.json", json.dumps(dict(body, sha=sha)).encode())
         return sha
@@ -196,6 +201,16 @@ class LocalHub(Hub):
             yield
         finally:
             _COMMIT_CHECK.reset(token)
+
+    @contextmanager
+    def commit_author(self, user: str) -> Iterator[None]:
+        """Within this block (this thread), commits are recorded as authored by ``user`` (``hub-serve`` passes the
+        user its token authenticated, as the Hub records a commit's authors); outside, commits have no author."""
+        token = _COMMIT_AUTHOR.set(user)
+        try:
+            yield
+        finally:
+            _COMMIT_AUTHOR.reset(token)
 
     def _create_commit(
         self,
@@ -278,12 +293,16 @@ class LocalHub(Hub):
     def _file_sizes(self, repo_id: str, *, revision: str) -> dict[str, int]:
         return {path: int(entry["size"]) for path, entry in self.tree(repo_id, revision=revision).items()}
 
+    def _file_ids(self, repo_id: str, *, revision: str) -> dict[str, str]:
+        return {path: str(entry["oid"]) for path, entry in self.tree(repo_id, revision=revision).items()}
+
     def _list_commits(self, repo_id: str, *, revision: str) -> list[CommitEntry]:
         sha: str | None = self._resolve(repo_id, revision)
         history = []
         while sha:
             commit = self._commit(repo_id, sha)
-            history.append(CommitEntry(sha=sha, message=commit["message"], created_at=commit["created_at"]))
+            history.append(CommitEntry(sha=sha, message=commit["message"], created_at=commit["created_at"],
+                                       authors=tuple(commit.get("authors", ()))))  # fmt: skip
             sha = commit["parents"][0] if commit["parents"] else None
         return history
 

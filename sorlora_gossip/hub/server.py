@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -558,7 +559,8 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and action == "commits":
             history = hub.list_commits(repo_id, revision="/".join(args) or "main")
             return self._json(
-                200, [{"id": c.sha, "title": c.message, "message": "", "authors": [], "date": c.created_at}
+                200, [{"id": c.sha, "title": c.message, "message": "", "authors": [{"user": a} for a in c.authors],
+                       "date": c.created_at}
                       for c in history],
             )  # fmt: skip
         if method == "GET" and action == "tree":
@@ -589,7 +591,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if not owner and not collab_write_allowed(user, list(files), plan_exists=PLAN_FILE in tree):
                     raise HubForbidden(f"{PLAN_FILE} exists in {repo_id!r}: it is written once", repo_id=repo_id)
 
-            with self.server.hub.commit_check(check):
+            author = self.server.hub.commit_author(user) if user is not None else contextlib.nullcontext()
+            with self.server.hub.commit_check(check), author:
                 sha = self.server.hub.create_commit(
                     repo_id,
                     files,
