@@ -113,7 +113,8 @@ def measure_population(base, tokenizer, base_id: str, n: int, root: Path, *, poo
     """Run ``n`` in-process peers to the publish phase; bytes per peer (tensors, Python, RSS) and the adapter's."""
     terms = CollabTerms(
         base_model=base_id, base_fingerprint=base_fingerprint(base), method=METHOD, rank=RANK, sparsity=SPARSITY,
-        rounds=1, local_steps=1, batch_size=2, max_len=32, max_members=n, round_timeout_s=max_seconds, s_max=0.5,
+        rounds=1, local_steps=1, batch_size=2, max_len=32, max_members=n, peers_per_user=n, round_timeout_s=max_seconds,
+        s_max=0.5,
     )  # fmt: skip
     tasks = [synthetic_task(t, n_train=4 * n, n_test=2) for t in ("synthetic-alpha", "synthetic-beta")]
     hub = LocalHub(root / f"hub-{n}-{pooled}", namespace="bench")

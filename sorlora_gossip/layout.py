@@ -6,11 +6,14 @@ Two kinds of repo take part (``../shared/docs/protocol.md``):
   :data:`INFO_FILE` and the card :data:`CARD_FILE`, tagged :func:`round_tag`; only its owner writes it;
 - a **collaboration repo** ``NS/NAME``: :data:`COLLAB_FILE` (the pinned terms, written once by its creator),
   one registration per member at :func:`member_path` (each written only by that member's user) and
-  :data:`PLAN_FILE` (written once, by the first member to commit it; every other member recomputes and checks it).
+  :data:`PLAN_FILE` (written once, by the first member to commit it: a cache nobody is bound by, every member
+  computes its own).
 
 At the end a peer's repo gets one more commit, tagged :data:`FINAL_TAG`: its final own part :data:`EXPERT_FILE`, its
 :data:`REPORT_FILE`, its PEFT adapter and, where its final model needs them, the neighbours' parts under
-:data:`NEIGHBOURHOOD_DIR`; a peer of the MoE method also publishes its implicit MoE as the repo :func:`moe_repo_name`.
+:data:`NEIGHBOURHOOD_DIR`. A collaboration of the MoE method has ONE implicit MoE, :func:`moe_repo_name` in the namespace of
+the member that claimed it first (a claim is :func:`moe_claim_path`, in commit order; see
+:mod:`sorlora.protocol.publish`); a collaboration may host its base once as :func:`base_repo_name`.
 
 A peer is identified by its full repo id; a registration names it. ``hub-serve`` enforces the write rules above
 (:func:`collab_write_allowed`), as the real Hub's namespace permissions do for peer repos.
@@ -46,7 +49,9 @@ __all__ = [
     "check_history",
     "check_metrics",
     "collab_write_allowed",
+    "base_repo_name",
     "member_path",
+    "moe_claim_path",
     "moe_repo_name",
     "parse_peer_info",
     "peer_identity",
@@ -74,9 +79,22 @@ REPORT_FILE = "report.json"  # what the peer did: losses, bytes, neighbours used
 NEIGHBOURHOOD_DIR = "neighbourhood"  # <dir>/<adapter name>.safetensors: a neighbour's part of a peer's final view
 
 
-def moe_repo_name(peer_name: str) -> str:
-    """The name of the repo (in the peer's own namespace) holding a peer's implicit MoE."""
-    return f"{peer_name}-moe"
+def moe_repo_name(collab_name: str) -> str:
+    """The name of the repo holding collaboration ``collab_name``'s implicit MoE (``<collab name>-moe``), created in
+    the namespace of the member whose claim comes first (users create repos only in their own namespace)."""
+    return f"{collab_name}-moe"
+
+
+def moe_claim_path(user: str, peer: str) -> str:
+    """Where member ``user/peer`` claims the collaboration's MoE (the repo it publishes or uses, and the content
+    hash it would build): ``members/<user>/<peer>.moe.claim`` (not ``.json``: never read as a registration)."""
+    return member_path(user, peer).removesuffix(".json") + ".moe.claim"
+
+
+def base_repo_name(collab_name: str) -> str:
+    """The name of the repo (in the collaboration's namespace) where ``collab create --host-base`` puts the pinned
+    base model as a plain transformers repo (weights, config, tokenizer): ``<collab name>-base``."""
+    return f"{collab_name}-base"
 
 
 def round_tag(round: int) -> str:

@@ -2,12 +2,22 @@
 
 Layout (:mod:`sorlora_gossip.layout`): ``collab.json`` (written once by the creator), ``members/<user>/<peer>.json``
 (each member's own registration, plus its task statistics ``<peer>.h0.safetensors`` for the implicit MoE's
-routing) and ``plan.json`` (written once by the first member to commit it; optimistic concurrency).
+routing) and ``plan.json`` (a cache written once by the first member to commit it: nobody is bound by it, every
+member computes its own plan and ignores a committed one that differs).
+
+Admission (:meth:`Collaboration.admission`) cannot be gamed by what a file says: a registration counts only when
+it is well-formed (a valid registration of the peer its path names, under these terms) and the commit that last
+changed it was authored by its own user (the hub's commit ``authors``, which the committer cannot choose: a
+registration the collaboration's owner wrote in another user's place is ignored; an open hub such as the
+simulation's records no authors and cannot tell). Admitted ones keep the order the hub's linear history added them
+(the commit that last changed each file; ties inside one commit by path), at most ``peers_per_user`` per user (a
+Sybil bound), the first ``max_members`` of them. Junk files, other users' writes, a user's extra peers and late
+registrations are refused with the reason and take no slot.
 
 Registration closes at the earlier of two commits of the repo's (linear) history, both judged by what the Hub
 recorded, never by a local clock:
 
-- the first commit holding ``max_members`` registrations;
+- the first commit admitting ``max_members`` registrations;
 - with ``registration_deadline_s``: the commit just before the first commit the Hub recorded later than the
   terms commit's time plus the deadline. Until some commit is recorded after the deadline, registration is open
   (a registration could still land before it); a member whose own clock says the deadline passed commits a
@@ -23,8 +33,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -35,6 +45,7 @@ from safetensors.torch import save as save_safetensors
 from peft_sorlora import PayloadError
 from sorlora_gossip.hub.base import (
     DEFAULT_BRANCH,
+    CommitEntry,
     EntryNotFound,
     Hub,
     PushConflictError,
@@ -46,7 +57,15 @@ from sorlora_gossip.untrusted import MAX_JSON_BYTES, read_json
 
 from .terms import COLLAB_FORMAT, CollabTerms, Registration, TermsError
 
-__all__ = ["Collaboration", "RegistrationClosed", "create_collaboration", "read_capped", "stats_path"]
+__all__ = [
+    "Admission",
+    "Closing",
+    "Collaboration",
+    "RegistrationClosed",
+    "create_collaboration",
+    "read_capped",
+    "stats_path",
+]
 
 logger = logging.getLogger(__name__)
 MAX_STATS_BYTES = 16 << 20
@@ -81,13 +100,30 @@ def _read_json(hub: Hub, repo_id: str, path: str, revision: str) -> Any:
         raise TermsError(str(exc)) from exc
 
 
+def _is_registration_path(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 3 and parts[0] == MEMBERS_DIR and parts[2].endswith(".json")
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Who is admitted after one commit of the collaboration's history: ``members`` in the order the history added
+    them, and the registration files that do not count (path -> reason)."""
+
+    commit: CommitEntry
+    members: tuple[Registration, ...]
+    refused: Mapping[str, str]
+
+
 @dataclass(frozen=True)
 class Closing:
-    """Where registration closed: the pinned commit and the registrations it holds."""
+    """Where registration closed: the pinned commit, the registrations it admits (sorted by peer id), why it
+    closed, and the registration files there that do not count (path -> reason)."""
 
     commit: str
     registrations: tuple[Registration, ...]
     reason: str
+    refused: Mapping[str, str] = field(default_factory=dict)
 
 
 class Collaboration:
@@ -99,6 +135,8 @@ class Collaboration:
         self._terms: CollabTerms | None = None
         self._created_at: float | None = None
         self._marked_at = -math.inf  # when this object last committed a deadline marker (time.monotonic)
+        self._ids_cache: dict[str, dict[str, str]] = {}  # commit sha -> registration path -> blob id
+        self._versions: dict[tuple[str, str], tuple[Registration | None, str]] = {}  # (sha, path) -> parsed
 
     def __repr__(self) -> str:
         return f"Collaboration({self.repo_id!r}, hub={self.hub!r})"
@@ -127,30 +165,73 @@ class Collaboration:
         return self._created_at
 
     # ------------------------------------------------------------------ registrations
-    def registrations_at(self, revision: str) -> tuple[list[Registration], dict[str, str]]:
-        """Valid registrations in the tree at ``revision``, and the refused ones (path -> reason)."""
-        terms_sha = self.terms().sha256()
-        regs, refused = [], {}
-        for path in self.hub.list_files(self.repo_id, revision=revision):
-            parts = path.split("/")
-            if len(parts) != 3 or parts[0] != MEMBERS_DIR or not parts[2].endswith(".json"):
-                continue
+    def _ids(self, sha: str) -> dict[str, str]:
+        """Registration path -> git blob id at commit ``sha`` (commits never change: read once per object)."""
+        if sha not in self._ids_cache:
+            self._ids_cache[sha] = {p: oid for p, oid in self.hub.file_ids(self.repo_id, revision=sha).items()
+                                    if _is_registration_path(p)}  # fmt: skip
+        return self._ids_cache[sha]
+
+    def _version(self, commit: CommitEntry, path: str) -> tuple[Registration | None, str]:
+        """The registration ``commit`` wrote at ``path``, or None and why it does not count: unreadable or malformed,
+        at another peer's path, under other terms, or written by a user other than its own (the hub's ``authors``;
+        an open hub records none, and then anyone may write anything, see the module docstring)."""
+        key = (commit.sha, path)
+        if key not in self._versions:
             try:
-                reg = Registration.from_dict(_read_json(self.hub, self.repo_id, path, revision), source=path)
+                reg = Registration.from_dict(_read_json(self.hub, self.repo_id, path, commit.sha), source=path)
                 if member_path(reg.user, reg.peer.split("/", 1)[1]) != path:
                     raise TermsError(f"{path}: names peer {reg.peer!r}, which belongs at another path")
-                if reg.terms_sha256 != terms_sha:
-                    raise TermsError(f"{path}: made under other terms ({reg.terms_sha256[:12]} vs {terms_sha[:12]})")
-            except TermsError as exc:
-                refused[path] = str(exc)
-                continue
-            regs.append(reg)
-        return sorted(regs, key=lambda r: r.peer), refused
+                if reg.terms_sha256 != self.terms().sha256():
+                    raise TermsError(f"{path}: made under other terms ({reg.terms_sha256[:12]} vs "
+                                     f"{self.terms().sha256()[:12]})")  # fmt: skip
+                if commit.authors and reg.user not in commit.authors:
+                    raise TermsError(f"{path}: last written by {', '.join(commit.authors)} (commit {commit.sha[:12]}), "
+                                     f"not by its user {reg.user}: another user's registration is ignored")  # fmt: skip
+                self._versions[key] = (reg, "")
+            except (TermsError, EntryNotFound) as exc:
+                self._versions[key] = (None, str(exc))
+        return self._versions[key]
 
-    def _count_at(self, revision: str) -> int:
-        files = self.hub.list_files(self.repo_id, revision=revision)
-        return sum(1 for p in files if p.startswith(f"{MEMBERS_DIR}/") and p.count("/") == 2 and p.endswith(".json")
-                   and not p.endswith(".h0.json"))  # fmt: skip
+    def admission(self, history: Sequence[CommitEntry]) -> Iterator[Admission]:
+        """The admission after each commit of ``history`` (oldest first), in order (see :class:`Admission`).
+
+        A registration's place is the commit that last changed its file (so a placeholder reserves nothing);
+        registrations of one commit go by path. Only well-formed ones count (:meth:`_version`); then at most
+        ``peers_per_user`` per user and ``max_members`` in all, in that order."""
+        terms = self.terms()
+        latest: dict[str, tuple[int, CommitEntry]] = {}  # path -> (index, commit) of the commit that last changed it
+        before: dict[str, str] = {}
+        for index, commit in enumerate(history):
+            ids = self._ids(commit.sha)
+            for path, oid in ids.items():
+                if before.get(path) != oid:
+                    latest[path] = (index, commit)
+            for path in set(latest) - set(ids):
+                del latest[path]
+            before = ids
+            admitted: list[Registration] = []
+            refused: dict[str, str] = {}
+            per_user: dict[str, int] = {}
+            for path, (_, changed) in sorted(latest.items(), key=lambda item: (item[1][0], item[0])):
+                reg, why = self._version(changed, path)
+                if reg is None:
+                    refused[path] = why
+                elif per_user.get(reg.user, 0) >= terms.peers_per_user:
+                    refused[path] = (f"user {reg.user} registered {terms.peers_per_user} peer(s) before this one "
+                                     "(the terms' peers_per_user)")  # fmt: skip
+                elif len(admitted) >= terms.max_members:
+                    refused[path] = f"registered after the {terms.max_members} members the terms admit"
+                else:
+                    per_user[reg.user] = per_user.get(reg.user, 0) + 1
+                    admitted.append(reg)
+            yield Admission(commit=commit, members=tuple(admitted), refused=refused)
+
+    def registrations_at(self, revision: str) -> tuple[list[Registration], dict[str, str]]:
+        """The registrations admitted at ``revision`` (sorted by peer id), and the refused files (path -> reason)."""
+        history = list(reversed(self.hub.list_commits(self.repo_id, revision=revision)))
+        *_, last = self.admission(history)
+        return sorted(last.members, key=lambda r: r.peer), dict(last.refused)
 
     def deadline(self) -> float | None:
         """The registration deadline (seconds since the epoch, Hub time), or None when only the member limit closes."""
@@ -161,32 +242,26 @@ class Collaboration:
         """The commit registration closed at, or None while it is open (see the module docstring)."""
         terms = self.terms()
         history = list(reversed(self.hub.list_commits(self.repo_id)))  # oldest first; the hub's history is linear
-        candidates: list[tuple[int, str]] = []
-        last = len(history) - 1
         deadline = self.deadline()
+        last, reason = len(history) - 1, None
         if deadline is not None:
             after = next((i for i, c in enumerate(history) if _time(c.created_at) > deadline), None)
             if after is not None:
                 last = after - 1  # the member limit can only close earlier than this
-                candidates.append((last, f"the registration deadline ({terms.registration_deadline_s:g} s) passed "
-                                         f"at commit {history[after].sha[:12]}"))  # fmt: skip
-        if self._count_at(history[last].sha) >= terms.max_members:
-            lo, hi = 0, last  # the first commit with max_members registrations (counts only grow)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if self._count_at(history[mid].sha) >= terms.max_members:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            candidates.append((lo, f"{terms.max_members} members registered"))
-        if not candidates:
+                reason = (f"the registration deadline ({terms.registration_deadline_s:g} s) passed at commit "
+                          f"{history[after].sha[:12]}")  # fmt: skip
+        found = None
+        for admission in self.admission(history[: last + 1]):
+            found = admission
+            if len(admission.members) >= terms.max_members:
+                reason = f"{terms.max_members} members registered"
+                break
+        if reason is None or found is None:
             return None
-        index, reason = min(candidates)
-        commit = history[index].sha
-        regs, refused = self.registrations_at(commit)
-        for path, why in refused.items():
+        for path, why in found.refused.items():
             logger.warning("collaboration %s: registration %s refused: %s", self.repo_id, path, why)
-        return Closing(commit=commit, registrations=tuple(regs[: terms.max_members]), reason=reason)
+        return Closing(commit=found.commit.sha, registrations=tuple(sorted(found.members, key=lambda r: r.peer)),
+                       reason=reason, refused=dict(found.refused))  # fmt: skip
 
     def close_if_due(self, peer: str, *, now: float, min_interval: float = 1.0) -> Closing | None:
         """The closing; when there is none yet but the deadline passed by the local clock ``now``, first commit
@@ -243,12 +318,16 @@ class Collaboration:
         return sha
 
     def refusal(self, closing: Closing, peer: str) -> RegistrationClosed:
-        """The error refusing ``peer``, which is not among the members registration closed with."""
+        """The error refusing ``peer``, which is not among the members registration closed with (naming why its
+        registration file there does not count, when there is one)."""
+        user, name = peer.split("/", 1)
+        why = closing.refused.get(member_path(user, name))
         return RegistrationClosed(
             f"collaboration {self.repo_id} closed registration at commit {closing.commit[:12]} "
             f"({closing.reason}; members: {', '.join(r.peer for r in closing.registrations) or 'none'}): "
-            f"peer {peer} cannot join it; ask its creator for a new collaboration"
-        )
+            f"peer {peer} cannot join it" + (f": its registration does not count: {why}" if why else "")
+            + "; ask its creator for a new collaboration"
+        )  # fmt: skip
 
     def member_stats(self, peer: str, *, revision: str) -> dict[str, torch.Tensor]:
         """A member's task statistics (layer -> mean input), validated: finite float tensors only."""

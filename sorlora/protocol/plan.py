@@ -2,8 +2,10 @@
 
 Every member computes it and gets the same bytes: members are ordered by peer id (their index is their slot of
 the orthogonal A and their adapter name), inputs are integers (kept entries per layer, positions in millimetres,
-training-set sizes), every tie is broken by index, and ``plan.json`` records the hash of its inputs so that a
-mismatch names its cause. The topology of each method comes from :data:`TOPOLOGIES`, one function per kind.
+training-set sizes), every tie is broken by index, and ``plan.json`` records the hash of its inputs. The committed
+``plan.json`` is only a cache for readers: every member uses the plan it computes, and a committed one that differs
+is logged (:func:`plan_differences` names what differs) and ignored, so one member cannot stop the others by
+committing a different plan first. The topology of each method comes from :data:`TOPOLOGIES`, one function per kind.
 
 Registrations are untrusted: before any topology sees them, :func:`screen_registrations` bounds every registered
 number (``n_train``, positions, layer sizes, kept counts, value bytes) and checks them against each other and
@@ -34,7 +36,6 @@ __all__ = [
     "MAX_POSITION_MM",
     "PLAN_FORMAT",
     "PlanInputs",
-    "PlanMismatch",
     "TOPOLOGIES",
     "compute_plan",
     "plan_differences",
@@ -50,10 +51,6 @@ MAX_N_TRAIN = 10**9  # a registered training-set size above this is not a device
 MAX_POSITION_MM = 10**9  # 1000 km: positions beyond are not a wireless neighbourhood
 MAX_LAYERS = 10_000  # adapted layers of one base model
 MAX_LAYER_SIZE = 2**31  # B entries of one layer
-
-
-class PlanMismatch(TermsError):
-    """The committed plan differs from the one this member computes; the message names what differs."""
 
 
 def default_position_mm(peer: str, seed: int) -> tuple[int, int]:

@@ -4,8 +4,9 @@
 
 ``register``  load the base (checked against the pinned identity), measure the layer-wise budget and the task
               statistics on its own data, commit its registration to the collaboration repo;
-``plan``      once registration closed, compute the plan from the registrations at the pinned commit, commit it if
-              nobody did yet, and stop with an error naming the difference if the committed one differs;
+``plan``      once registration closed, check that it admits this member's registration as written, compute the plan
+              from the registrations at the pinned commit and commit it if nobody did yet (a cache: a committed
+              plan that differs is logged and ignored, every member uses its own);
 ``calibrate`` create its adapter on its slot, choose its masks;
 ``train``/``pull``  round r: train ``local_steps`` on its own data, push its revision; then pull the neighbours'
               round-r revisions (waiting up to ``round_timeout_s``; a missing neighbour is skipped and recorded) and
@@ -57,7 +58,7 @@ from ..runtime.model_loading import load_base
 from ..runtime.sharing import TensorPool
 from ..runtime.workspace import Workspace, adapter_name, answer_loss
 from .collab import Collaboration
-from .plan import PlanMismatch, compute_plan, majority, plan_differences
+from .plan import compute_plan, majority, plan_differences
 from .publish import centroid_bytes, centroids_path, publish_final
 from .state import (
     STRUCTURES_FILE,
@@ -389,7 +390,7 @@ class PeerProgram:
             value_bytes=value_bytes, software=f"sorlora {__version__}",
         )  # fmt: skip
         self.collab.register(registration, stats=stats, files=files)
-        self._save(phase="plan")
+        self._save(phase="plan", registration=registration.to_dict())  # the plan must hold it exactly
 
     def _layer_keys(self) -> list[str]:
         targets = tuple(self.terms.target_modules)
@@ -433,22 +434,40 @@ class PeerProgram:
         if closing is None:
             self.waiting = True
             return
-        if self.peer_id not in [r.peer for r in closing.registrations]:
-            raise self.collab.refusal(closing, self.peer_id)
+        self._check_own_registration(closing)
         computed = compute_plan(self.terms, closing.registrations, collab_commit=closing.commit,
                                 problems=self._statistics_problems(closing))  # fmt: skip
         if self.peer_id in computed.get("excluded", {}):
             raise TermsError(f"peer {self.peer_id}: the plan of {self.collab.repo_id} excludes this member: "
                              f"{computed['excluded'][self.peer_id]}")  # fmt: skip
-        committed = self.collab.commit_plan(computed)
-        diffs = plan_differences(committed, computed)
-        if diffs:
-            raise PlanMismatch(
-                f"peer {self.peer_id}: the plan committed to {self.collab.repo_id} differs from the plan computed "
-                f"here from the registrations at {closing.commit[:12]}: " + "; ".join(diffs)
-            )
+        try:
+            committed: Any = self.collab.commit_plan(computed)  # a cache for readers: nobody is bound by it
+        except TermsError as exc:  # an unreadable committed plan binds nobody either
+            committed = str(exc)
+        ignored = plan_differences(committed, computed)
+        if ignored:
+            logger.warning("peer %s: the plan committed to %s differs from the plan computed here (%s): ignored, "
+                           "every member uses the plan it computes", self.peer_id, self.collab.repo_id,
+                           "; ".join(ignored)[:500])  # fmt: skip
         tasks = {r.peer: r.task for r in closing.registrations}
-        self._save(phase="calibrate", plan=computed, tasks=tasks)
+        budgets = {r.peer: r.kept for r in closing.registrations if r.kept is not None}  # checked at round 0
+        self._save(phase="calibrate", plan=computed, tasks=tasks, budgets=budgets,
+                   committed_plan_ignored=ignored)  # fmt: skip
+
+    def _check_own_registration(self, closing: Any) -> None:
+        """Stop (one line) unless registration closed admitting this member's registration exactly as it wrote it
+        (a registration changed by someone else, e.g. the collaboration's owner, is not this member's)."""
+        own = next((r for r in closing.registrations if r.peer == self.peer_id), None)
+        if own is None:
+            raise self.collab.refusal(closing, self.peer_id)
+        wrote = self.state.get("registration")
+        if wrote is not None and own.to_dict() != wrote:
+            differ = sorted(k for k in set(wrote) | set(own.to_dict()) if wrote.get(k) != own.to_dict().get(k))
+            raise TermsError(
+                f"peer {self.peer_id}: collaboration {self.collab.repo_id} closed at commit {closing.commit[:12]} with "
+                f"a registration of this peer other than the one it wrote (fields {', '.join(differ)} differ): "
+                "refusing to take part under it"
+            )
 
     def _statistics_problems(self, closing: Any) -> dict[str, str]:
         """Members whose task statistics the implicit MoE could not use (missing, unreadable, not finite, other

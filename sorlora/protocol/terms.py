@@ -133,6 +133,12 @@ class CollabTerms:
                   "median (clipped, then a trimmed mean / median where an entry has 3+ holders); every member "
                   "rejected or clipped is recorded with peer, round and reason"},
     )  # fmt: skip
+    peers_per_user: int = field(
+        default=1,
+        metadata={"help": "peers one user may register (a Sybil bound: one user's extra peers are refused, in the order "
+                  "the hub's history added them, and take no member slot); the simulation, whose peers share one "
+                  "namespace, sets it to its number of peers"},
+    )  # fmt: skip
 
     test_share: float = field(
         default=0.1,
@@ -145,7 +151,7 @@ class CollabTerms:
         _portable(self.base_model)
         if self.method not in METHOD_SPECS:
             raise TermsError(f"collab.json: method {self.method!r} unknown; choose from {sorted(METHOD_SPECS)}")
-        for name in ("rank", "rounds", "local_steps", "batch_size", "max_len", "max_members"):
+        for name in ("rank", "rounds", "local_steps", "batch_size", "max_len", "max_members", "peers_per_user"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise TermsError(f"collab.json: {name} must be a positive integer, got {value!r}")

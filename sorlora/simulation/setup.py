@@ -80,7 +80,7 @@ def terms_for(cfg: ExperimentConfig, method: str, *, base_model: str, fingerprin
         payload_dtype=cfg.payload_dtype, seed=cfg.seed, rounds=cfg.rounds, local_steps=cfg.local_steps,
         batch_size=cfg.batch_size, max_len=cfg.max_len, lr=float(cfg.lr[method]), precision=cfg.precision,
         inter_cluster_every=cfg.inter_cluster_every, s_max=cfg.s_max, degree=cfg.degree,
-        router_top_k=cfg.router_top_k, router_refine=cfg.router_refine, max_members=cfg.peers,
+        router_top_k=cfg.router_top_k, router_refine=cfg.router_refine, max_members=cfg.peers, peers_per_user=cfg.peers,
         router=cfg.router, centroid_epsilon=cfg.centroid_epsilon,
         round_timeout_s=cfg.pull_timeout, publish_base=base_model == TINY_BASE_ID, aggregation=cfg.aggregation,
     )  # fmt: skip
