@@ -108,6 +108,10 @@ class AdapterCardInfo:
     metrics: Mapping[str, float] = field(default_factory=dict)
     license: str | None = None
     revision: str | None = None  # the branch/tag the loading snippet names (e.g. "final"); None: the default branch
+    moe_repo: str | None = None  # the collaboration's implicit MoE, which holds this adapter's cluster's expert
+    base_fingerprint: str | None = None  # peft_sorlora.base_fingerprint of the base weights
+    pinned_base: str | None = None  # the collaboration's pinned base id, when base_model names a hosted copy of it
+    tokenizer_in_repo: bool = False  # the repo carries the base's tokenizer files (AutoTokenizer loads from it)
 
     def __post_init__(self) -> None:
         for name in ("repo_id", "base_model", "peer_id", "task"):
@@ -181,6 +185,11 @@ def adapter_card(info: AdapterCardInfo, *, lora_export: bool = False) -> ModelCa
         repo_id=info.repo_id,
         repo_literal=python_literal(info.repo_id),
         revision_literal=None if info.revision is None else python_literal(info.revision),
+        moe_repo=info.moe_repo,
+        moe_literal=None if info.moe_repo is None else python_literal(info.moe_repo),
+        base_fingerprint=info.base_fingerprint,
+        pinned_base=info.pinned_base,
+        tokenizer_in_repo=info.tokenizer_in_repo,
         base_model_literal=python_literal(info.base_model),
         peer_id=info.peer_id,
         task=info.task,

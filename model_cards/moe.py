@@ -64,6 +64,9 @@ class MoECardInfo:
     dataset_ids: Mapping[str, str] = field(default_factory=dict)  # task -> dataset id for model-index (default: task)
     task_type: str = "multiple-choice"  # Hub task id used in model-index
     base_in_repo: bool = False  # True when the repo also holds the base model's weights
+    base_fingerprint: str | None = None  # peft_sorlora.base_fingerprint of the base weights (config.base_fingerprint)
+    pinned_base: str | None = None  # the collaboration's pinned base id, when base_model names a hosted copy of it
+    tokenizer_in_repo: bool = False  # the repo carries the base's tokenizer files (AutoTokenizer loads from it)
     license: str | None = None
 
     def __post_init__(self) -> None:
@@ -166,6 +169,10 @@ def moe_card(info: MoECardInfo) -> ModelCard:
         template_path=str(MOE_TEMPLATE),
         repo_literal=python_literal(info.repo_id),
         base_in_repo=info.base_in_repo,
+        base_model=info.base_model,
+        base_fingerprint=info.base_fingerprint,
+        pinned_base=info.pinned_base,
+        tokenizer_in_repo=info.tokenizer_in_repo,
         arxiv_id=ARXIV_ID,
         router_top_k=info.router_top_k,
         refined=info.refinement not in (False, None, "", "none"),

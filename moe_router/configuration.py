@@ -55,6 +55,8 @@ class ImplicitMoEConfig(PreTrainedConfig):
     ``target_layers``: layer key -> ``[out_features, in_features, components]``. ``experts``: one description per
     expert (name and members' projection, seed, slot, rank, alpha, source). The base weights are referenced through
     ``base_model_name_or_path``; ``base_in_repo`` says they were saved in the ``base/`` subfolder instead.
+    ``base_fingerprint``: the base weights' fingerprint (``peft_sorlora.base_fingerprint``), when known: loading
+    uses the bundled copy of the base when the named one cannot be fetched and the fingerprints agree.
     """
 
     model_type = "solora_moe"
@@ -62,6 +64,7 @@ class ImplicitMoEConfig(PreTrainedConfig):
     base_model_name_or_path: str | None = None
     base_model_type: str | None = None
     base_in_repo: bool = False
+    base_fingerprint: str | None = None
     target_layers: dict[str, list[int]] | None = None
     experts: list[dict[str, Any]] | None = None
     router_top_k: int | None = None

@@ -116,6 +116,45 @@ def _base_name(base_model: nn.Module) -> str | None:
     return str(name) if name else None
 
 
+def _bundled_base(config: ImplicitMoEConfig, dtype: Any) -> PreTrainedModel | None:
+    """The copy of the base bundled with ``peft-sorlora`` when it is installed and its weights fingerprint is the
+    config's ``base_fingerprint``; None otherwise (also without a fingerprint: a name alone proves nothing)."""
+    if not config.base_fingerprint:
+        return None
+    try:
+        base = importlib.import_module("peft_sorlora.base_model")
+        base.bundled_base_path()
+    except (ImportError, FileNotFoundError):
+        return None
+    model, _ = base.load_base_model()
+    if base.base_fingerprint(model) != config.base_fingerprint:
+        return None
+    logger.info("the base %s is loaded from the copy bundled with peft-sorlora (fingerprint %s)",
+                config.base_model_name_or_path, config.base_fingerprint)  # fmt: skip
+    return model.to(dtype) if isinstance(dtype, torch.dtype) else model
+
+
+def _load_named_base(cls: type, auto: Any, config: ImplicitMoEConfig, path: str, hub: dict, kwargs: dict) -> Any:
+    """The base named by ``config.base_model_name_or_path``, from the Hub endpoint (or the path it names); where it
+    cannot be fetched, the bundled copy when its fingerprint agrees, else an ``OSError`` saying in one line what to
+    pass."""
+    name = config.base_model_name_or_path
+    try:
+        return auto.from_pretrained(name, **hub, **kwargs)
+    except OSError as exc:
+        if cls.base_auto_class == "AutoModelForCausalLM":
+            bundled = _bundled_base(config, kwargs.get("dtype", kwargs.get("torch_dtype")))
+            if bundled is not None:
+                return bundled
+        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        fingerprint = f", weights fingerprint {config.base_fingerprint}" if config.base_fingerprint else ""
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise OSError(
+            f"the base model {name!r} of {path!r} cannot be loaded from {endpoint} ({why}): pass a local copy of it"
+            f"{fingerprint}: from_pretrained({path!r}, base_model=AutoModelForCausalLM.from_pretrained(PATH))"
+        ) from exc
+
+
 class ImplicitMoEPreTrainedModel(PreTrainedModel):
     """Shared wrapper: a base model (loaded through ``base_auto_class``) with :class:`ImplicitMoELinear` experts."""
 
@@ -564,7 +603,7 @@ class ImplicitMoEPreTrainedModel(PreTrainedModel):
                 base_sub = f"{subfolder}/{BASE_SUBFOLDER}" if subfolder else BASE_SUBFOLDER
                 base_model = auto.from_pretrained(path, revision=revision, subfolder=base_sub, **hub, **kwargs)
             elif config.base_model_name_or_path:
-                base_model = auto.from_pretrained(config.base_model_name_or_path, **hub, **kwargs)
+                base_model = _load_named_base(cls, auto, config, path, hub, kwargs)
             else:
                 raise ValueError(f"{path!r} names no base model and holds none: pass base_model=")
         experts_path = cached_file(path, EXPERTS_FILE, revision=revision, subfolder=subfolder, **hub)

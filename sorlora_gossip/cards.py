@@ -10,6 +10,7 @@ card never blocks the exchange: one that cannot be made is logged and left out.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -166,6 +167,8 @@ def publish_adapter(
     tag: str = FINAL_TAG,
     metrics: Mapping[str, float] | None = None,
     config: Mapping[str, Any] | None = None,
+    base_model: str | None = None,
+    card: Mapping[str, Any] | None = None,
 ) -> str:
     """Commit a loadable PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``, as written by
     ``PeftModel.save_pretrained``) to ``peer``'s repo with the adapter card, tag the commit ``tag``, return its sha.
@@ -173,7 +176,8 @@ def publish_adapter(
     The card's snippet then loads it (``PeftModel.from_pretrained(base, repo_id, revision=tag)``); a
     ``peft.save_as_lora`` export gets the plain-LoRA card, which shows ``config``, the SO-LoRA config the peer was
     built with (default: that of the peer's :class:`AdapterCards` hook). ``metrics`` default to the last pushed
-    round's.
+    round's. ``base_model``: the base the card names (default: the peer's); ``card``: further
+    :class:`~model_cards.AdapterCardInfo` fields (the collaboration's MoE, the base's fingerprint, ...).
     """
     validate_ref(tag)
     if ROUND_TAG_RE.fullmatch(tag):
@@ -189,7 +193,7 @@ def publish_adapter(
                          "built with; pass config= or give the Peer an AdapterCards hook")  # fmt: skip
     if not peer.task:
         raise ValueError(f"peer {peer.peer_id!r}: the adapter card names the peer's task; set Peer(task=...)")
-    base_model = peer.base_model or adapter_config.get("base_model_name_or_path")
+    base_model = base_model or peer.base_model or adapter_config.get("base_model_name_or_path")
     if not base_model:
         raise ValueError(f"peer {peer.peer_id!r}: no base model to name in the card (Peer(base_model=...))")
     try:
@@ -204,6 +208,8 @@ def publish_adapter(
         shown = check_metrics(metrics) if metrics is not None else peer.metrics_at(parent)
         info = card_info(peer, history, shown, params_updated=_last_params(history), config=config,
                          base_model=base_model, revision=tag)  # fmt: skip
+        if card:
+            info = dataclasses.replace(info, **card)
         existing = _card_text(peer, parent, None)
         card_text = update_card(existing, adapter_card(info, lora_export=lora_export))
         return {**payload, CARD_FILE: card_text.encode()}

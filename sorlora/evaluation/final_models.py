@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from moe_router import ImplicitMoEForCausalLM, routing_diagnostics, routing_shares
 from moe_router.configuration import REFINE_MODES
+from peft_sorlora.exchange import parse_json
 from sorlora_gossip.hub.base import EntryNotFound, RequestTooLarge
-from sorlora_gossip.layout import FINAL_TAG, NEIGHBOURHOOD_DIR, moe_repo_name
+from sorlora_gossip.layout import FINAL_TAG, NEIGHBOURHOOD_DIR, REPORT_FILE
 
 from ..data.examples import Task
 from ..runtime.moe import load_moe
@@ -335,13 +336,33 @@ class Oracle(FinalModel):
         return _accuracy(results), {"per_question": per_question(results)}
 
 
+MAX_REPORT_BYTES = 64 << 20  # a report.json: records and decisions of every round
+
+
+def _moe_repo(pub: Any) -> str:
+    """The collaboration's MoE repo, as the first member's ``report.json`` names it (key ``moe``, validated: a repo
+    id named ``<collab>-moe`` in some member's namespace)."""
+    first = pub.plan["members"][0]
+    repo = pub.hub.repo_id(first)
+    report = parse_json(pub.hub.read_bytes(repo, REPORT_FILE, revision=FINAL_TAG, max_bytes=MAX_REPORT_BYTES),
+                        max_bytes=MAX_REPORT_BYTES, what=f"{repo}/{REPORT_FILE}")  # fmt: skip
+    named = (
+        report.get("moe", {}).get("repo") if isinstance(report, dict) and isinstance(report.get("moe"), dict) else None
+    )
+    users = {m.split("/")[0] for m in pub.plan["members"]}
+    if not isinstance(named, str) or named.count("/") != 1 or named.split("/")[0] not in users or not named.endswith(
+        "-moe"
+    ):  # fmt: skip
+        raise ValueError(f"{repo}/{REPORT_FILE}@{FINAL_TAG} names no MoE repo of a member (key 'moe'): {named!r}")
+    return pub.hub.repo_id(named)
+
+
 class ImplicitMoE(FinalModel):
-    """The implicit MoE the first member published (every peer builds the same one from the same experts)."""
+    """The collaboration's implicit MoE, which the first member's report names (every member builds the same one and
+    names the one published first)."""
 
     def evaluate(self, pub, tasks, *, validation):
-        first = pub.plan["members"][0]
-        user, name = first.split("/")
-        moe = load_moe(pub.hub, pub.hub.repo_id(f"{user}/{moe_repo_name(name)}"), pub.ws)
+        moe = load_moe(pub.hub, _moe_repo(pub), pub.ws)
         router = None
         if validation:
             router = choose_router(moe, validation, pub.tokenizer, rank=pub.rank, **pub.eval_kw)

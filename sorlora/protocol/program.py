@@ -14,7 +14,8 @@
 ``exchange``  every ``inter_cluster_every`` rounds and after the last: pull the other clusters' members and form
               their experts, without averaging them into its own (these bytes are counted like all others);
 ``publish``   its final adapter (tag ``final``, with ``report.json``: losses and bytes per round, skips) and, for
-              the MoE method, its own implicit MoE as a ``PreTrainedModel`` repo ``<peer>-moe``.
+              the MoE method, the collaboration's one implicit MoE (``<user>/<collab>-moe`` of the first member to
+              claim it; the others verify it is the one they would build and name it).
 
 A step never blocks: a phase that waits for others returns without progress (:attr:`PeerProgram.waiting`), so
 one process can step many programs in turn around one shared base model (the simulation), and ``run`` is a loop
@@ -562,13 +563,24 @@ class PeerProgram:
         round timeout passed (then the missing ones are skipped), else None (waiting)."""
         key = (round, tuple(names))
         if self._pending is None or self._pending["key"] != key:
-            self._pending = {"key": key, "updates": {}, "bytes": {}, "revisions": {}, "rejected": {},
+            banned = self.state.get("banned", {})  # members whose round 0 broke their registered budget
+            self._pending = {"key": key, "updates": {}, "bytes": {}, "revisions": {}, "decisions": [],
+                             "rejected": {n: banned[n] for n in names if n in banned},
                              "deadline": time.monotonic() + self.terms.round_timeout_s}  # fmt: skip
         p = self._pending
         missing = [n for n in names if n not in p["updates"] and n not in p["rejected"]]
         if missing:
             with _quiet_skips():  # one pass is not a skip yet: this program decides at the round timeout
                 pull = self.peer.pull_round(round, missing, timeout=0.0, poll_interval=0.0)
+            for n, update in list(pull.updates.items()) if round == 0 else ():
+                why = self._off_budget(n, update)
+                if why is not None:  # every member checks the same pinned bytes: all reject it alike, for good
+                    del pull.updates[n]
+                    pull.rejected[n] = why
+                    self.state.setdefault("banned", {})[n] = why
+                    logger.warning("peer %s: rejecting %s from now on: %s", self.peer_id, n, why)
+            p["decisions"] += [{"round": round, "action": "rejected", "peer": n, "layer": None, "reason": e.reason}
+                               for n, e in pull.equivocations.items()]  # fmt: skip
             if self.tensor_pool is not None:
                 self.tensor_pool.share(pull.updates)
             p["updates"].update(pull.updates)
@@ -589,11 +601,27 @@ class PeerProgram:
             logger.warning("peer %s: skipping %s in round %d: %s", self.peer_id, n, round, why)
         return p
 
+    def _off_budget(self, peer: str, update: Any) -> str | None:
+        """Why ``peer``'s round-0 payload breaks the layer budget it registered (the kept entries per layer the plan
+        was made from), or None when it keeps exactly that budget (or registered none)."""
+        budget = self.state.get("budgets", {}).get(peer)
+        masks = getattr(update, "masks", None)
+        if budget is None or masks is None:
+            return None
+        kept = {k: int(m.sum()) for k, m in masks.items()}
+        if kept == budget:
+            return None
+        differ = sorted(set(kept) ^ set(budget)) or sorted(k for k in kept if kept[k] != budget[k])
+        return (
+            f"round-0 masks keep other entries than its registered budget (layer {differ[0]}: "
+            f"{kept.get(differ[0])} kept vs {budget.get(differ[0])} registered; {len(differ)} layer(s) differ)"
+        )
+
     def _pull_structures(self, names: Sequence[str]) -> dict[str, Any] | None:
         """Round-0 payloads (masks, shapes) of ``names`` not known yet; None while waiting."""
         unknown = [n for n in names if self.index_of(n) not in self.structure]
         if not unknown:
-            return {"bytes": {}, "skipped": {}, "rejected": {}}
+            return {"bytes": {}, "skipped": {}, "rejected": {}, "decisions": []}
         got = self._poll(0, unknown)
         if got is None:
             return None
@@ -611,7 +639,8 @@ class PeerProgram:
             return
         if r > 0 and self._pull_structures(list(got["updates"])) is None:  # only after a restart: known otherwise
             return
-        received = {self.index_of(n): u for n, u in got["updates"].items()}
+        received = {self.index_of(n): u for n, u in got["updates"].items()
+                    if r == 0 or self.index_of(n) in self.structure}  # fmt: skip
         if r == 0:
             for q, update in received.items():
                 self.structure[q] = update
@@ -624,7 +653,7 @@ class PeerProgram:
         records[-1].update(bytes_pulled=int(sum(got["bytes"].values())), used=dict(got["revisions"]),
                            skipped=got["skipped"], rejected=got["rejected"])  # fmt: skip
         records[-1]["decisions"] = [*(d for d in records[-1].get("decisions", []) if d.get("peer") is None),
-                                    *decisions]  # fmt: skip
+                                    *got["decisions"], *decisions]  # fmt: skip
         last = r == self.terms.rounds - 1
         every = self.spec.cotrain_every or self.terms.inter_cluster_every
         exchange = self.spec.inter_cluster and (last or (every and (r + 1) % every == 0))
@@ -707,6 +736,7 @@ class PeerProgram:
                                           names=have, round=r)  # fmt: skip
             decisions += found
             experts[c] = {self.index_of(m): part for m, part in zip(have, parts) if part is not None}
+        decisions += got["decisions"]
         self.experts = experts
         save_view(experts_path(self.state_dir, r),
                    {f"{self.name_of(q)}": part for e in experts.values() for q, part in e.items()})  # fmt: skip
@@ -720,7 +750,9 @@ class PeerProgram:
     # ------------------------------------------------------------------ publishing
     def _publish(self) -> None:
         """Publish the final adapter and what the final model needs (:mod:`sorlora.protocol.publish`)."""
-        publish_final(self, crash_point=self._crash_point)
+        if not publish_final(self, crash_point=self._crash_point):
+            self.waiting = True  # the collaboration's MoE is being published by the member that claimed it first
+            return
         self._save(phase="done")
 
     def load_experts(self, round: int) -> None:

@@ -89,7 +89,12 @@ class CollabTerms:
     inter_cluster_every: int = field(
         default=0, metadata={"help": "rounds between inter-cluster exchanges (0: only after the last round)"}
     )
-    s_max: float = field(default=0.1, metadata={"help": "collision-rate bound of the cluster topology"})
+    s_max: float | None = field(
+        default=None,
+        metadata={"help": "collision-rate bound of the cluster topology; None (auto): clusters follow the tasks, the "
+                  "nearest layer budgets merge first up to a cut and a bound chosen from the registrations "
+                  "(sorlora_gossip.topology.auto_cut); a number: the paper's AGNES, lowest collision rate first"},
+    )  # fmt: skip
     degree: int = field(default=2, metadata={"help": "neighbours per peer in the random topology"})
     router_top_k: int | None = field(default=None, metadata={"help": "components kept per token (None: k = r)"})
     router_refine: str = field(default="routing", metadata={"help": "routing refinement of the implicit MoE"})
@@ -146,9 +151,21 @@ class CollabTerms:
                   "prompts; a file's own split=test records and a registry task's test split are used instead): "
                   "`sorlora peer` scores its final adapter and the collaboration's MoE on it at the end; 0: none"},
     )  # fmt: skip
+    base_repo: str | None = field(
+        default=None,
+        metadata={"help": "repo id, on the collaboration's own hub, of the pinned base as a plain transformers repo "
+                  "(weights, config, tokenizer; `sorlora collab create --host-base` pushes it to <ns>/<name>-base): "
+                  "the published adapters' adapter_config.json and the MoE's config name it, so they load with "
+                  "only HF_ENDPOINT (+ token) set; None: they name base_model (load it from the Hub, a local copy "
+                  "or the bundled model)"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _portable(self.base_model)
+        if self.base_repo is not None and not (
+            isinstance(self.base_repo, str) and self.base_repo.count("/") == 1 and is_portable_base_id(self.base_repo)
+        ):
+            raise TermsError(f"collab.json: base_repo must be a repo id 'ns/name' or null, got {self.base_repo!r}")
         if self.method not in METHOD_SPECS:
             raise TermsError(f"collab.json: method {self.method!r} unknown; choose from {sorted(METHOD_SPECS)}")
         for name in ("rank", "rounds", "local_steps", "batch_size", "max_len", "max_members", "peers_per_user"):
@@ -185,6 +202,9 @@ class CollabTerms:
         share = self.test_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
             raise TermsError(f"collab.json: test_share must be a number in [0, 1), got {share!r}")
+        if self.s_max is not None and (isinstance(self.s_max, bool) or not isinstance(self.s_max, (int, float))
+                                       or not 0 <= self.s_max <= 1):  # fmt: skip
+            raise TermsError(f"collab.json: s_max must be a number in [0, 1] or null, got {self.s_max!r}")
         if self.inter_cluster_every < 0:
             raise TermsError(f"collab.json: inter_cluster_every must be >= 0, got {self.inter_cluster_every}")
 
