@@ -16,6 +16,10 @@ from peft_sorlora.collision import collision_rate
 from sorlora_gossip.wireless import DEFAULT_CHANNEL, ChannelParams, channel_gains, peer_power
 
 __all__ = [
+    "AUTO_GAP",
+    "SAME_TASK_DISTANCE",
+    "auto_cut",
+    "budget_distances",
     "cluster_topology",
     "cluster_collision_rate",
     "random_topology",
@@ -52,6 +56,79 @@ def cluster_collision_rate(
     if w.shape != per_layer.shape or np.any(w < 0) or not w.sum() > 0:
         raise ValueError(f"layer_weights must be {per_layer.size} non-negative numbers with a positive sum")
     return float(np.dot(per_layer, w) / w.sum())
+
+
+AUTO_GAP = 3.0
+"""Automatic cut (``s_max=None``): a jump in the merge distances by at least this factor separates tasks.
+
+Peers of one task calibrate their layer budgets on samples of the same distribution, so their budgets differ by
+sampling noise only; peers of different tasks differ by the task. On the bundled SmolLM2 with two peers on each of
+two file tasks the layer-budget distance (:func:`budget_distances`) was 0.03-0.04 within a task and >= 0.2 across
+(a factor >= 5); a tiny random model gives 0 within and > 0 across."""
+
+SAME_TASK_DISTANCE = 0.1
+"""Automatic cut without a jump of :data:`AUTO_GAP` (every peer on one task, or every peer on its own): merges up
+to this layer-budget distance join (one tenth of the two peers' kept entries placed in other layers)."""
+
+
+def budget_distances(
+    sparsities: np.ndarray | Sequence[Sequence[float]], *, layer_weights: Sequence[float] | None = None
+) -> np.ndarray:
+    """Pairwise distance (n, n) of the peers' layer-wise budgets: the share of two peers' kept B entries that sit in
+    different layers (Bray-Curtis: ``sum_l w_l |s_al - s_bl| / sum_l w_l (s_al + s_bl)``, 0 for equal budgets, 1 for
+    budgets on disjoint layers; ``w_l`` the entries per layer, equal by default).
+
+    The budget follows the spectra of the peer's own calibration inputs (Eq. 20-22), so it is a fingerprint of the
+    peer's task that every member already holds: it is what lets clusters follow the tasks."""
+    s = np.asarray(sparsities, dtype=np.float64)
+    if s.ndim == 1:
+        s = s[:, None]
+    w = np.ones(s.shape[1]) if layer_weights is None else np.asarray(layer_weights, dtype=np.float64)
+    if s.ndim != 2 or w.shape != (s.shape[1],) or np.any(w < 0):
+        raise ValueError(f"sparsities must be (peers, layers) with one non-negative weight per layer, got {s.shape}")
+    kept = s * w  # kept entries per layer (in units of the weights)
+    diff = np.abs(kept[:, None, :] - kept[None, :, :]).sum(-1)
+    total = kept.sum(-1)[:, None] + kept.sum(-1)[None, :]
+    return np.divide(diff, total, out=np.zeros_like(diff), where=total > 0)
+
+
+def _average_linkage(distances: np.ndarray, a: Sequence[int], b: Sequence[int]) -> float:
+    """Mean distance between the members of two clusters (UPGMA), rounded so that float noise breaks no tie."""
+    return round(float(distances[np.ix_(list(a), list(b))].mean()), 12)
+
+
+def _upgma(distances: np.ndarray, cut: float) -> tuple[list[tuple[int, ...]], list[float]]:
+    """Average linkage without other constraints, merging while the nearest pair is within ``cut``: the groups it
+    forms and the distances of its merges (non-decreasing; ties go to the lowest indices)."""
+    groups: list[tuple[int, ...]] = [(v,) for v in range(distances.shape[0])]
+    heights: list[float] = []
+    while len(groups) > 1:
+        link, a, b = min(
+            (_average_linkage(distances, groups[a], groups[b]), a, b)
+            for a in range(len(groups))
+            for b in range(a + 1, len(groups))
+        )
+        if link > cut:
+            break
+        heights.append(link)
+        groups = [g for k, g in enumerate(groups) if k not in (a, b)] + [tuple(sorted(groups[a] + groups[b]))]
+    return groups, heights
+
+
+def auto_cut(distances: np.ndarray) -> float:
+    """The largest merge distance the automatic cluster topology allows, chosen from the distances themselves.
+
+    Merge the peers by average linkage without constraints; if some merge is at least :data:`AUTO_GAP` times farther
+    than the one before it, cut just below the largest such jump (the tasks end there); else allow merges up to
+    :data:`SAME_TASK_DISTANCE`. A pure function of the distances: every member finds the same cut.
+    """
+    _, heights = _upgma(np.asarray(distances, dtype=np.float64), float("inf"))
+    best, cut = AUTO_GAP, SAME_TASK_DISTANCE
+    for low, high in zip(heights, heights[1:]):
+        ratio = high / low if low > 0 else (float("inf") if high > 0 else 1.0)
+        if ratio >= best:  # the largest jump wins; among equal jumps, the later (fewer, larger clusters)
+            best, cut = ratio, low
+    return cut
 
 
 def _positions_and_neighbourhood(positions_or_graph: np.ndarray | nx.Graph) -> tuple[np.ndarray, nx.Graph]:
@@ -94,7 +171,7 @@ def cluster_topology(
     positions_or_graph: np.ndarray | nx.Graph,
     sparsities: np.ndarray | Sequence[float] | Sequence[Sequence[float]],
     *,
-    s_max: float,
+    s_max: float | None,
     payload_bits: float,
     channel: ChannelParams = DEFAULT_CHANNEL,
     gains: np.ndarray | None = None,
@@ -113,8 +190,15 @@ def cluster_topology(
     Returns a graph with intra-cluster edges (a clique per cluster; edge attr ``gain``), node attrs ``cluster``,
     ``pos``, ``sparsity``, and graph attrs ``collision_rate`` (cluster id -> S), ``s_max``, ``payload_bits``,
     ``channel``, ``gains``, ``kind="cluster"``. Cluster ids are 0.. in order of each cluster's smallest peer.
+
+    ``s_max=None`` (automatic, clusters that follow the tasks without tuning): the merge order is the average-linkage
+    distance of the peers' layer budgets (:func:`budget_distances`; ties by S, then power), merges stop at the cut
+    :func:`auto_cut` chooses from those distances, and ``s_max`` becomes the largest collision rate among the groups
+    that cut forms without power constraints: the bound is chosen from the registrations, and every cluster meets it.
+    The graph records it (``s_max``) with ``auto=True`` and the cut (``distance_cut``).
     """
-    if not 0.0 <= s_max <= 1.0:
+    auto = s_max is None
+    if s_max is not None and not 0.0 <= s_max <= 1.0:
         raise ValueError(f"s_max must lie in [0, 1], got {s_max}")
     if not payload_bits >= 0:
         raise ValueError(f"payload_bits must be non-negative, got {payload_bits}")
@@ -134,35 +218,47 @@ def cluster_topology(
     def rate(members: Sequence[int]) -> float:
         return cluster_collision_rate(s[list(members)], layer_weights=layer_weights)
 
+    distances = cut = None
+    if auto:
+        distances = budget_distances(s if s.ndim == 2 else s[:, None], layer_weights=layer_weights)
+        cut = auto_cut(distances)
+        s_max = max((rate(m) for m in _upgma(distances, cut)[0]), default=0.0)
+
     groups: list[tuple[int, ...]] = [(v,) for v in range(n)]
     while len(groups) > 1:
-        best: tuple[float, float, tuple[int, ...], int, int] | None = None
+        best: tuple[float, float, float, tuple[int, ...], int, int] | None = None
         for a in range(len(groups)):
             for b in range(a + 1, len(groups)):
                 if not any(reach.has_edge(i, j) for i in groups[a] for j in groups[b]):
                     continue
+                # auto: the nearest budgets merge first, up to the cut; else the paper's order (lowest S first)
+                link = 0.0 if distances is None else _average_linkage(distances, groups[a], groups[b])
+                if cut is not None and link > cut:
+                    continue
                 union = tuple(sorted(groups[a] + groups[b]))
                 s_union = rate(union)
-                if s_union > s_max:
+                if s_union > s_max + 1e-12:
                     continue
                 # S rounded so that float noise does not break ties between equal rates (equal budgets are common).
                 s_key = round(s_union, 12)
-                if best is not None and s_key > best[0]:
+                if best is not None and (link, s_key) > best[:2]:
                     continue
                 power = _cluster_power(union, gains, payload_bits, channel, delay_bound_s)
                 if power == float("inf"):
                     continue
-                candidate = (s_key, power, union, a, b)
-                if best is None or candidate[:3] < best[:3]:
+                candidate = (link, s_key, power, union, a, b)
+                if best is None or candidate[:4] < best[:4]:
                     best = candidate
         if best is None:
             break
-        _, _, union, a, b = best
+        *_, union, a, b = best
         groups = [g for k, g in enumerate(groups) if k not in (a, b)] + [union]
     groups.sort(key=min)
 
     g = nx.Graph(
         kind="cluster",
+        auto=auto,
+        distance_cut=cut,
         s_max=float(s_max),
         payload_bits=float(payload_bits),
         channel=channel,

@@ -107,8 +107,11 @@ class ExperimentConfig:
         per_method=True,
     )
     degree: int = _setting(2, help="neighbours per peer in the random topology of the lora/lori baselines")
-    s_max: float = _setting(
-        0.1, help="collision-rate bound of the cluster topology (pairs at sparsity 0.25 collide at ~0.06)"
+    s_max: float | None = _setting(
+        None,
+        help="collision-rate bound of the cluster topology (pairs at sparsity 0.25 collide at ~0.06); none (auto): "
+        "clusters follow the tasks, the nearest layer budgets merge first and the cut and the bound are chosen "
+        "from the registrations",
     )
     router_top_k: int | None = _setting(
         None, help="components kept per token by the implicit MoE router; none: the paper's k = r"
@@ -192,7 +195,7 @@ class ExperimentConfig:
             raise ConfigError("tasks, methods and target_modules must each name at least one item")
         if not 0 < self.sparsity <= 1:
             raise ConfigError(f"sparsity must be in (0, 1], got {self.sparsity}")
-        if not 0 < self.s_max <= 1:
+        if self.s_max is not None and not 0 < self.s_max <= 1:
             raise ConfigError(f"s_max must be in (0, 1], got {self.s_max}")
         if self.hub is not None and not self.hub.startswith(("http://", "https://")):
             raise ConfigError(
