@@ -304,11 +304,16 @@ class PeerProgram:
         return self.kind.payload_cls.from_bytes(data, masks=masks)
 
     def batches(self, round: int) -> list[dict[str, torch.Tensor]]:
-        """The ``local_steps`` batches of ``round``: a pure function of (seed, peer, round, step)."""
+        """The ``local_steps`` batches of ``round``: a pure function of (seed, the peer's data identity, round, step).
+
+        The data identity is the peer id without a leading ``<method>-`` in its name (common random numbers: the
+        simulation names peer i ``<ns>/<method>-peerNN`` in every method, so every method's peer i draws the same
+        batches from the same shard; a real peer's name carries no method and is used as it is)."""
         t = self.terms
+        data_id = f"{self.user}/{self.name.removeprefix(f'{t.method}-')}"
         out = []
         for step in range(t.local_steps if round != CALIBRATION else 1):
-            g = torch.Generator().manual_seed(derive_seed(t.seed, "batch", self.peer_id, round, step) % 2**63)
+            g = torch.Generator().manual_seed(derive_seed(t.seed, "batch", data_id, round, step) % 2**63)
             idx = torch.randint(len(self.data.train), (t.batch_size,), generator=g).tolist()
             encoded = [encode_for_training(self.data.train[i], self.tokenizer, max_len=t.max_len) for i in idx]
             out.append(collate_for_training(encoded, pad_token_id=self.tokenizer.pad_token_id))
