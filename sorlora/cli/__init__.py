@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sorlora_gossip.cli import add_gossip_commands  # noqa: PLC0415
 
     from .collab import add_collab_commands  # noqa: PLC0415
+    from .eval import add_eval_commands  # noqa: PLC0415
     from .run import add_run_commands  # noqa: PLC0415
     from .study import add_study_commands  # noqa: PLC0415
 
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_commands(sub)  # run, tune-lr, tasks
     add_gossip_commands(sub)  # status, push, pull, hub-serve
     add_study_commands(sub)  # study, pilot
-    add_collab_commands(sub)  # collab create|status, peer
+    add_collab_commands(sub)  # collab create|status|terms, peer
+    add_eval_commands(sub)  # eval
     return parser
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["add_collab_commands", "load_peer_data"]
+__all__ = ["add_collab_commands", "load_peer_data", "peer_task"]
 
 
 def _hub_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,39 +33,86 @@ def _open(args: argparse.Namespace, namespace: str | None = None):
     return open_hub(args.hub, namespace=namespace, token=os.environ.get(args.token_env) or None)
 
 
-def load_peer_data(data: str | None, task: str | None, *, seed: int = 0):
-    """A peer's own data: a JSONL/CSV task file (multiple choice ``prompt``/``options``/``answer``, or
-    ``text``/``label``; see :func:`sorlora.data.files.read_task_file`) whose records all train (a ``split`` field keeps
-    only its ``train`` records), or a registry task by name (its training split). A bad record raises one line
-    naming the file, the line and the field."""
+def peer_task(data: str | None, task: str | None, *, test_share: float = 0.0, seed: int = 0):
+    """A member's own data as a :class:`~sorlora.data.examples.Task`: a JSONL/CSV task file (multiple choice
+    ``prompt``/``options``/``answer``, or ``text``/``label``; see :func:`sorlora.data.files.read_task_file`) or a
+    registry task by name, its ``test`` the questions held back (:func:`~sorlora.data.examples.hold_out`: a file's
+    ``split=test`` records or a registry task's test split, else ``test_share`` of the file by a hash seeded with
+    ``seed``), its ``train`` the rest. A bad record raises one line naming the file, the line and the field."""
+    from ..data.examples import hold_out
     from ..data.files import read_task_file
-    from ..data.registry import load_task
-    from ..protocol.program import PeerData
+    from ..data.registry import TASKS, load_task
 
     if data is None:
         if not task:
             raise ValueError("give --data FILE (your own data) or --task NAME (a registry task)")
-        return PeerData(task=task, train=load_task(task, n_train=None, n_test=1, seed=seed).train)
-    _, pools = read_task_file(data)
-    return PeerData(task=task or Path(data).stem, train=pools.get("all") or pools["train"])
+        if task in TASKS:
+            return hold_out(task, TASKS[task].kind, TASKS[task].loader(), share=test_share, seed=seed)
+        return load_task(task, n_train=None, n_test=8 if test_share > 0 else 1, seed=seed)
+    kind, pools = read_task_file(data)
+    return hold_out(task or Path(data).stem, kind, pools, share=test_share, seed=seed)
+
+
+def load_peer_data(data: str | None, task: str | None, *, test_share: float = 0.0, seed: int = 0):
+    """:func:`peer_task` as the program's :class:`~sorlora.protocol.program.PeerData` (train, held-out test)."""
+    from ..protocol.program import PeerData
+
+    split = peer_task(data, task, test_share=test_share, seed=seed)
+    return PeerData(task=split.name, train=split.train, test=split.test)
 
 
 def _create(args: argparse.Namespace) -> int:
-    from ..protocol.collab import create_collaboration
-    from ..protocol.terms import CollabTerms
+    from peft_sorlora.base_model import BUNDLED_BASE_ID, base_fingerprint
+    from sorlora_gossip.hub import HubAuthError
 
-    terms = json.loads(Path(args.config).read_text())
+    from ..protocol.collab import Collaboration, create_collaboration
+    from ..protocol.terms import CollabTerms, TermsError
+    from .errors import UsageError
+
+    try:
+        terms = json.loads(Path(args.config).read_text())
+    except json.JSONDecodeError as exc:
+        raise TermsError(f"{args.config}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if isinstance(terms, dict):
+        terms.setdefault("base_model", BUNDLED_BASE_ID)
+    # everything that needs no model first, so that a typo or a taken id is one line, not one line after a model load
+    CollabTerms.from_dict({"base_fingerprint": "0" * 16, **terms}, source=args.config)
+    hub = _open(args)
+    if hub.repo_exists(args.collab) and not args.exist_ok:
+        try:
+            Collaboration(hub, args.collab).terms()
+        except TermsError:
+            pass  # a repo without terms: create_collaboration writes them
+        else:
+            raise TermsError(f"collaboration {args.collab} exists already (--exist-ok accepts it when its terms are "
+                             "equal)")  # fmt: skip
+    try:  # the token may write there: a missing token or a wrong namespace is refused here
+        hub.create_repo(args.collab, exist_ok=True)
+    except HubAuthError as exc:
+        raise UsageError(_write_refused(args.token_env, f"the collaboration {args.collab}", exc)) from None
     if "base_fingerprint" not in terms:
-        from peft_sorlora.base_model import BUNDLED_BASE_ID, base_fingerprint
-
         from ..runtime.model_loading import load_base
 
-        terms.setdefault("base_model", BUNDLED_BASE_ID)
         terms["base_fingerprint"] = base_fingerprint(load_base(terms["base_model"], model=args.model)[0])
+    if args.host_base:  # the base once, in the collaboration's namespace: what members publish names it
+        from ..protocol.publish import host_base
+
+        terms["base_repo"] = host_base(hub, args.collab, terms["base_model"], terms["base_fingerprint"],
+                                       model=args.model)  # fmt: skip
+        print(f"base {terms['base_model']} hosted at {terms['base_repo']}")
     pinned = CollabTerms.from_dict(terms, source=args.config)
-    create_collaboration(_open(args), args.collab, pinned, exist_ok=args.exist_ok)
+    create_collaboration(hub, args.collab, pinned, exist_ok=args.exist_ok)
     print(f"collaboration {args.collab}: terms {pinned.sha256()[:12]} ({pinned.method}, {pinned.max_members} members, "
           f"{pinned.rounds} rounds, base {pinned.base_model})")  # fmt: skip
+    return 0
+
+
+def _terms(args: argparse.Namespace) -> int:
+    from ..fields import fields_help
+    from ..protocol.terms import CollabTerms
+
+    print("terms of a collaboration (the keys of `collab create --config`'s JSON object):")
+    print(fields_help(CollabTerms))
     return 0
 
 
@@ -130,32 +177,68 @@ def _status(args: argparse.Namespace) -> int:
 def _peer(args: argparse.Namespace) -> int:
     import torch
 
+    from sorlora_gossip.hub import HubAuthError
+
+    from ..protocol.claim import PeerClaim, lock_state_dir
+    from ..protocol.collab import Collaboration
     from ..protocol.program import PeerProgram
+    from ..protocol.state import write_state
+    from .errors import UsageError
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    hub = _open(args, namespace=args.peer_id.split("/")[0] if "/" in args.peer_id else None)
-    peer_id = args.peer_id if "/" in args.peer_id else f"{hub.namespace}/{args.peer_id}"
-    data = load_peer_data(args.data, args.task)
+    data = load_peer_data(args.data, args.task)  # the file is checked first; split once the terms are known
     if args.task is None:  # the registration and the cards publish the task's name: say which one was taken
         print(f"task: {data.task!r}, the data file's name (--task NAME publishes another)", file=sys.stderr)
+    hub = _open(args, namespace=args.peer_id.split("/")[0] if "/" in args.peer_id else None)
+    peer_id = args.peer_id if "/" in args.peer_id else f"{hub.namespace}/{args.peer_id}"
     position = None
     if args.position_mm:
         x, _, y = args.position_mm.partition(",")
         position = (int(x), int(y))
     state_dir = Path(args.state_dir or Path("sorlora-peers") / peer_id.replace("/", "__"))
-    program = PeerProgram(hub=hub, collab_id=args.collab, peer_id=peer_id, data=data, state_dir=state_dir,
-                          model=args.model, position_mm=position, expected_terms=args.terms_sha,
-                          poll_interval=args.poll_interval, progress=not args.no_progress)  # fmt: skip
-    print(f"peer {peer_id} in {args.collab}: state in {state_dir} (run the same command again to resume)", flush=True)
-    try:
-        program.run(max_seconds=args.max_seconds)
-    except KeyboardInterrupt:
-        print(f"interrupted in phase {program.phase}; run the same command to resume")
-        return 130
-    rounds = program.collab.terms().rounds  # program.terms is set only when the run had a phase left to do
-    print(f"peer {peer_id}: done ({rounds} rounds); final adapter at {peer_id}@final")
+    # Pre-flight, before the model loads: one copy per state directory and per peer id, the collaboration and its
+    # terms, registration still open (or this peer a member), the token allowed to write the peer's repo.
+    with lock_state_dir(state_dir, peer_id):
+        terms = Collaboration(hub, args.collab).terms()
+        data = load_peer_data(args.data, args.task, test_share=terms.test_share, seed=terms.seed)
+        program = PeerProgram(hub=hub, collab_id=args.collab, peer_id=peer_id,
+                              data=data, state_dir=state_dir,
+                              model=args.model, position_mm=position, expected_terms=args.terms_sha,
+                              poll_interval=args.poll_interval, progress=not args.no_progress)  # fmt: skip
+        program.preflight()
+        claim = PeerClaim(hub, args.collab, peer_id, state_dir)
+        if not program.done:
+            try:
+                hub.create_repo(hub.repo_id(peer_id), exist_ok=True)
+            except HubAuthError as exc:
+                raise UsageError(_write_refused(args.token_env, f"the peer repo {peer_id}", exc)) from None
+            claim.acquire()
+        print(f"peer {peer_id} in {args.collab}: state in {state_dir} (run the same command again to resume)",
+              flush=True)  # fmt: skip
+        try:
+            program.run(max_seconds=args.max_seconds, heartbeat=claim.renew)
+        except KeyboardInterrupt:
+            print(f"interrupted in phase {program.phase}; run the same command to resume")
+            return 130
+        print(f"peer {peer_id}: done ({terms.rounds} rounds); final adapter at {peer_id}@final")
+        if "heldout" not in program.state and program.data.test and hasattr(program, "ws"):
+            from .eval import member_scores
+
+            program.state["heldout"] = member_scores(program)
+            write_state(state_dir, program.state)
+        if "heldout" in program.state:
+            from .eval import print_member_scores
+
+            print_member_scores(peer_id, program.state["heldout"])
     return 0
+
+
+def _write_refused(token_env: str, what: str, exc: Exception) -> str:
+    """The line for a hub that refuses a write: no token set, or the token may not write there (namespace)."""
+    if not os.environ.get(token_env):
+        return f"the hub needs a token to write {what} and ${token_env} is not set ({exc}): export {token_env}=..."
+    return f"the hub refused the token in ${token_env} writing {what} ({exc}): check the token and the namespace"
 
 
 def _terms_sha(text: str) -> str:
@@ -182,11 +265,17 @@ def add_collab_commands(subparsers: argparse._SubParsersAction) -> None:
                         "missing")  # fmt: skip
     create.add_argument("--model", default=None, metavar="PATH_OR_ID", help="local copy of the base to fingerprint")
     create.add_argument("--exist-ok", action="store_true", help="accept an existing collaboration with equal terms")
+    create.add_argument("--host-base", action="store_true",
+                        help="push the pinned base (weights, config, tokenizer) once to NS/<name>-base on this hub and "
+                        "pin it as the term base_repo: the members' adapters and the MoE then load with only "
+                        "HF_ENDPOINT (+ token) set")  # fmt: skip
     create.set_defaults(func=_create)
     status = sub.add_parser("status", help="members, plan, each member's round, bytes and skips")
     _hub_arguments(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=_status)
+    terms = sub.add_parser("terms", help="every term with its type, default and meaning")
+    terms.set_defaults(func=_terms)
 
     peer = subparsers.add_parser("peer", help="run one device's whole collaboration (resumable)")
     _hub_arguments(peer)

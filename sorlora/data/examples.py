@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Example", "Pools", "Task", "continuation", "finish_prompt", "split_examples"]
+__all__ = ["Example", "Pools", "Task", "continuation", "finish_prompt", "hold_out", "split_examples"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +122,17 @@ def split_examples(
         )
     train = rest if n_train is None else rest[:n_train]
     return Task(name=name, kind=kind, train=train, test=test, validation=validation)
+
+
+def hold_out(name: str, kind: str, pools: Pools, *, share: float, seed: int = 0) -> Task:
+    """One member's data as its training set and the questions it holds back (``test``): a file's or a source's own
+    test pool when it has one, else the first ``share`` of its distinct examples in :func:`split_examples`'s seeded
+    hash order (at least one when ``share`` > 0, never all). The same data, share and seed give the same split."""
+    if not 0 <= share < 1:
+        raise ValueError(f"the held-out share must be in [0, 1), got {share!r}")
+    if set(pools) == {"train", "test"}:
+        n_test = len({e.prompt for e in pools["test"]})
+    else:
+        n = len({e.prompt for e in pools.get("all", [])})
+        n_test = 0 if share == 0 or n < 2 else min(n - 1, max(1, round(share * n)))
+    return split_examples(name, kind, pools, n_train=None, n_test=n_test, seed=seed)
