@@ -67,6 +67,7 @@ from model_cards import ExpertInfo, MoECardInfo
 from moe_router.centroids import MAX_CENTROIDS
 from moe_router.configuration import EXPERTS_FILE
 from peft_sorlora import PayloadError
+from peft_sorlora.base_model import base_fingerprint
 from peft_sorlora.exchange import parse_json
 from sorlora_gossip.cards import publish_adapter
 from sorlora_gossip.hub.base import EntryNotFound, HubError, RepoNotFound, RequestTooLarge, RevisionNotFound
@@ -78,12 +79,14 @@ from sorlora_gossip.layout import (
     MEMBERS_DIR,
     NEIGHBOURHOOD_DIR,
     REPORT_FILE,
+    base_repo_name,
     member_path,
     moe_claim_path,
     moe_repo_name,
 )
 
 from ..methods.rules import cluster_expert
+from ..runtime.model_loading import load_base
 from ..runtime.moe import build_moe
 from .collab import read_capped
 from .terms import TermsError
@@ -99,6 +102,7 @@ __all__ = [
     "centroids_path",
     "claim_bytes",
     "experts_for_moe",
+    "host_base",
     "moe_centroids",
     "moe_claims",
     "moe_digest",
@@ -138,6 +142,28 @@ class NeighbourhoodParts(Publisher):
         me = program.name_of(program.index)
         return {f"{NEIGHBOURHOOD_DIR}/{name}.safetensors": part.to_bytes() for name, part in program.view.items()
                 if name != me}  # fmt: skip
+
+
+def host_base(hub: Any, collab_id: str, base_model: str, fingerprint: str, *, model: str | None = None) -> str:
+    """Host the collaboration's pinned base once on its own hub, as a plain transformers repo (weights, config,
+    tokenizer) ``<ns>/<collab>-base`` in the collaboration's namespace, so that what its members publish loads from
+    that one endpoint; returns the repo id (the ``base_repo`` term). The weights (``model``: a local copy or Hub id,
+    else ``base_model`` itself) must have the pinned ``fingerprint``; pushing the same files again makes no commit."""
+    namespace, name = collab_id.split("/", 1)
+    repo = f"{namespace}/{base_repo_name(name)}"
+    net, tokenizer, _ = load_base(base_model, model=model)
+    found = base_fingerprint(net)
+    if found != fingerprint:
+        raise TermsError(f"the base to host (fingerprint {found}) is not the pinned {base_model} ({fingerprint})")
+    with tempfile.TemporaryDirectory() as tmp:
+        net.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = {str(f.relative_to(tmp)): f for f in sorted(Path(tmp).rglob("*")) if f.is_file()}
+        hub.create_repo(repo, exist_ok=True)
+        hub.create_commit(
+            repo, files, commit_message=f"{base_model} (fingerprint {fingerprint}), hosted for {collab_id}"
+        )
+    return repo
 
 
 def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
