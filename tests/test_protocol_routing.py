@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from sorlora.evaluation.final_models import EVAL_ROUTERS, _prompt_batches
+from sorlora.evaluation.final_models import EVAL_ANCHORS, EVAL_ROUTERS, _prompt_batches
 from sorlora.evaluation.scoring import option_loglikelihoods
 from sorlora.protocol.publish import (
     MAX_CENTROID_BYTES,
@@ -150,7 +150,7 @@ def test_results_report_every_router_and_its_diagnostics(routed):
         and CollabTerms(base_model="tiny-random-llama", base_fingerprint="0" * 16).router == "sequence"
     )
     # the row is the published router; every other router scores the same weights as a variant
-    assert set(res["variants"]) == set(EVAL_ROUTERS) - {"sequence"}
+    assert set(res["variants"]) == (set(EVAL_ROUTERS) - {"sequence"}) | set(EVAL_ANCHORS)  # and PEFT's Arrow
     for v in res["variants"].values():
         assert set(v["accuracy"]) == set(ROUTED.tasks)
     table = (run_dir / "results.md").read_text()

@@ -84,7 +84,7 @@ def test_the_moe_diagnostics_are_measured_and_reported(unbroken):
         assert len(r["shares"]) == len(res["clusters"]) and abs(sum(r["shares"]) - 1) < 1e-6
         assert r["own_share"] == r["shares"][r["own_expert"]] and 0 <= r["own_share"] <= 1
         assert r["uniform"] == 1 / len(res["clusters"])
-    assert set(res["variants"]) >= {"sum"}
+    assert set(res["variants"]) >= {"sum", "arrow"}  # arrow: the same experts through PEFT's Arrow
     table = (run_dir / "results.md").read_text()
     assert "router settings, chosen on validation questions" in table
     assert "belong to the task's own expert" in table and "sum:" in table

@@ -84,11 +84,12 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
         assert (tmp_path / name).stat().st_size > 0, name
     stored = json.loads((tmp_path / "study.json").read_text())
     assert stored["settings"]["seeds"] == [0, 1]
-    from sorlora.evaluation.final_models import EVAL_ROUTERS
+    from sorlora.evaluation.final_models import EVAL_ANCHORS, EVAL_ROUTERS
 
     routers = {f"solora:{r}" for r in EVAL_ROUTERS if r != cfg.router}  # the published router is solora's own row
+    routers |= {f"solora:{a}" for a in EVAL_ANCHORS}  # the same experts under PEFT's Arrow
     assert {"lora", "lori", "solora-single", "solora", "zero-shot"} | routers == set(stored["accuracy"]), (
-        "every method, the MoE's weights under every other router (sum and hard included), and the base model alone"
+        "every method, the MoE's weights under every other router (sum and hard included) and Arrow, and the base alone"
     )
     assert [c["name"] for c in stored["contrasts"]][-1] == "solora − solora:sum" and not stored["skipped_contrasts"]
     assert stored["questions_per_seed"] == cfg.n_test * len(cfg.tasks)

@@ -11,7 +11,9 @@ peers published on the hub (what a peer publishes: :mod:`sorlora.protocol.publis
   published router (the terms' ``router``); the same weights are also scored under every other router of
   :data:`EVAL_ROUTERS` (``variants``: ``solora:implicit``, ``solora:sequence``, ...; ``hard`` routes each task to the
   cluster holding it), and every router's routing diagnostics (cluster-selection accuracy per task against the true
-  task's cluster, own-expert share, task x cluster confusion) are reported on the test prompts alone.
+  task's cluster, own-expert share, task x cluster confusion) are reported on the test prompts alone. The same
+  experts, exported as PEFT LoRA adapters (``moe_router.export_loras``), are also scored through PEFT's own Arrow
+  router (``solora:arrow``, :data:`EVAL_ANCHORS`): the published training-free router the others are measured against.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moe_router import ImplicitMoEForCausalLM, routing_diagnostics, routing_shares
+from moe_router import ImplicitMoEForCausalLM, arrow_model, export_loras, routing_diagnostics, routing_shares
 from moe_router.configuration import REFINE_MODES
 from peft_sorlora.exchange import parse_json
 from sorlora_gossip.hub.base import EntryNotFound, RequestTooLarge
@@ -40,10 +43,13 @@ from ..runtime.workspace import Workspace, adapter_name
 from .scoring import PromptTooLongError, _encode_question, evaluate, fits, mean_per_question, per_question
 
 __all__ = [
+    "ARROW_TOP_K",
+    "EVAL_ANCHORS",
     "EVAL_ROUTERS",
     "FINAL_MODELS",
     "FinalModel",
     "Published",
+    "arrow_accuracy",
     "choose_router",
     "evaluate_moe",
     "own_expert_shares",
@@ -54,6 +60,20 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EVAL_ROUTERS = ("implicit", "sequence", "spectral", "sum", "hard")  # every router the MoE's weights are scored under
+EVAL_ANCHORS = ("arrow",)  # the same experts under another library's router (PEFT's Arrow over their LoRA exports)
+ARROW_TOP_K = 3  # experts Arrow mixes per token (PEFT ArrowConfig's default; at most the number of experts)
+
+
+def arrow_accuracy(
+    moe: ImplicitMoEForCausalLM, base: torch.nn.Module, tasks: Mapping[str, Task], tokenizer: Any, **eval_kw: Any
+) -> dict[str, dict[str, Any]]:
+    """Scores of the MoE's experts through PEFT's Arrow: each expert exported as an exact LoRA adapter (the same
+    rank for all, as Arrow requires), loaded with ``peft.create_arrow_model`` on ``base`` (a clean base copy, which
+    it wraps), Arrow mixing the top ``min(ARROW_TOP_K, experts)`` experts per token by their singular directions."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = export_loras(moe, tmp)
+        model = arrow_model(base, paths, top_k=min(ARROW_TOP_K, moe.num_experts)).eval()
+    return score(model, tokenizer, tasks, **eval_kw)
 
 
 def evaluate_moe(
@@ -389,6 +409,9 @@ class ImplicitMoE(FinalModel):
                 unavailable[name] = str(exc)
                 continue
             variants[name] = {"accuracy": _accuracy(got), "per_question": per_question(got)}
+        # the anchor: the same experts under PEFT's Arrow (never the published model; its own copy of the base)
+        got = arrow_accuracy(moe, pub.ws.clean_copy(), tasks, pub.tokenizer, **pub.eval_kw)
+        variants["arrow"] = {"accuracy": _accuracy(got), "per_question": per_question(got)}
         extra = {"router": router, "published_router": published, "moe_config": json.loads(moe.config.to_json_string())}
         if unavailable:
             extra["unavailable_routers"] = unavailable
