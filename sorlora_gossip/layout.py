@@ -41,6 +41,7 @@ __all__ = [
     "INFO_FILE",
     "INFO_FORMAT",
     "MEMBERS_DIR",
+    "MOE_CLAIM_SUFFIX",
     "NEIGHBOURHOOD_DIR",
     "PLAN_FILE",
     "REPORT_FILE",
@@ -85,10 +86,14 @@ def moe_repo_name(collab_name: str) -> str:
     return f"{collab_name}-moe"
 
 
+MOE_CLAIM_SUFFIX = ".moe-claim"
+
+
 def moe_claim_path(user: str, peer: str) -> str:
     """Where member ``user/peer`` claims the collaboration's MoE (the repo it publishes or uses, and the content
-    hash it would build): ``members/<user>/<peer>.moe.claim`` (not ``.json``: never read as a registration)."""
-    return member_path(user, peer).removesuffix(".json") + ".moe.claim"
+    hash it would build): ``members/<user>/<peer>.moe-claim``. Not ``.json`` (never read as a registration), and no
+    other member file ends so (``.claim`` is a running copy's claim of its peer id)."""
+    return member_path(user, peer).removesuffix(".json") + MOE_CLAIM_SUFFIX
 
 
 def base_repo_name(collab_name: str) -> str:

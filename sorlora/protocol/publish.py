@@ -19,7 +19,7 @@ own cluster's too, and the router's task statistics and centroids are read at th
 first member to claim it publishes it and the others verify and use it:
 
 1. a member builds the MoE's files and their content hash (:func:`moe_digest`: every file but the card, JSON
-   without ``transformers_version``) and commits its claim ``members/<user>/<peer>.moe.claim`` (:func:`claim_bytes`:
+   without ``transformers_version``) and commits its claim ``members/<user>/<peer>.moe-claim`` (:func:`claim_bytes`:
    the repo ``<user>/<collab>-moe`` in its own namespace and the hash) to the collaboration repo;
 2. it reads the claims in the order the collaboration's linear history added them (the commit that last changed
    each file; by path inside one commit). A claim is skipped, with the reason logged and recorded in the member's
@@ -77,6 +77,7 @@ from sorlora_gossip.layout import (
     EXPERT_FILE,
     FINAL_TAG,
     MEMBERS_DIR,
+    MOE_CLAIM_SUFFIX,
     NEIGHBOURHOOD_DIR,
     REPORT_FILE,
     base_repo_name,
@@ -214,7 +215,7 @@ def claim_bytes(peer: str, repo: str, sha256: str) -> bytes:
 
 def _parse_claim(hub: Any, collab: str, path: str, commit: Any, members: list[str], moe_name: str) -> MoEClaim:
     user, _, rest = path.removeprefix(f"{MEMBERS_DIR}/").partition("/")
-    peer = f"{user}/{rest.removesuffix('.moe.claim')}"
+    peer = f"{user}/{rest.removesuffix(MOE_CLAIM_SUFFIX)}"
     claim = MoEClaim(path=path, peer=peer, repo="", sha256="", commit=commit.sha)
     try:
         data = parse_json(read_capped(hub, collab, path, commit.sha, MAX_CLAIM_BYTES), max_bytes=MAX_CLAIM_BYTES,
@@ -250,7 +251,7 @@ def moe_claims(hub: Any, collab: str, *, members: list[str]) -> list[MoEClaim]:
     before: dict[str, str] = {}
     for index, commit in enumerate(history):
         ids = {p: oid for p, oid in hub.file_ids(collab, revision=commit.sha).items()
-               if p.startswith(f"{MEMBERS_DIR}/") and p.count("/") == 2 and p.endswith(".moe.claim")}  # fmt: skip
+               if p.startswith(f"{MEMBERS_DIR}/") and p.count("/") == 2 and p.endswith(MOE_CLAIM_SUFFIX)}  # fmt: skip
         for path, oid in ids.items():
             if before.get(path) != oid:
                 latest[path] = (index, commit)
