@@ -11,8 +11,10 @@ revisions the previous pull used, and the cumulative per-round ``history``) and 
 ``round-000N``. A second live writer of one peer id is refused (:class:`SecondWriterError`); a squatted round tag is
 replaced.
 
-A pull trusts nothing: a neighbour's tag counts only for a commit on its main history whose ``peer.json`` says that
-round, and the revision is pinned by its sha, so a round can be replayed exactly; sizes are checked before
+A pull trusts nothing: a neighbour's round is the first commit on its main history whose ``peer.json`` says that
+round, whatever its tag names (a tag moved to a later commit with another payload is an equivocation: that revision
+is rejected and recorded, :attr:`RoundPull.equivocations`, so every neighbour uses the same round-r commit), and the
+revision is pinned by its sha, so a round can be replayed exactly; sizes are checked before
 downloading (a values-only payload's exactly, from the neighbour's round-0 masks); JSON is size-capped and
 recursion-safe; payloads are validated (checksum, header fields, finiteness and bounds, shapes, base model, config
 hash). A bad neighbour, or one whose repo refuses us, is rejected with the peer, revision and reason, and the round
@@ -135,6 +137,9 @@ class RoundPull:
     bytes: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, Rejection] = field(default_factory=dict)
+    # neighbours whose round tag names a later commit carrying another payload for the round than the first one
+    # (equivocation): that later revision is rejected, the round's first commit is what everyone uses
+    equivocations: dict[str, Rejection] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -148,6 +153,7 @@ class RoundPull:
             "used": dict(self.revisions),
             "skipped": dict(self.skipped),
             "rejected": {p: str(r) for p, r in self.rejected.items()},
+            **({"equivocations": {p: str(r) for p, r in self.equivocations.items()}} if self.equivocations else {}),
         }
 
 
@@ -196,6 +202,7 @@ class Peer:
         self._last_round: int | None = None
         self._synced = False
         self._last_pull: RoundPull | None = None
+        self._rounds: dict[tuple[str, str], tuple[int, str] | None] = {}  # (repo, commit) -> peer.json round, sha256
         self.hook = hook
         # (commit sha, history) of this peer's last commit, so a push needs no read of its own peer.json
         self._parent_state: tuple[str, list[dict]] | None = None
@@ -512,6 +519,8 @@ class Peer:
                     if pinned is None:
                         last_error[peer] = f"{tag} names {sha[:12]}, off {repos[peer]}'s history (squatted?)"
                         continue
+                    if pinned != sha:
+                        self._check_equivocation(result, peer, repos[peer], round, sha, pinned)
                     pending.remove(peer)
                     self._fetch(peer, repos[peer], round, pinned, result)
                     if progress is not None and peer in result.bytes:
@@ -583,25 +592,51 @@ class Peer:
             self._caps[peer] = update.max_bytes(structure=False)
         return update, info, len(data), sha
 
-    def _round_commit(self, repo_id: str, round: int, sha: str) -> str | None:
-        """The commit to pin for ``round``: the tag's, when it is on the owner's main history with that round's
-        ``peer.json``; otherwise (a squatted tag) the owner's own commit for the round, found in that history by its
-        message and checked the same way; None while there is none (the owner has not pushed the round yet)."""
-        history = self.hub.list_commits(repo_id, revision=DEFAULT_BRANCH)
-        if sha in {c.sha for c in history}:
+    def _round_of(self, repo_id: str, sha: str) -> tuple[int, str] | None:
+        """The round and payload sha256 ``sha``'s ``peer.json`` names (None: none or unreadable); commits never change,
+        so each is read once."""
+        key = (repo_id, sha)
+        if key not in self._rounds:
             try:
-                if self._read_info(repo_id, sha)["round"] == round:
-                    return sha
-            except (HubError, PayloadError):
-                return sha  # a broken revision of the owner's: rejected with the reason when it is loaded
-        tag = round_tag(round)
-        for commit in history:
-            if commit.sha != sha and commit.message.endswith(f": {tag}"):
-                if self._is_round_commit(repo_id, commit.sha, round, history=history):
-                    logger.warning("peer %s: %s of %s names %s, not that round's commit (squatted?); pinning %s from "
-                                   "its history", self.peer_id, tag, repo_id, sha[:12], commit.sha[:12])  # fmt: skip
-                    return commit.sha
-        return None
+                info = self._read_info(repo_id, sha)
+                self._rounds[key] = (int(info["round"]), str(info["sha256"]))
+            except (EntryNotFound, PayloadError):
+                self._rounds[key] = None
+        return self._rounds[key]
+
+    def _round_commit(self, repo_id: str, round: int, sha: str) -> str | None:
+        """The commit to pin for ``round``: the first commit of the owner's main history whose ``peer.json`` says that
+        round. History only grows at its end, so every neighbour pinning a round pins the same commit whenever it
+        pulls, wherever the tag points (a tag moved to a later commit is an equivocation, a squatted one names a
+        commit off that history); None while there is none. A tag naming a commit of that history whose
+        ``peer.json`` is unreadable is pinned, to be rejected with the reason when it is loaded."""
+        history = self.hub.list_commits(repo_id, revision=DEFAULT_BRANCH)
+        for commit in reversed(history):  # oldest first
+            found = self._round_of(repo_id, commit.sha)
+            if found is not None and found[0] == round:
+                if commit.sha != sha and sha not in {c.sha for c in history}:
+                    logger.warning("peer %s: %s of %s names %s, off its history (squatted?); pinning %s from its "
+                                   "history", self.peer_id, round_tag(round), repo_id, sha[:12], commit.sha[:12])  # fmt: skip
+                return commit.sha
+            if found is not None and found[0] > round:
+                break  # an honest history's rounds only grow: a later round's commit comes after this round's
+        on_history = sha in {c.sha for c in history}
+        return sha if on_history and self._round_of(repo_id, sha) is None else None
+
+    def _check_equivocation(
+        self, result: RoundPull, peer: str, repo_id: str, round: int, sha: str, pinned: str
+    ) -> None:
+        """Record an equivocation when ``peer``'s round tag names ``sha``, a later commit of its history carrying another
+        payload for ``round`` than ``pinned``, the round's first commit (which is used)."""
+        tagged, first = self._round_of(repo_id, sha), self._round_of(repo_id, pinned)
+        if tagged is None or first is None or tagged[0] != round or tagged[1] == first[1]:
+            return  # off history (squatted, logged), or the same payload again (e.g. a later card commit)
+        rejection = Rejection(peer=peer, revision=sha, reason=(
+            f"equivocation: {round_tag(round)} names {sha[:12]}, a later commit with another round-{round} payload "
+            f"than {pinned[:12]}, the first commit of that round on its history; the later one is rejected and the "
+            "first used"))  # fmt: skip
+        result.equivocations[peer] = rejection
+        logger.warning("peer %s: %s", self.peer_id, rejection)
 
     def _payload_cap(self, peer: str, round: int) -> int:
         """The most bytes ``peer``'s round payload may take, known before downloading it."""

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from peft_sorlora.base_model import base_fingerprint
 from peft_sorlora.projection import derive_seed
-from sorlora_gossip import Hub, Peer
+from sorlora_gossip import Hub, Peer, Rejection
 from sorlora_gossip.cards import AdapterCards
 from sorlora_gossip.hub.base import EntryNotFound
 from sorlora_gossip.layout import UPDATE_FILE, round_tag
@@ -581,7 +581,7 @@ class PeerProgram:
                 why = self._off_budget(n, update)
                 if why is not None:  # every member checks the same pinned bytes: all reject it alike, for good
                     del pull.updates[n]
-                    pull.rejected[n] = why
+                    pull.rejected[n] = Rejection(peer=n, revision=pull.revisions.pop(n, None), reason=why)
                     self.state.setdefault("banned", {})[n] = why
                     logger.warning("peer %s: rejecting %s from now on: %s", self.peer_id, n, why)
             p["decisions"] += [{"round": round, "action": "rejected", "peer": n, "layer": None, "reason": e.reason}
@@ -748,7 +748,8 @@ class PeerProgram:
         exchanges = [e for e in self.state["exchanges"] if e["round"] != r]
         exchanges.append({"round": r, "bytes_pulled": int(sum(got["bytes"].values()) +
                                                           sum(structures["bytes"].values())),
-                          "skipped": got["skipped"], "rejected": got["rejected"], "decisions": decisions})  # fmt: skip
+                          "skipped": got["skipped"], "rejected": {**structures["rejected"], **got["rejected"]},
+                          "decisions": decisions})  # fmt: skip
         last = r == self.terms.rounds - 1
         self._save(phase="publish" if last else "train", round=r if last else r + 1, exchanges=exchanges)
 
