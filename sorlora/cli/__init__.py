@@ -8,6 +8,7 @@ are checked before any model is loaded. ``-v`` adds the traceback to that line, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``sorlora``: every command group mounts its commands."""
     from sorlora_gossip.cli import add_gossip_commands  # noqa: PLC0415
 
+    from .attacks import add_attack_commands  # noqa: PLC0415
     from .collab import add_collab_commands  # noqa: PLC0415
     from .eval import add_eval_commands  # noqa: PLC0415
     from .run import add_run_commands  # noqa: PLC0415
@@ -42,18 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_commands(sub)  # run, tune-lr, tasks
     add_gossip_commands(sub)  # status, push, pull, hub-serve
     add_study_commands(sub)  # study, pilot
+    add_attack_commands(sub)  # attacks
     add_collab_commands(sub)  # collab create|status|terms, peer
     add_eval_commands(sub)  # eval
     return parser
-
-
-def _no_library_progress_bars() -> None:
-    """``--no-progress`` also silences the libraries' bars (GGUF de-quantizing, weight loading, downloads)."""
-    import huggingface_hub.utils
-    import transformers.utils.logging
-
-    transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,11 +57,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    from .quiet import no_library_progress_bars, no_public_lookups, quiet_hub_retries  # noqa: PLC0415
+
     if getattr(args, "no_progress", False):
-        _no_library_progress_bars()
+        no_library_progress_bars()
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
-        return int(func(args) or 0)
+        with (
+            contextlib.nullcontext() if args.verbose else quiet_hub_retries(),
+            no_public_lookups(getattr(args, "hub", None)),
+        ):
+            return int(func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130

@@ -199,8 +199,8 @@ def _peer(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir or Path("sorlora-peers") / peer_id.replace("/", "__"))
     # Pre-flight, before the model loads: one copy per state directory and per peer id, the collaboration and its
     # terms, registration still open (or this peer a member), the token allowed to write the peer's repo.
+    terms = Collaboration(hub, args.collab).terms()  # a missing collaboration: one line, and no state directory
     with lock_state_dir(state_dir, peer_id):
-        terms = Collaboration(hub, args.collab).terms()
         data = load_peer_data(args.data, args.task, test_share=terms.test_share, seed=terms.seed)
         program = PeerProgram(hub=hub, collab_id=args.collab, peer_id=peer_id,
                               data=data, state_dir=state_dir,

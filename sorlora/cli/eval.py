@@ -5,7 +5,7 @@ MoE repo), a local folder holding either, or ``base`` (the bare base model, ``--
 data file (the formats of ``sorlora peer --data``: the whole file, or its ``split=test`` records, or with
 ``--test-share``/``--seed`` exactly the share a peer held back) or a registry task (its test split). It prints
 accuracy and acc_norm (lm-evaluation-harness's multiple-choice log-likelihood scores,
-:mod:`sorlora.evaluation.scoring`) with 95% bootstrap intervals over the questions (:mod:`sorlora.evaluation.stats`)
+:mod:`sorlora.evaluation.scoring`) with 95% Wilson score intervals (:func:`sorlora.evaluation.stats.wilson_interval`)
 and the number of questions; ``--json`` prints the result as JSON; ``--push-card`` writes it into the repo's card
 (``model-index`` metadata of its README.md, merged with the results already there).
 
@@ -36,20 +36,19 @@ LEVEL = 0.95
 
 def score_examples(model: Any, tokenizer: Any, examples: Sequence[Any], *, name: str, max_len: int = 256,
                    batch_size: int = 8, precision: str = "float32") -> dict[str, Any]:  # fmt: skip
-    """Accuracy and acc_norm of ``model`` on multiple-choice ``examples`` with their 95% percentile-bootstrap
-    intervals over the questions, the number scored and the number too long for ``max_len`` (skipped)."""
-    import numpy as np
-
+    """Accuracy and acc_norm of ``model`` on multiple-choice ``examples`` with their 95% Wilson score intervals
+    (:func:`~sorlora.evaluation.stats.wilson_interval`), the number scored and the number too long for ``max_len``
+    (skipped)."""
     from ..data.examples import Task
     from ..evaluation.scoring import evaluate
-    from ..evaluation.stats import estimate
+    from ..evaluation.stats import wilson_interval
 
     result = evaluate(model, tokenizer, Task(name=name, kind="held-out", train=[], test=list(examples)),
                       max_len=max_len, batch_size=batch_size, precision=precision)  # fmt: skip
     out: dict[str, Any] = {"task": name, "n": result["n"], "n_truncated": result["n_truncated"], "level": LEVEL}
     for key, column in (("accuracy", "correct"), ("acc_norm", "correct_norm")):
-        est = estimate([np.array([c for c in result[column] if c is not None], dtype=float)], level=LEVEL)
-        out[key], out[f"{key}_ci"] = result[key], [est.low, est.high]
+        correct = sum(c for c in result[column] if c is not None)
+        out[key], out[f"{key}_ci"] = result[key], list(wilson_interval(correct, result["n"], level=LEVEL))
     return out
 
 

@@ -155,7 +155,13 @@ def _score_batch(model, encoded, *, pad_id: int, device) -> list[list[float]]:
 def _cache_argument(model: torch.nn.Module) -> str:
     """The forward keyword for a KV cache: ``cache`` in recent transformers 5.x, ``past_key_values`` before."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    params = inspect.signature(type(base).forward).parameters
+    if "cache" in params:
+        return "cache"
+    inner = getattr(base, "model", None)  # a wrapper passing **kwargs on to the model it wraps (the implicit MoE)
+    if isinstance(inner, torch.nn.Module) and any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return _cache_argument(inner)
+    return "past_key_values"
 
 
 def accuracy_stderr(accuracy: float, n: int) -> float:

@@ -32,6 +32,7 @@ __all__ = [
     "planned_detectable_difference",
     "compare_methods",
     "adjusted_rand_index",
+    "wilson_interval",
 ]
 
 # (a, b): "a beats b" is the paper's claim. ``solora:sum`` is the solora run's experts on the same weights with
@@ -291,3 +292,20 @@ def adjusted_rand_index(labels_true: Sequence[Any], labels_pred: Sequence[Any]) 
     if maximum == expected:
         return 1.0 if (rows == cols == index) else 0.0
     return (index - expected) / (maximum - expected)
+
+
+def wilson_interval(successes: float, n: int, *, level: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of the proportion ``successes / n`` (one model's accuracy on ``n`` questions).
+
+    Unlike a percentile bootstrap over the questions, it is not degenerate when every answer was right or wrong (a
+    held-out share of a few questions, all wrong, gives [0, 0.66] for n = 2, not [0, 0]) and its coverage is close
+    to ``level`` down to a handful of questions (Brown, Cai & DasGupta 2001)."""
+    if n < 1:
+        raise ValueError(f"need at least one question, got n={n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, {n}], got {successes}")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))

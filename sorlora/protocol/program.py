@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,26 @@ def _quiet_skips():
         yield
     finally:
         peer_logger.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def _no_peft_base_lookup():
+    """Saving an adapter, PEFT asks the public Hub whether the base's ``config.json`` exists (to decide whether to
+    save embedding layers, which no adapter here targets): a DNS look-up of huggingface.co from an offline lab, and
+    two warnings. PEFT skips the look-up in offline mode, which it reads from the environment at that call only
+    (huggingface_hub reads it once, at import: the hub client is not affected); the warning that it could not look
+    is dropped."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Could not find a config file in", UserWarning)
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
 
 
 class PeerProgram:
@@ -210,7 +231,14 @@ class PeerProgram:
         if self._workspace_factory is not None:
             self.ws, self.tokenizer = self._workspace_factory(self.terms)
         else:
-            base, self.tokenizer, _ = load_base(self.terms.base_model, model=self._model)
+            try:
+                base, self.tokenizer, _ = load_base(self.terms.base_model, model=self._model)
+            except (OSError, ValueError) as exc:  # transformers' "not a folder nor a Hub id" is an OSError
+                source = self._model or self.terms.base_model
+                raise TermsError(
+                    f"peer {self.peer_id}: cannot load the base {source!r} ({' '.join(str(exc).split())[:200]}): pass "
+                    f"--model PATH_OR_ID, a local copy or Hub id of the pinned base {self.terms.base_model}"
+                ) from exc
             self.ws = Workspace(base, self.terms.base_model, self.terms, self.kind)
         found = base_fingerprint(self.ws.base)
         if found != self.terms.base_fingerprint:
@@ -756,7 +784,9 @@ class PeerProgram:
     # ------------------------------------------------------------------ publishing
     def _publish(self) -> None:
         """Publish the final adapter and what the final model needs (:mod:`sorlora.protocol.publish`)."""
-        if not publish_final(self, crash_point=self._crash_point):
+        with _no_peft_base_lookup():
+            published = publish_final(self, crash_point=self._crash_point)
+        if not published:
             self.waiting = True  # the collaboration's MoE is being published by the member that claimed it first
             return
         self._save(phase="done")

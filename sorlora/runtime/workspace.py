@@ -10,6 +10,7 @@ with a workspace of its own. What an adapter is (config, payload) is the adapter
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -84,7 +85,9 @@ class Workspace:
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(self.terms.seed, "adapter", self.kind.init_slot(index)) % 2**31)
             if self.model is None:
-                self.model = get_peft_model(self.base, config, adapter_name=name)
+                with warnings.catch_warnings():  # PEFT reads transformers' deprecated alias: nothing to tell a user
+                    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                    self.model = get_peft_model(self.base, config, adapter_name=name)
             else:
                 self.model.add_adapter(name, config)
         self.model.peft_config[name].base_model_name_or_path = self.base_model_id  # PEFT may overwrite it with None
