@@ -468,12 +468,12 @@ class PeerProgram:
         if closing is None:
             self.waiting = True
             return
-        self._check_own_registration(closing)
         computed = compute_plan(self.terms, closing.registrations, collab_commit=closing.commit,
                                 problems=self._statistics_problems(closing))  # fmt: skip
         if self.peer_id in computed.get("excluded", {}):
             raise TermsError(f"peer {self.peer_id}: the plan of {self.collab.repo_id} excludes this member: "
                              f"{computed['excluded'][self.peer_id]}")  # fmt: skip
+        self._check_own_registration(closing)
         try:
             committed: Any = self.collab.commit_plan(computed)  # a cache for readers: nobody is bound by it
         except TermsError as exc:  # an unreadable committed plan binds nobody either
