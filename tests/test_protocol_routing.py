@@ -61,7 +61,8 @@ def _load_published(hub, tmp_path):
 
     import moe_router  # noqa: F401  (registers the model type)
 
-    repo = hub.repo_id("solora-peer01-moe")
+    # the collaboration's one MoE, as every member's report names it
+    repo = json.loads(hub.read_bytes(hub.repo_id("solora-peer01"), "report.json", revision="final"))["moe"]["repo"]
     local = tmp_path / "moe"
     for name in hub.list_files(repo):
         (local / name).parent.mkdir(parents=True, exist_ok=True)

@@ -192,12 +192,12 @@ def test_run_publishes_peer_cards_final_adapters_and_the_moe(unbroken, tmp_path)
         (tmp_path / name).write_bytes(hub.read_bytes(repo, name, revision="final"))
     loaded = PeftModel.from_pretrained(base, tmp_path)
     assert loaded.peft_config["default"].layer_sparsity
-    # every peer of the MoE method published its own implicit MoE, which loads with the Auto class
+    # the collaboration of the MoE method has one implicit MoE, which every report names and the Auto class loads
     from transformers import AutoModelForCausalLM
 
     import moe_router  # noqa: F401  (registers the model type)
 
-    moe_repo = hub.repo_id("solora-peer01-moe")
+    moe_repo = json.loads(hub.read_bytes(hub.repo_id("solora-peer01"), "report.json", revision="final"))["moe"]["repo"]
     local = tmp_path / "moe"
     for name in hub.list_files(moe_repo):
         (local / name).parent.mkdir(parents=True, exist_ok=True)
