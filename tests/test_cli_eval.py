@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,16 +28,30 @@ USERS = ("ann", "ben")
 TASKS = ("synthetic-alpha", "synthetic-beta")
 
 
+LOOKUPS = (  # runs `sorlora` with every DNS look-up of a host other than this machine reported on stderr
+    "import socket, sys\n"
+    "real = socket.getaddrinfo\n"
+    "def getaddrinfo(host, *a, **k):\n"
+    "    if host not in ('127.0.0.1', 'localhost', '::1'):\n"
+    "        print(f'DNS LOOKUP {host}', file=sys.stderr)\n"
+    "    return real(host, *a, **k)\n"
+    "socket.getaddrinfo = getaddrinfo\n"
+    "from sorlora.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A finished 2-member solora collaboration on a HubServer (over HTTP), its peers run as OS processes."""
+    """A finished 2-member solora collaboration on a HubServer (over HTTP), its peers run as OS processes: ann with
+    ``--no-progress``, ben with its progress bar; neither process is told to keep telemetry off."""
     tmp = tmp_path_factory.mktemp("eval")
     terms = CollabTerms(base_model=TINY_BASE_ID, base_fingerprint=base_fingerprint(load_base(TINY_BASE_ID)[0]),
-                        method="solora", rank=4, sparsity=0.5, rounds=1, local_steps=1, batch_size=4, max_len=48,
+                        method="solora", rank=4, sparsity=0.5, rounds=2, local_steps=1, batch_size=4, max_len=48,
                         max_members=2, s_max=0.5, round_timeout_s=120.0, test_share=0.25)  # fmt: skip
     (tmp / "terms.json").write_text(json.dumps(terms.to_dict()))
-    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-    env["OMP_NUM_THREADS"] = "1"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_DISABLE_TELEMETRY")}
+    env.update(OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf-home"))
     with HubServer(tmp / "hub") as server:
         endpoint = server.endpoint
         assert (
@@ -44,47 +59,46 @@ def finished(tmp_path_factory):
         )
         files = {u: write_examples(tmp / f"{t}.jsonl", synthetic_task(t, n_train=16, n_test=2).train)
                  for u, t in zip(USERS, TASKS)}  # fmt: skip
-        procs = {
-            u: subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "sorlora",
-                    "peer",
-                    "--hub",
-                    endpoint,
-                    "--collab",
-                    "lab/c",
-                    "--peer-id",
-                    f"{u}/dev",
-                    "--data",
-                    str(files[u]),
-                    "--state-dir",
-                    str(tmp / "state" / u),
-                    "--threads",
-                    "1",
-                    "--no-progress",
-                    "--poll-interval",
-                    "0.2",
-                    "--max-seconds",
-                    "300",
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=env,
-            )  # fmt: skip
-            for u in USERS
-        }
+
+        def command(user: str) -> list[str]:
+            quiet = ["--no-progress"] if user == "ann" else []
+            return [sys.executable, "-c", LOOKUPS, "peer", "--hub", endpoint, "--collab", "lab/c", "--peer-id",
+                    f"{user}/dev", "--data", str(files[user]), "--state-dir", str(tmp / "state" / user), "--threads",
+                    "1", "--poll-interval", "0.2", "--max-seconds", "300", *quiet]  # fmt: skip
+
+        procs = {u: subprocess.Popen(command(u), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for u in USERS}  # fmt: skip
         try:
-            out = {u: p.communicate(timeout=400)[0] for u, p in procs.items()}
+            out = {u: p.communicate(timeout=400) for u, p in procs.items()}
         finally:
             for p in procs.values():
                 if p.poll() is None:
                     p.kill()
         assert all(p.returncode == 0 for p in procs.values()), out
-        yield {"tmp": tmp, "endpoint": endpoint, "out": out, "files": files, "hub": HfHub(endpoint, namespace="lab",
-               cache_dir=tmp / "cache")}  # fmt: skip
+        again = subprocess.run(command("ann"), capture_output=True, text=True, env=env, timeout=300)
+        yield {"tmp": tmp, "endpoint": endpoint, "out": {u: o for u, (o, _) in out.items()},
+               "err": {u: e for u, (_, e) in out.items()}, "again": again, "files": files,
+               "hub": HfHub(endpoint, namespace="lab", cache_dir=tmp / "cache")}  # fmt: skip
+
+
+def test_peers_are_quiet_and_count_rounds_forward(finished):
+    for user in USERS:
+        assert "DNS LOOKUP" not in finished["err"][user], finished["err"][user][-2000:]
+        assert "Warning" not in finished["err"][user], finished["err"][user][-2000:]
+    assert "|" not in finished["err"]["ann"], "--no-progress: no bar at all"
+    bar = [
+        line for line in finished["err"]["ben"].replace("\r", "\n").splitlines() if "ben/dev:" in line and "|" in line
+    ]
+    counts = [int(re.search(r"\| (\d)/2 \[", line).group(1)) for line in bar]
+    assert counts and counts == sorted(counts) and counts[-1] == 2, bar
+    assert all("round" in line for line in bar), "the bar counts rounds"
+
+
+def test_a_finished_peer_run_again_exits_0_and_repeats_its_held_out_scores(finished):
+    again = finished["again"]
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "peer ann/dev: done (2 rounds)" in again.stdout and "held-out own adapter ann/dev@final" in again.stdout
+    assert "DNS LOOKUP" not in again.stderr
 
 
 def test_a_peer_scores_its_adapter_and_the_moe_on_its_held_out_share(finished):

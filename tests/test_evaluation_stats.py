@@ -123,3 +123,15 @@ def test_compare_methods_gives_verdicts_per_contrast():
     reversed_result = compare_methods({"lora": outcomes["solora"], "solora": outcomes["lora"]}, n_boot=1000)
     assert reversed_result["contrasts"][0]["verdict"] == "reversed"
     assert len(PREREGISTERED_CONTRASTS) == 5
+
+
+def test_wilson_interval_is_not_degenerate_on_few_questions_and_matches_known_values():
+    from sorlora.evaluation.stats import wilson_interval
+
+    low, high = wilson_interval(0, 2)
+    assert low == 0.0 and 0.65 < high < 0.66, "two wrong answers: not a point at 0"
+    low, high = wilson_interval(59, 100)
+    assert abs(low - 0.4920) < 1e-3 and abs(high - 0.6813) < 1e-3  # the textbook Wilson interval of 59/100
+    assert wilson_interval(100, 100)[1] == 1.0 and wilson_interval(100, 100)[0] > 0.96
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)

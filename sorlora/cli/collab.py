@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["add_collab_commands", "load_peer_data", "peer_task"]
+__all__ = ["add_collab_commands", "load_peer_data"]
 
 
 def _hub_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,31 +33,13 @@ def _open(args: argparse.Namespace, namespace: str | None = None):
     return open_hub(args.hub, namespace=namespace, token=os.environ.get(args.token_env) or None)
 
 
-def peer_task(data: str | None, task: str | None, *, test_share: float = 0.0, seed: int = 0):
-    """A member's own data as a :class:`~sorlora.data.examples.Task`: a JSONL/CSV task file (multiple choice
-    ``prompt``/``options``/``answer``, or ``text``/``label``; see :func:`sorlora.data.files.read_task_file`) or a
-    registry task by name, its ``test`` the questions held back (:func:`~sorlora.data.examples.hold_out`: a file's
-    ``split=test`` records or a registry task's test split, else ``test_share`` of the file by a hash seeded with
-    ``seed``), its ``train`` the rest. A bad record raises one line naming the file, the line and the field."""
-    from ..data.examples import hold_out
-    from ..data.files import read_task_file
-    from ..data.registry import TASKS, load_task
-
-    if data is None:
-        if not task:
-            raise ValueError("give --data FILE (your own data) or --task NAME (a registry task)")
-        if task in TASKS:
-            return hold_out(task, TASKS[task].kind, TASKS[task].loader(), share=test_share, seed=seed)
-        return load_task(task, n_train=None, n_test=8 if test_share > 0 else 1, seed=seed)
-    kind, pools = read_task_file(data)
-    return hold_out(task or Path(data).stem, kind, pools, share=test_share, seed=seed)
-
-
 def load_peer_data(data: str | None, task: str | None, *, test_share: float = 0.0, seed: int = 0):
-    """:func:`peer_task` as the program's :class:`~sorlora.protocol.program.PeerData` (train, held-out test)."""
+    """:func:`~sorlora.data.registry.member_task` as the program's :class:`~sorlora.protocol.program.PeerData`
+    (train, held-out test)."""
+    from ..data.registry import member_task
     from ..protocol.program import PeerData
 
-    split = peer_task(data, task, test_share=test_share, seed=seed)
+    split = member_task(data, task, test_share=test_share, seed=seed)
     return PeerData(task=split.name, train=split.train, test=split.test)
 
 

@@ -201,11 +201,11 @@ def eval_examples(args: argparse.Namespace) -> tuple[str, list[Any]]:
     import dataclasses
 
     from ..data.files import read_task_file
+    from ..data.registry import member_task
     from ..protocol.terms import CollabTerms
-    from .collab import peer_task
 
     if args.test_share is not None:
-        task = peer_task(args.data, args.task, test_share=args.test_share, seed=args.seed)
+        task = member_task(args.data, args.task, test_share=args.test_share, seed=args.seed)
         return task.name, list(task.test)
     if args.data is not None:
         _, pools = read_task_file(args.data)
@@ -213,7 +213,7 @@ def eval_examples(args: argparse.Namespace) -> tuple[str, list[Any]]:
     if not args.task:
         raise UsageError("give --data FILE or --task NAME: the questions to score on")
     share = {f.name: f.default for f in dataclasses.fields(CollabTerms)}["test_share"]
-    task = peer_task(None, args.task, test_share=share, seed=args.seed)
+    task = member_task(None, args.task, test_share=share, seed=args.seed)
     return task.name, list(task.test)
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from . import sources
-from .examples import Example, Pools, Task, continuation, split_examples
-from .files import load_task_file
+from .examples import Example, Pools, Task, continuation, hold_out, split_examples
+from .files import load_task_file, read_task_file
 from .synthetic import synthetic_task
 
-__all__ = ["OFFLINE_TASKS", "TASKS", "TaskSpec", "load_task", "load_tasks"]
+__all__ = ["OFFLINE_TASKS", "TASKS", "TaskSpec", "load_task", "load_tasks", "member_task"]
 
 
 @dataclass(frozen=True)
@@ -339,3 +339,19 @@ def load_tasks(
     return {
         name: load_task(name, n_train=n_train, n_test=n_test, n_validation=n_validation, seed=seed) for name in names
     }
+
+
+def member_task(data: str | None, task: str | None, *, test_share: float = 0.0, seed: int = 0) -> Task:
+    """A member's own data as a :class:`~sorlora.data.examples.Task`: a JSONL/CSV task file (multiple choice
+    ``prompt``/``options``/``answer``, or ``text``/``label``; see :func:`sorlora.data.files.read_task_file`) or a
+    registry task by name, its ``test`` the questions held back (:func:`~sorlora.data.examples.hold_out`: a file's
+    ``split=test`` records or a registry task's test split, else ``test_share`` of the file by a hash seeded with
+    ``seed``), its ``train`` the rest. A bad record raises one line naming the file, the line and the field."""
+    if data is None:
+        if not task:
+            raise ValueError("give --data FILE (your own data) or --task NAME (a registry task)")
+        if task in TASKS:
+            return hold_out(task, TASKS[task].kind, TASKS[task].loader(), share=test_share, seed=seed)
+        return load_task(task, n_train=None, n_test=8 if test_share > 0 else 1, seed=seed)
+    kind, pools = read_task_file(data)
+    return hold_out(task or Path(data).stem, kind, pools, share=test_share, seed=seed)
