@@ -83,6 +83,7 @@ def terms_for(cfg: ExperimentConfig, method: str, *, base_model: str, fingerprin
         router_top_k=cfg.router_top_k, router_refine=cfg.router_refine, max_members=cfg.peers, peers_per_user=cfg.peers,
         router=cfg.router, centroid_epsilon=cfg.centroid_epsilon,
         round_timeout_s=cfg.pull_timeout, publish_base=base_model == TINY_BASE_ID, aggregation=cfg.aggregation,
+        test_share=0.0,  # the run's tasks hold their own test splits, scored by the evaluator: every shard trains
     )  # fmt: skip
 
 
