@@ -15,6 +15,7 @@ new token per sequence with the prompt's KV cache, seconds per generated token. 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_sorlora
 from moe_router import ROUTERS, ImplicitMoEForCausalLM, arrow_model, export_loras, first_layer, sequence_centroids
+from sorlora.protocol.terms import CollabTerms
 
 from .common import measure_interleaved, rows_against
 
@@ -50,7 +52,11 @@ _ROUTER_WORK = {
     "average": "every component of every expert, scaled by 1/E: A_all x and B_all h with no selection",
 }
 ROUTER_ROWS = tuple(name for name in sorted(ROUTERS) if name != "implicit")  # implicit is moe_E4
+# the router a published MoE uses unless the terms name another (issue 21's goal: within 1.2x the merged adapter)
+DEFAULT_ROUTER = next(f.default for f in dataclasses.fields(CollabTerms) if f.name == "router")
 WORSE_NOTES.update({f"router_{name}_E4": _ROUTER_WORK[name] for name in ROUTER_ROWS if name in _ROUTER_WORK})
+if DEFAULT_ROUTER in _ROUTER_WORK:
+    WORSE_NOTES[f"router_{DEFAULT_ROUTER}_E4"] = f"the default router; {_ROUTER_WORK[DEFAULT_ROUTER]}"
 NOTES = {
     "arrow_E4": "PEFT Arrow over the same 4 experts as LoRA exports (training-free router, top-1)",
     "xlora_E4": "PEFT X-LoRA over the same exports: a scaling pass (an extra base forward) before every forward",
@@ -168,7 +174,7 @@ def run(repeats: int = 5, quick: bool = False) -> list[dict]:
     decode = measure_interleaved({n: f for n, f in decoders.items() if f is not None}, repeats=repeats)
     params = {"model": "tiny-llama (hidden 256, 4 layers)", "batch": _BATCH, "prompt_len": _LENGTH, "rank": _RANK,
               "top_k": _RANK, "targets": ["q_proj", "v_proj"], "xlora": xlora is not None,
-              "routers": ["implicit", *ROUTER_ROWS]}  # fmt: skip
+              "routers": ["implicit", *ROUTER_ROWS], "default_router": DEFAULT_ROUTER}  # fmt: skip
     prefill_tokens, decode_tokens = _BATCH * _LENGTH, _BATCH
     rows = rows_against(
         ENTRY, {n: m.scaled(1 / prefill_tokens) for n, m in prefill.items()}, anchor=ANCHOR, unit="s/token",

@@ -75,6 +75,21 @@ def test_wire_bytes_quick_rows_show_sparse_payload_below_dense(quick_run):
         assert later["ratio"] < 1  # sparse values only are fewer bytes than dense A and B at the same rank
 
 
+def test_moe_latency_rows_cover_every_router_against_the_merged_adapter(quick_run):
+    from moe_router import ROUTERS
+
+    _, out = quick_run
+    result = next(r for r in json.loads(next(out.glob("*-quick.json")).read_text())["results"]
+                  if r["entry"] == "moe_latency")  # fmt: skip
+    names = {r["name"] for r in result["rows"]}
+    for phase in ("prefill", "decode"):
+        assert f"{phase} merged_adapter" in names and f"{phase} moe_E4" in names  # moe_E4: the implicit router
+        assert {f"{phase} router_{n}_E4" for n in ROUTERS if n != "implicit"} <= names, phase
+    default = result["rows"][0]["params"]["default_router"]
+    assert default == "sequence" and all("default router" in r["note"] for r in result["rows"]
+                                          if r["name"].endswith(f"router_{default}_E4") and r["worse"])  # fmt: skip
+
+
 def test_missing_optional_entry_is_skipped_and_reported(monkeypatch):
     """Without the optional ``ray`` extra the Ray entry is skipped and says so (simulated: ``ray`` made unimportable,
     so this test never starts a Ray instance inside the test process)."""
