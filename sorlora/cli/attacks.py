@@ -1,0 +1,60 @@
+"""``sorlora attacks``: the attack suite (one hostile member; what the honest members lose, mean vs clipped)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ..study.attacks import ATTACKS, ENGINES, SuiteSettings
+
+__all__ = ["add_attack_commands"]
+
+
+def _names(text: str, known: tuple[str, ...] | None, what: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if known is not None and n not in known]
+    if bad or not names:
+        raise ValueError(f"--{what}: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(known or ())}")
+    return names
+
+
+def _cmd_attacks(args: argparse.Namespace) -> int:
+    from sorlora_gossip.robust import STRATEGIES  # noqa: PLC0415
+
+    from ..study.attacks import run_suite  # noqa: PLC0415
+
+    try:
+        members = tuple(int(n) for n in args.members.split(","))
+    except ValueError:
+        raise ValueError(f"--members must be comma-separated integers, got {args.members!r}") from None
+    if any(n < 3 for n in members):
+        raise ValueError("--members: a collaboration needs at least 3 members (2 honest and the hostile one)")
+    settings = dataclasses.replace(
+        SuiteSettings(),
+        members=members,
+        attacks=_names(args.attacks, tuple(ATTACKS), "attacks"),
+        aggregations=_names(args.aggregations, tuple(STRATEGIES), "aggregations"),
+        engines=_names(args.engines, ENGINES, "engines"),
+    )
+    run_suite(settings, args.out, progress=not args.no_progress)
+    print((Path(args.out) / "attacks.md").read_text())
+    print(f"table: {Path(args.out) / 'attacks.md'}, {Path(args.out) / 'attacks.json'}; plot: "
+          f"{Path(args.out) / 'attacks.png'}")  # fmt: skip
+    return 0
+
+
+def add_attack_commands(subparsers: Any) -> None:
+    """Mount ``attacks``."""
+    p = subparsers.add_parser(
+        "attacks", help="the attack suite: one hostile member, each attack with mean and clipped aggregation"
+    )
+    p.add_argument("--members", default="4,8", help="collaboration sizes, comma-separated (one member hostile)")
+    p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated, of {', '.join(ATTACKS)}")
+    p.add_argument("--aggregations", default="mean,clipped", help="comma-separated strategies to compare")
+    p.add_argument("--engines", default="local", help=f"comma-separated, of {', '.join(ENGINES)} (one token per "
+                   "user over HTTP)")  # fmt: skip
+    p.add_argument("--out", default="results/attacks", help="where attacks.json, attacks.md and attacks.png go")
+    p.add_argument("--no-progress", action="store_true", help="no line per collaboration")
+    p.set_defaults(func=_cmd_attacks)

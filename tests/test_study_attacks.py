@@ -1,0 +1,75 @@
+"""The attack suite (sorlora/study/attacks.py) end to end on the tiny random Llama: one hostile member of four, its
+table, its records, and what the robust rule saves of the honest members' accuracy; and one attack over hub-serve
+(real HTTP, the huggingface_hub client, one token per user)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from sorlora.study.attacks import (
+    ATTACKS,
+    SuiteSettings,
+    attack_table,
+    last_letter_task,
+    lost_share,
+    run_cell,
+    run_suite,
+)
+
+FAST = SuiteSettings(members=(4,), attacks=("pm9999",), rounds=4, n_test=128)
+
+
+def test_lost_share_is_the_share_of_the_gain():
+    assert lost_share(0.5, 0.9, 0.9) == 0.0
+    assert lost_share(0.5, 0.9, 0.5) == pytest.approx(1.0)
+    assert lost_share(0.5, 0.9, 0.7) == pytest.approx(0.5)
+    assert lost_share(0.5, 0.5, 0.7) is None, "no gain, no share"
+
+
+def test_the_suite_task_is_balanced_and_learnable_by_its_last_letter():
+    task = last_letter_task(n_train=200, n_test=100)
+    labels = [e.label for e in task.test]
+    assert 0.3 < sum(labels) / len(labels) < 0.7
+    by_letter = {}
+    for e in [*task.train, *task.test]:
+        by_letter.setdefault(e.prompt[-1], set()).add(e.label)
+    assert all(len(v) == 1 for v in by_letter.values()), "the last letter fixes the answer"
+
+
+def test_one_hostile_of_four_with_pm9999_is_neutralised_by_clipped_and_erases_the_gain_under_mean(tmp_path):
+    result = run_suite(FAST, tmp_path, progress=False)
+    cells = {(c["aggregation"], c["attack"]): c for c in result["cells"]}
+    assert set(cells) == {(a, x) for a in ("mean", "clipped") for x in ("none", "pm9999")}
+    for c in cells.values():
+        assert c["crashed_honest"] == {}, c["crashed_honest"]
+        assert c["published"] == 3 if c["attack"] != "none" else c["published"] == 4
+        assert c["honest_rejected"] == 0, c["honest_rejections"]  # no false positives
+        assert c["updates_lost"] == 0
+    clean = cells[("clipped", "none")]
+    assert clean["honest_accuracy"] > clean["base_accuracy"] + 0.1, "the task moves accuracy"
+    attacked = cells[("clipped", "pm9999")]
+    assert attacked["records_about_hostile"] > 0 and attacked["reasons"], attacked
+    assert all(e["reason"] and e["peer"] == "hostile/dev" for e in attacked["examples"])
+    clipped, mean = attacked["lost_share"], cells[("mean", "pm9999")]["lost_share"]
+    print(f"pm9999, 1 of 4: lost share clipped {clipped:.2f}, mean {mean:.2f}; no-attack cost "
+          f"{clean['robust_cost']:.2f}")  # fmt: skip
+    assert clipped < mean and mean > 0.5, (clipped, mean)
+    on_disk = json.loads((tmp_path / "attacks.json").read_text())
+    assert len(on_disk["cells"]) == 4 and (tmp_path / "attacks.png").stat().st_size > 0
+    table = (tmp_path / "attacks.md").read_text()
+    assert table == attack_table(on_disk) and "| local | 4 | pm9999 |" in table
+
+
+def test_a_hostile_member_over_hub_serve_with_one_token_per_user_is_recorded_and_crashes_nobody(tmp_path):
+    s = dataclasses.replace(FAST, rounds=2, local_steps=4, n_test=16)
+    cell = run_cell(s, tmp_path, members=4, aggregation="clipped", attack="sign_flip", engine="hub-serve")
+    assert cell["engine"] == "hub-serve" and cell["crashed_honest"] == {} and cell["published"] == 3
+    assert cell["records_about_hostile"] > 0 and cell["honest_rejected"] == 0 and cell["updates_lost"] == 0
+
+
+def test_every_attack_is_named_and_described():
+    assert {"scaled10", "scaled100", "sign_flip", "noise", "pm9999", "weight_1e18", "dense_mask"} <= set(ATTACKS)
+    assert all(a.help and (a.values or a.registration or a.dense) for a in ATTACKS.values())
