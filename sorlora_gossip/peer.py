@@ -626,14 +626,16 @@ class Peer:
     def _check_equivocation(
         self, result: RoundPull, peer: str, repo_id: str, round: int, sha: str, pinned: str
     ) -> None:
-        """Record an equivocation when ``peer``'s round tag names ``sha``, a later commit of its history carrying another
-        payload for ``round`` than ``pinned``, the round's first commit (which is used)."""
+        """Record an equivocation when ``peer``'s round tag names ``sha``, a later commit of its history, that is not
+        ``round``'s payload of ``pinned`` (the round's first commit, which is used) again: another payload for the
+        round, another round, or an unreadable ``peer.json``."""
+        history = {c.sha for c in self.hub.list_commits(repo_id, revision=DEFAULT_BRANCH)}
         tagged, first = self._round_of(repo_id, sha), self._round_of(repo_id, pinned)
-        if tagged is None or first is None or tagged[0] != round or tagged[1] == first[1]:
-            return  # off history (squatted, logged), or the same payload again (e.g. a later card commit)
+        if sha not in history or tagged == first:
+            return  # off its history (squatted: logged), or the same payload again (e.g. a later card commit)
         rejection = Rejection(peer=peer, revision=sha, reason=(
-            f"equivocation: {round_tag(round)} names {sha[:12]}, a later commit with another round-{round} payload "
-            f"than {pinned[:12]}, the first commit of that round on its history; the later one is rejected and the "
+            f"equivocation: {round_tag(round)} names {sha[:12]}, a later commit than {pinned[:12]}, the first commit "
+            f"of round {round} on its history, and not that commit's payload: the later one is rejected and the "
             "first used"))  # fmt: skip
         result.equivocations[peer] = rejection
         logger.warning("peer %s: %s", self.peer_id, rejection)
