@@ -7,7 +7,8 @@ exchange adapters every round. The graph attribute ``kind`` names the topology.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -16,10 +17,13 @@ from peft_sorlora.collision import collision_rate
 from sorlora_gossip.wireless import DEFAULT_CHANNEL, ChannelParams, channel_gains, peer_power
 
 __all__ = [
-    "AUTO_GAP",
+    "MIN_SILHOUETTE",
     "SAME_TASK_DISTANCE",
+    "SAME_TASK_STATISTICS_DISTANCE",
     "auto_cut",
     "budget_distances",
+    "silhouette",
+    "statistics_distances",
     "cluster_topology",
     "cluster_collision_rate",
     "random_topology",
@@ -58,17 +62,52 @@ def cluster_collision_rate(
     return float(np.dot(per_layer, w) / w.sum())
 
 
-AUTO_GAP = 3.0
-"""Automatic cut (``s_max=None``): a jump in the merge distances by at least this factor separates tasks.
+MIN_SILHOUETTE = 0.5
+"""Automatic clusters (``s_max=None``): the average-linkage level whose partition has the best mean silhouette is
+taken when that silhouette reaches this value (Kaufman & Rousseeuw: 0.51-0.70 "a reasonable structure"); below it the
+distances show no task structure and :func:`auto_cut` falls back to a fixed distance.
 
-Peers of one task calibrate their layer budgets on samples of the same distribution, so their budgets differ by
-sampling noise only; peers of different tasks differ by the task. On the bundled SmolLM2 with two peers on each of
-two file tasks the mean absolute difference of the budgets was 0.014-0.020 within a task and >= 0.099 across (issue
-21; a factor >= 5); on the tiny random model two file tasks give 0 within and 0.02 across."""
+Peers of one task measure their registrations (task statistics, layer budgets) on samples of the same distribution,
+so they differ by sampling noise; peers of different tasks differ by the task. On the bundled SmolLM2 with the study
+preset's 8 peers (2 on each of 4 tasks, seed 0) the cosine distance of the task statistics was <= 0.005 within a task
+and >= 0.012 across: silhouette 0.83 at the 4 tasks, which it recovers (adjusted Rand index 1); its layer budgets do
+not separate those tasks (best silhouette 0.45)."""
 
 SAME_TASK_DISTANCE = 0.1
-"""Automatic cut without a jump of :data:`AUTO_GAP` (every peer on one task, or every peer on its own): merges up
-to this layer-budget distance join (one tenth of the two peers' kept entries placed in other layers)."""
+"""Fallback cut on layer-budget distances (:func:`budget_distances`) where no partition reaches
+:data:`MIN_SILHOUETTE` (every peer on one task, every peer on its own, or two or three peers): one tenth of two
+peers' kept entries placed in other layers."""
+
+SAME_TASK_STATISTICS_DISTANCE = 0.008
+"""Fallback cut on task-statistics distances (:func:`statistics_distances`): between the largest distance within a
+task and the smallest across tasks measured on SmolLM2 (0.005 and 0.012, see :data:`MIN_SILHOUETTE`)."""
+
+
+def statistics_distances(statistics: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Pairwise distance (n, n) of the peers' registered task statistics (mean layer inputs on the bare base, one
+    vector per layer): the cosine distance per layer, averaged over the layers every peer has, rounded to 1e-9 so
+    that every member computes the same plan from the same bytes.
+
+    The statistics describe what the peer's prompts look like to the base model, layer by layer: a fingerprint of
+    its task that every member of an implicit-MoE collaboration already registers."""
+    if not statistics:
+        return np.zeros((0, 0))
+    keys = sorted(set.intersection(*(set(st) for st in statistics)))
+    if not keys:
+        raise ValueError("the task statistics share no layer")
+    vectors = [
+        [np.asarray(st[k], dtype=np.float64).reshape(-1) for k in keys] for st in statistics
+    ]  # peers x layers x width
+    n = len(vectors)
+    d = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            per_layer = []
+            for a, b in zip(vectors[i], vectors[j], strict=True):
+                norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+                per_layer.append(1.0 - float(np.dot(a, b)) / norm if norm > 0 else (0.0 if a.shape == b.shape else 1.0))
+            d[i, j] = d[j, i] = round(float(np.mean(per_layer)), 9)
+    return d
 
 
 def budget_distances(
@@ -115,20 +154,45 @@ def _upgma(distances: np.ndarray, cut: float) -> tuple[list[tuple[int, ...]], li
     return groups, heights
 
 
-def auto_cut(distances: np.ndarray) -> float:
+def silhouette(distances: np.ndarray, groups: Sequence[Sequence[int]]) -> float:
+    """Mean silhouette of a partition (Rousseeuw 1987): per peer ``(b - a) / max(a, b)`` with ``a`` its mean distance
+    to its own group and ``b`` to the nearest other group; 0 for a peer alone in its group."""
+    d = np.asarray(distances, dtype=np.float64)
+    label = {v: c for c, g in enumerate(groups) for v in g}
+    values = []
+    for v in range(d.shape[0]):
+        own = [u for u in groups[label[v]] if u != v]
+        if not own or len(groups) < 2:
+            values.append(0.0)
+            continue
+        a = float(d[v, own].mean())
+        b = min(float(d[v, list(g)].mean()) for c, g in enumerate(groups) if c != label[v])
+        values.append((b - a) / max(a, b) if max(a, b) > 0 else 0.0)
+    return float(np.mean(values)) if values else 0.0
+
+
+def auto_cut(distances: np.ndarray, *, fallback: float = SAME_TASK_DISTANCE) -> float:
     """The largest merge distance the automatic cluster topology allows, chosen from the distances themselves.
 
-    Merge the peers by average linkage without constraints; if some merge is at least :data:`AUTO_GAP` times farther
-    than the one before it, cut just below the largest such jump (the tasks end there); else allow merges up to
-    :data:`SAME_TASK_DISTANCE`. A pure function of the distances: every member finds the same cut.
+    Merge the peers by average linkage without constraints; among its levels with 2 to n - 1 groups (where the merge
+    distance grows from one level to the next) take the one with the best :func:`silhouette` (ties: fewer groups) if it
+    reaches :data:`MIN_SILHOUETTE`, and cut at its last merge; else allow merges up to ``fallback``. A pure function of
+    the distances: every member finds the same cut.
     """
-    _, heights = _upgma(np.asarray(distances, dtype=np.float64), float("inf"))
-    best, cut = AUTO_GAP, SAME_TASK_DISTANCE
-    for low, high in zip(heights, heights[1:]):
-        ratio = high / low if low > 0 else (float("inf") if high > 0 else 1.0)
-        if ratio >= best:  # the largest jump wins; among equal jumps, the later (fewer, larger clusters)
-            best, cut = ratio, low
-    return cut
+    d = np.asarray(distances, dtype=np.float64)
+    n = d.shape[0]
+    _, heights = _upgma(d, float("inf"))
+    best: tuple[float, int, float] | None = None  # (silhouette, -groups, cut)
+    for merges in range(1, n - 1):  # after `merges` merges there are n - merges groups
+        cut = heights[merges - 1]
+        if heights[merges] <= cut:  # the next merge is as near: no cut separates these levels
+            continue
+        score = round(silhouette(d, _upgma(d, cut)[0]), 9)
+        if best is None or (score, -(n - merges)) > best[:2]:
+            best = (score, -(n - merges), cut)
+    if best is not None and best[0] >= MIN_SILHOUETTE:
+        return best[2]
+    return fallback
 
 
 def _positions_and_neighbourhood(positions_or_graph: np.ndarray | nx.Graph) -> tuple[np.ndarray, nx.Graph]:
@@ -178,6 +242,7 @@ def cluster_topology(
     seed: int = 0,
     layer_weights: Sequence[float] | None = None,
     delay_bound_s: float | None = None,
+    task_statistics: Sequence[Mapping[str, Any]] | None = None,
 ) -> nx.Graph:
     """Agglomerative (AGNES) clustering of peers by collision rate under power/delay constraints (Sec. IV-C).
 
@@ -192,7 +257,8 @@ def cluster_topology(
     ``channel``, ``gains``, ``kind="cluster"``. Cluster ids are 0.. in order of each cluster's smallest peer.
 
     ``s_max=None`` (automatic, clusters that follow the tasks without tuning): the merge order is the average-linkage
-    distance of the peers' layer budgets (:func:`budget_distances`; ties by S, then power), merges stop at the cut
+    distance of the peers' registered ``task_statistics`` (:func:`statistics_distances`) when given, else of their
+    layer budgets (:func:`budget_distances`); ties by S, then power; merges stop at the cut
     :func:`auto_cut` chooses from those distances, and ``s_max`` becomes the largest collision rate among the groups
     that cut forms without power constraints: the bound is chosen from the registrations, and every cluster meets it.
     The graph records it (``s_max``) with ``auto=True`` and the cut (``distance_cut``).
@@ -220,8 +286,14 @@ def cluster_topology(
 
     distances = cut = None
     if auto:
-        distances = budget_distances(s if s.ndim == 2 else s[:, None], layer_weights=layer_weights)
-        cut = auto_cut(distances)
+        if task_statistics is not None:
+            if len(task_statistics) != n:
+                raise ValueError(f"task_statistics must hold one mapping per peer ({n}), got {len(task_statistics)}")
+            distances = statistics_distances(task_statistics)
+            cut = auto_cut(distances, fallback=SAME_TASK_STATISTICS_DISTANCE)
+        else:
+            distances = budget_distances(s if s.ndim == 2 else s[:, None], layer_weights=layer_weights)
+            cut = auto_cut(distances)
         s_max = max((rate(m) for m in _upgma(distances, cut)[0]), default=0.0)
 
     groups: list[tuple[int, ...]] = [(v,) for v in range(n)]

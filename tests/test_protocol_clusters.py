@@ -26,6 +26,8 @@ from sorlora_gossip.topology import (
     cluster_collision_rate,
     cluster_topology,
     clusters,
+    silhouette,
+    statistics_distances,
 )
 
 
@@ -74,8 +76,11 @@ def test_four_peers_two_file_tasks_default_terms_clusters_follow_the_tasks(tmp_p
     collab = Collaboration(hub, "lab/c")
     plan = collab.read_plan()
     closing = collab.closing()
-    assert plan == compute_plan(collab.terms(), closing.registrations, collab_commit=closing.commit)
+    stats = {r.peer: collab.member_stats(r.peer, revision=closing.commit) for r in closing.registrations}
+    assert plan == compute_plan(collab.terms(), closing.registrations, collab_commit=closing.commit, statistics=stats)
     assert all(p.plan == plan for p in programs), "every member holds the same plan"
+    budgets_only = compute_plan(collab.terms(), closing.registrations, collab_commit=closing.commit)
+    assert _ari(budgets_only, task_of) >= 0.9, "the layer budgets alone (methods without task statistics) too"
     assert _ari(plan, task_of) >= 0.9, plan["clusters"]
     assert sorted(plan["clusters"]) == [["ann/dev", "cat/dev"], ["ben/dev", "dan/dev"]]
 
@@ -98,6 +103,31 @@ def test_automatic_clusters_recover_the_tasks_and_meet_their_bound(tasks, seed):
     assert g.graph["auto"] and all(rate <= g.graph["s_max"] + 1e-12 for rate in g.graph["collision_rate"].values())
     again = cluster_topology(pos, s, s_max=None, payload_bits=1e5, seed=seed)
     assert [g.nodes[v]["cluster"] for v in g] == [again.nodes[v]["cluster"] for v in again], "deterministic"
+
+
+def _statistics(tasks: list[int], *, seed: int, layers: int = 5, width: int = 32) -> list[dict[str, np.ndarray]]:
+    """Mean layer inputs of peers on 4 tasks at two scales, as on SmolLM2: tasks 0 and 1 near each other (two review
+    tasks), 2 and 3 too (two word tasks), and each peer's own sampling noise, smaller than any task difference."""
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal((layers, width)) * 4
+    family = [shared + rng.standard_normal((layers, width)) * 1.0 for _ in range(2)]
+    task = [family[t // 2] + rng.standard_normal((layers, width)) * 0.5 for t in range(4)]
+    return [{f"layer{k}": (task[t] + rng.standard_normal((layers, width)) * 0.12)[k] for k in range(layers)}
+            for t in tasks]  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_task_statistics_find_tasks_the_budgets_cannot_tell_apart(seed):
+    tasks = [0, 1, 2, 3, 0, 1, 2, 3]  # the study preset: 8 peers, 2 per task, peer i on task i % 4
+    stats = _statistics(tasks, seed=seed)
+    d = statistics_distances(stats)
+    assert np.allclose(d, d.T) and np.all(np.diag(d) == 0) and d.max() < 1
+    s = np.full((8, 4), 0.25)  # equal budgets: nothing to tell the tasks apart by
+    pos = np.random.default_rng(seed).uniform(-30, 30, size=(8, 2))
+    g = cluster_topology(pos, s, s_max=None, payload_bits=1e5, seed=seed, task_statistics=stats)
+    found = [next(c for c, m in enumerate(clusters(g)) if v in m) for v in range(8)]
+    assert adjusted_rand_index(tasks, found) == pytest.approx(1.0), found
+    assert len(clusters(cluster_topology(pos, s, s_max=None, payload_bits=1e5, seed=seed))) in (1, 8)
 
 
 def test_one_task_is_one_cluster_and_unrelated_peers_stay_apart():
@@ -123,6 +153,7 @@ def test_auto_cut_and_budget_distance():
     assert budget_distances([[0.4, 0.0], [0.0, 0.4]])[0, 1] == pytest.approx(1.0)
     d = np.array([[0, 0.01, 0.5, 0.5], [0.01, 0, 0.5, 0.5], [0.5, 0.5, 0, 0.02], [0.5, 0.5, 0.02, 0]])
     assert auto_cut(d) == pytest.approx(0.02), "cut below the jump from 0.02 to 0.5"
+    assert silhouette(d, [[0, 1], [2, 3]]) > 0.9 > 0 == silhouette(d, [[0], [1], [2], [3]])
     assert auto_cut(np.full((3, 3), 0.05) - 0.05 * np.eye(3)) == SAME_TASK_DISTANCE, "no jump: the default cut"
     assert cluster_collision_rate([0.25, 0.25]) < 0.1 < cluster_collision_rate([0.25, 0.25, 0.25])
 

@@ -67,6 +67,9 @@ class PlanInputs:
 
     terms: CollabTerms
     members: tuple[Registration, ...]
+    # per member (same order) its registered task statistics, when every member registered usable ones (implicit-MoE
+    # methods): what the automatic cluster topology measures tasks by (sorlora_gossip.topology.statistics_distances)
+    statistics: tuple[Mapping[str, Any], ...] | None = None
 
     @property
     def n(self) -> int:
@@ -91,7 +94,7 @@ def _cluster(inputs: PlanInputs) -> nx.Graph:
     payload_bits = 8 * max(int(r.value_bytes or 0) for r in regs)
     return cluster_topology(
         inputs.positions(), sparsities, s_max=inputs.terms.s_max, payload_bits=payload_bits, seed=inputs.terms.seed,
-        layer_weights=[regs[0].sizes[k] for k in layers],
+        layer_weights=[regs[0].sizes[k] for k in layers], task_statistics=inputs.statistics,
     )  # fmt: skip
 
 
@@ -224,6 +227,7 @@ def compute_plan(
     *,
     collab_commit: str,
     problems: Mapping[str, str] | None = None,
+    statistics: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The plan (JSON-ready) for ``registrations`` made at ``collab_commit`` under ``terms``; the members that
     :func:`screen_registrations` excludes (or that ``problems`` names) are in ``plan["excluded"]`` with the reason,
@@ -233,7 +237,10 @@ def compute_plan(
     if not regs:
         raise TermsError(f"no usable registration: there is nothing to plan (excluded: {excluded})")
     ids = [r.peer for r in regs]
-    inputs = PlanInputs(terms=terms, members=regs)
+    stats = None if statistics is None or any(r.peer not in statistics for r in regs) else tuple(
+        statistics[r.peer] for r in regs
+    )  # fmt: skip
+    inputs = PlanInputs(terms=terms, members=regs, statistics=stats)
     graph = TOPOLOGIES[terms.spec.topology](inputs)
     cluster_ids = sorted({graph.nodes[i]["cluster"] for i in graph.nodes})
     clusters = [[ids[i] for i in sorted(graph.nodes) if graph.nodes[i]["cluster"] == c] for c in cluster_ids]

@@ -468,8 +468,10 @@ class PeerProgram:
         if closing is None:
             self.waiting = True
             return
+        statistics: dict[str, Any] = {}  # the members' task statistics, as read (the cluster topology's distances)
         computed = compute_plan(self.terms, closing.registrations, collab_commit=closing.commit,
-                                problems=self._statistics_problems(closing))  # fmt: skip
+                                problems=self._statistics_problems(closing, statistics),
+                                statistics=statistics or None)  # fmt: skip
         if self.peer_id in computed.get("excluded", {}):
             raise TermsError(f"peer {self.peer_id}: the plan of {self.collab.repo_id} excludes this member: "
                              f"{computed['excluded'][self.peer_id]}")  # fmt: skip
@@ -503,9 +505,10 @@ class PeerProgram:
                 "refusing to take part under it"
             )
 
-    def _statistics_problems(self, closing: Any) -> dict[str, str]:
+    def _statistics_problems(self, closing: Any, found: dict[str, Any] | None = None) -> dict[str, str]:
         """Members whose task statistics the implicit MoE could not use (missing, unreadable, not finite, other
-        layers or shapes than the majority's), read at the closing commit: every member finds the same."""
+        layers or shapes than the majority's), read at the closing commit: every member finds the same. The usable
+        ones are put in ``found`` (peer -> statistics)."""
         if not self.spec.inter_cluster:
             return {}
         problems: dict[str, str] = {}
@@ -517,11 +520,16 @@ class PeerProgram:
                 problems[r.peer] = f"task statistics unusable: {str(exc)[:200]}"
                 continue
             shapes[r.peer] = sorted((k, list(v.shape)) for k, v in stats.items())
+            if found is not None:
+                found[r.peer] = stats
         if shapes:
             layout = majority(sorted(shapes.items()))
             for peer, mine in shapes.items():
                 if mine != layout:
                     problems[peer] = "task statistics with other layers or shapes than the majority of members'"
+        if found is not None:
+            for peer in problems:
+                found.pop(peer, None)
         return problems
 
     def _calibrate(self) -> None:
