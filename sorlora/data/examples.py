@@ -127,12 +127,18 @@ def split_examples(
 def hold_out(name: str, kind: str, pools: Pools, *, share: float, seed: int = 0) -> Task:
     """One member's data as its training set and the questions it holds back (``test``): a file's or a source's own
     test pool when it has one, else the first ``share`` of its distinct examples in :func:`split_examples`'s seeded
-    hash order (at least one when ``share`` > 0, never all). The same data, share and seed give the same split."""
+    hash order (at least one when ``share`` > 0, never all). The training set keeps the data's own order (the order
+    a member's batches are drawn from) less every held-back prompt. The same data, share and seed give the same
+    split."""
     if not 0 <= share < 1:
         raise ValueError(f"the held-out share must be in [0, 1), got {share!r}")
     if set(pools) == {"train", "test"}:
-        n_test = len({e.prompt for e in pools["test"]})
+        test, rest = _dedupe(pools["test"]), pools["train"]
+    elif set(pools) == {"all"}:
+        distinct = sorted(_dedupe(pools["all"]), key=lambda e: _split_key(seed, e.prompt))
+        n = len(distinct)
+        test, rest = distinct[: 0 if share == 0 or n < 2 else min(n - 1, max(1, round(share * n)))], pools["all"]
     else:
-        n = len({e.prompt for e in pools.get("all", [])})
-        n_test = 0 if share == 0 or n < 2 else min(n - 1, max(1, round(share * n)))
-    return split_examples(name, kind, pools, n_train=None, n_test=n_test, seed=seed)
+        raise ValueError(f"task {name!r}: pools must be {{'all'}} or {{'train', 'test'}}, got {sorted(pools)}")
+    held = {e.prompt for e in test}
+    return Task(name=name, kind=kind, train=[e for e in rest if e.prompt not in held], test=test)

@@ -6,9 +6,9 @@ repo, and the loser would fail only when it publishes, minutes later. So ``sorlo
 - locks its state directory (:func:`lock_state_dir`: an OS file lock on ``<state dir>/.lock``, released by the OS
   when the process ends, however it ends): a second copy on the same state directory stops at once;
 - claims the peer id in the collaboration repo (:class:`PeerClaim`): ``members/<user>/<peer>.claim``, a small JSON
-  file naming the state directory's random id, host, process and the time. A claim of another state directory
-  renewed less than ``ttl_s`` ago stops the second copy, naming the first; the running copy renews its claim every
-  half ``ttl_s`` (one small commit). A copy that died is replaced after ``ttl_s``; restarted on its own state
+  file naming the state directory's random id, the host name, the process id and the time (never a local path: every
+  member reads the repo). A claim of another state directory renewed less than ``ttl_s`` ago stops the second copy,
+  naming the first; the running copy renews its claim every half ``ttl_s`` (one small commit). A copy that died is replaced after ``ttl_s``; restarted on its own state
   directory, it is the same claimant and goes on at once. The claim's time is the writer's clock: clocks of the
   lab's machines are assumed to agree within a minute. Claims are written with ``parent_commit`` (optimistic
   concurrency), so of two copies starting together exactly one wins.
@@ -103,9 +103,7 @@ class PeerClaim:
             if claim is not None and claim["instance"] != self.instance:
                 age = time.time() - float(claim["time"])
                 if age < self.ttl_s:
-                    where = (
-                        f"{claim.get('host', '?')}, pid {claim.get('pid', '?')}, state {claim.get('state_dir', '?')}"
-                    )
+                    where = f"host {str(claim.get('host', '?'))[:64]}, pid {claim.get('pid', '?')}"
                     raise PeerIdTaken(
                         f"peer {self.peer_id} is already running in {self.collab_id} from another state directory "
                         f"({where}; claim renewed {max(age, 0):.0f} s ago): stop that copy, or rerun it with its "
@@ -125,7 +123,7 @@ class PeerClaim:
 
     def _write(self, *, parent: str | None) -> None:
         body = {"format": CLAIM_FORMAT, "peer": self.peer_id, "instance": self.instance, "time": time.time(),
-                "host": socket.gethostname(), "pid": os.getpid(), "state_dir": str(self.state_dir.resolve())}  # fmt: skip
+                "host": socket.gethostname(), "pid": os.getpid()}  # fmt: skip
         self.hub.create_commit(self.collab_id, {self.path: json.dumps(body, sort_keys=True).encode()},
                                commit_message=f"{self.peer_id}: claim", parent_commit=parent)  # fmt: skip
         self._renewed = time.monotonic()
