@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -28,13 +29,22 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from sorlora_gossip.hub.base import DEFAULT_BRANCH, EntryNotFound, Hub, PushConflictError, RequestTooLarge
+from sorlora_gossip.hub.base import (
+    DEFAULT_BRANCH,
+    EntryNotFound,
+    Hub,
+    HubError,
+    PushConflictError,
+    RequestTooLarge,
+)
 from sorlora_gossip.layout import member_path
 from sorlora_gossip.untrusted import read_json
 
 from .terms import TermsError
 
 __all__ = ["CLAIM_TTL_S", "PeerClaim", "PeerIdTaken", "claim_path", "lock_state_dir"]
+
+logger = logging.getLogger(__name__)
 
 CLAIM_TTL_S = 300.0  # a claim not renewed for this long is stale: its copy is taken to be gone
 CLAIM_FORMAT = "sorlora-claim/1"
@@ -117,9 +127,15 @@ class PeerClaim:
         raise PeerIdTaken(f"peer {self.peer_id}: could not claim its id in {self.collab_id} after {attempts} conflicts")
 
     def renew(self) -> None:
-        """Renew the claim when half its time to live has passed since it was last written (else do nothing)."""
+        """Renew the claim when half its time to live has passed since it was last written (else do nothing). A hub
+        that fails now is tried again at the next call: a claim left to age never stops the running copy."""
         if time.monotonic() - self._renewed >= self.ttl_s / 2:
-            self._write(parent=None)
+            try:
+                self._write(parent=None)
+            except HubError as exc:
+                self._renewed = time.monotonic() - self.ttl_s / 2 + min(30.0, self.ttl_s / 10)  # again in 30 s
+                logger.warning("peer %s: could not renew its claim in %s (%s); trying again", self.peer_id,
+                               self.collab_id, exc)  # fmt: skip
 
     def _write(self, *, parent: str | None) -> None:
         body = {"format": CLAIM_FORMAT, "peer": self.peer_id, "instance": self.instance, "time": time.time(),

@@ -1,0 +1,48 @@
+"""Quiet by default: ``--no-progress`` silences the GGUF de-quantizing bar too (a bare tqdm inside transformers), and
+an unreachable hub is one line after its retries, not one warning per retry. (A peer's own output, with and without
+its bar, and the absence of any look-up of the public Hub are checked on real peer processes in test_cli_eval.)"""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import sys
+
+from sorlora.cli.quiet import no_library_progress_bars
+
+GGUF_DESC = "Converting and de-quantizing GGUF tensors..."
+
+
+def test_no_progress_silences_the_gguf_bar_that_the_libraries_switches_miss():
+    import huggingface_hub.utils
+    import transformers.utils.logging
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    original = gguf.tqdm
+    try:
+        transformers.utils.logging.disable_progress_bar()  # the libraries' own switch alone does not reach this bar
+        drawn = io.StringIO()
+        list(gguf.tqdm(range(3), desc=GGUF_DESC, file=drawn))
+        assert GGUF_DESC in drawn.getvalue()
+        no_library_progress_bars()
+        silent = io.StringIO()
+        assert list(gguf.tqdm(range(3), desc=GGUF_DESC, file=silent)) == [0, 1, 2]
+        assert silent.getvalue() == ""
+        no_library_progress_bars()  # twice is once
+        assert gguf.tqdm.func is original
+    finally:
+        gguf.tqdm = original
+        transformers.utils.logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
+
+
+def test_an_unreachable_hub_is_one_line_after_its_retries():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "sorlora", "collab", "status", "--hub", f"http://127.0.0.1:{port}",
+                           "--collab", "lab/c"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "the hub is unreachable" in lines[0] and "after 6 attempts" in lines[0], lines
