@@ -250,6 +250,7 @@ def test_round_0_masks_off_the_registered_budget_are_rejected_by_every_member(tm
         report = _report(hub, f"{u}/dev")
         entries = [*report["records"], *report["exchanges"]]
         assert all("eve/dev" not in e.get("used", {}) for e in entries), "eve's updates are never used"
+        assert all(set(e.get("rejected", {})) <= {"eve/dev"} for e in entries), "honest budgets hold"
         reasons = [e["rejected"]["eve/dev"] for e in entries if "eve/dev" in e.get("rejected", {})]
         if reasons:
             pulled_eve += 1
