@@ -17,6 +17,7 @@ import pytest
 from peft_sorlora.base_model import base_fingerprint
 from sorlora.data.synthetic import synthetic_task
 from sorlora.protocol.collab import Collaboration, RegistrationClosed, create_collaboration
+from sorlora.protocol.plan import screen_registrations
 from sorlora.protocol.program import PeerData, PeerProgram
 from sorlora.protocol.terms import CollabTerms, Registration
 from sorlora.runtime.model_loading import TINY_BASE_ID, load_base
@@ -24,6 +25,7 @@ from sorlora.simulation.engines.local import InProcessEngine
 from sorlora_gossip import HfHub, LocalHub
 from sorlora_gossip.hub import HubServer
 from sorlora_gossip.layout import INFO_FILE, PLAN_FILE, UPDATE_FILE, member_path, round_tag
+from sorlora_gossip.untrusted import MAX_JSON_BYTES
 
 BASE, TOKENIZER, _ = load_base(TINY_BASE_ID)
 TERMS = CollabTerms(
@@ -82,7 +84,8 @@ def test_junk_files_under_members_take_no_slot(tmp_path, engine):
     create_collaboration(hub, "lab/c", TERMS)
     junk = {"members/zed/a.json": b"not json", "members/zed/b.json": b'{"format": "x"}',
             "members/zed/c.json": json.dumps(_registration("ann").to_dict()).encode(),  # ann's, at zed's path
-            "members/zed/d.json": json.dumps(_registration("zed", "d", n_train=-1).to_dict()).encode()}  # fmt: skip
+            "members/zed/d.json": json.dumps(_registration("zed", "d", n_train=-1).to_dict()).encode(),
+            "members/zed/e.json": b" " * (MAX_JSON_BYTES + 1)}  # fmt: skip
     _write(hub, junk)
     programs = [_program(hub, tmp_path, f"{u}/dev", engine) for u in ("ann", "ben", "cat")]
     for p in programs[:2]:
@@ -297,3 +300,12 @@ def test_an_equivocating_round_tag_is_a_recorded_rejection_and_everyone_uses_the
         assert (
             found and found[0]["round"] == 1 and found[0]["action"] == "rejected" and second[:12] in found[0]["reason"]
         )
+
+
+def test_registered_names_are_bounded_too():
+    regs = [_registration(u) for u in ("ann", "ben", "cat")]
+    long_task = _registration("eve", task="t" * 10_000)
+    long_layer = _registration("eve", kept={"l" * 10_000: 1}, sizes={"l" * 10_000: 2})
+    for hostile in (long_task, long_layer):
+        kept, excluded = screen_registrations(TERMS, [*regs, hostile])
+        assert [r.peer for r in kept] == ["ann/dev", "ben/dev", "cat/dev"] and "longer than" in excluded["eve/dev"]

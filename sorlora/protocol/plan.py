@@ -32,6 +32,7 @@ from .terms import CollabTerms, Registration, TermsError, sha256_json
 __all__ = [
     "MAX_LAYERS",
     "MAX_LAYER_SIZE",
+    "MAX_NAME_CHARS",
     "MAX_N_TRAIN",
     "MAX_POSITION_MM",
     "PLAN_FORMAT",
@@ -51,6 +52,7 @@ MAX_N_TRAIN = 10**9  # a registered training-set size above this is not a device
 MAX_POSITION_MM = 10**9  # 1000 km: positions beyond are not a wireless neighbourhood
 MAX_LAYERS = 10_000  # adapted layers of one base model
 MAX_LAYER_SIZE = 2**31  # B entries of one layer
+MAX_NAME_CHARS = 256  # a registered task name or layer name (they go into the plan, records and cards)
 
 
 def default_position_mm(peer: str, seed: int) -> tuple[int, int]:
@@ -162,7 +164,7 @@ def screen_registrations(
 ) -> tuple[list[Registration], dict[str, str]]:
     """The registrations the plan may use (sorted by peer id) and the excluded ones (peer -> reason).
 
-    Checked per member: terms hash, ``n_train`` in ``[1, MAX_N_TRAIN]``, ``position_mm`` within
+    Checked per member: terms hash, task and layer names of at most ``MAX_NAME_CHARS``, ``n_train`` in ``[1, MAX_N_TRAIN]``, ``position_mm`` within
     ``±MAX_POSITION_MM``, at most ``MAX_LAYERS`` layers of at most ``MAX_LAYER_SIZE`` entries, ``0 <= kept <=
     sizes`` per layer, ``value_bytes`` equal to the kept entries times the payload dtype's size; then against the
     others: the layers and sizes the majority registered, the presence of a budget where the majority has one.
@@ -180,6 +182,8 @@ def screen_registrations(
         seen.add(r.peer)
         if r.terms_sha256 != terms.sha256():
             excluded[r.peer] = f"registered under other terms ({str(r.terms_sha256)[:12]})"
+        elif len(r.task) > MAX_NAME_CHARS or any(len(k) > MAX_NAME_CHARS for k in r.sizes or {}):
+            excluded[r.peer] = f"a task or layer name longer than {MAX_NAME_CHARS} characters"
         elif not _int_ok(r.n_train, 1, MAX_N_TRAIN):
             excluded[r.peer] = f"n_train is not an integer in [1, {MAX_N_TRAIN}]"
         elif r.position_mm is not None and not (
