@@ -165,3 +165,35 @@ def test_an_moe_whose_base_cannot_be_fetched_says_in_one_line_what_to_pass(tmp_p
     base, _, _ = load_base(TINY_BASE_ID)
     model = AutoModelForCausalLM.from_pretrained(folder, base_model=base)  # what the line says to pass
     assert model.config.model_type == "solora_moe" and model.num_experts == 2
+
+
+def test_an_moe_naming_the_bundled_base_loads_it_offline_when_the_fingerprint_matches(tmp_path, engine, monkeypatch):
+    """The fallback on the tiny MoE (the bundled loader stands in for the tiny base, which loading SmolLM2 three
+    times would cost minutes): used when its fingerprint is the config's, never when it is another."""
+    from transformers import AutoModelForCausalLM
+
+    import moe_router  # noqa: F401  (registers the model type)
+    import peft_sorlora.base_model as base_model
+    from moe_router.configuration import ImplicitMoEConfig
+    from moe_router.modeling import _bundled_base
+
+    root, programs = _setup(tmp_path, engine)
+    _drive(programs)
+    hub = LocalHub(root, namespace="lab")
+    repo = _report(hub, "ann")["moe"]["repo"]
+    folder = tmp_path / "moe"
+    for name in hub.list_files(repo):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(hub.read_bytes(repo, name, revision="main"))
+    config = json.loads((folder / "config.json").read_text())
+    config["base_model_name_or_path"] = base_model.BUNDLED_BASE_ID  # not reachable offline
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(base_model, "load_base_model", lambda *a, **k: load_base(TINY_BASE_ID)[:2])
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.model_type == "solora_moe" and base_fingerprint(model.model) != ""
+    config["base_fingerprint"] = "0" * 16  # another base's weights under the same name: refused
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OSError, match="pass a local copy of it, weights fingerprint 0000000000000000"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    assert _bundled_base(ImplicitMoEConfig(), None) is None, "a name alone proves nothing"

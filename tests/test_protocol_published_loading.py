@@ -2,7 +2,7 @@
 
 ``sorlora hub-serve`` with a token per user, ``sorlora collab create --host-base`` (the pinned tiny base pushed once
 to ``coord/lab-base``) and three ``sorlora peer`` OS processes (their own JSONL files, two tasks). Then a fresh Python
-process with nothing but ``HF_ENDPOINT`` and a token loads the MoE with ``AutoModelForCausalLM`` and its tokenizer
+process with nothing but ``HF_ENDPOINT`` and a token runs the README's loading lines: it loads the MoE with ``AutoModelForCausalLM`` and its tokenizer
 with ``AutoTokenizer`` from the MoE repo, and a member's adapter with ``AutoPeftModelForCausalLM`` (revision
 ``final``) and its tokenizer from the adapter repo, and generates with both. Exactly one MoE repo exists for the
 collaboration and every member's report names it. In process: a peer restarted between its ``final`` commit and
@@ -18,6 +18,7 @@ import secrets
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -35,23 +36,23 @@ USERS = ["alice", "bob", "carol"]
 TASKS = ["synthetic-alpha", "synthetic-alpha", "synthetic-beta"]
 COLLAB = "coord/lab"
 POSITIONS = ["-40000,0", "-39000,1000", "40000,0"]  # two groups 80 m apart: two clusters
-LOAD = """
-import sys, torch
-import moe_router, peft_sorlora  # register the model type and the adapter type
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-moe_repo, adapter_repo = sys.argv[1], sys.argv[2]
-for name, model, tokenizer in (
-    ("moe", AutoModelForCausalLM.from_pretrained(moe_repo), AutoTokenizer.from_pretrained(moe_repo)),
-    ("adapter", AutoPeftModelForCausalLM.from_pretrained(adapter_repo, revision="final"),
-     AutoTokenizer.from_pretrained(adapter_repo, revision="final")),
-):
+README = Path(__file__).parents[1] / "README.md"
+GENERATE = """
+for name, model, tokenizer in (("moe", moe, moe_tokenizer), ("adapter", adapter, adapter_tokenizer)):
     batch = tokenizer(["Question: which is larger?"], return_tensors="pt")
-    out = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    print(name, type(model).__name__, model.config.model_type if name == "moe" else getattr(model.peft_config["default"].peft_type, "value", None),
-          out.shape[1] - batch["input_ids"].shape[1], repr(tokenizer.decode(out[0])[:40]))
+    out = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    kind = model.config.model_type if name == "moe" else getattr(model.peft_config["default"].peft_type, "value", None)
+    print(name, type(model).__name__, kind, out.shape[1] - batch["input_ids"].shape[1],
+          repr(tokenizer.decode(out[0])[:40]))
 """
+
+
+def readme_loading_lines() -> str:
+    """The README's lines that load what a collaboration made, verbatim."""
+    section = README.read_text().split("**Loading what a collaboration made.**", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    return code
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,10 @@ def test_a_fresh_process_with_only_the_endpoint_and_a_token_loads_and_generates(
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
            "HF_ENDPOINT": collaboration["endpoint"], "HF_TOKEN": collaboration["tokens"]["carol"],
            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", LOAD, moe, "bob/dev"], env=env, capture_output=True, text=True,
+    code = readme_loading_lines()  # the README's names stand for this run's repos
+    assert '"alice/smollm-collab-moe"' in code and '"bob/smollm-peer"' in code, code
+    code = code.replace('"alice/smollm-collab-moe"', repr(moe)).replace('"bob/smollm-peer"', repr("bob/dev"))
+    done = subprocess.run([sys.executable, "-c", code + GENERATE], env=env, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()

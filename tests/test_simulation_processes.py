@@ -1,9 +1,10 @@
 """One collaboration as it would run for real: ``sorlora hub-serve`` with a token per user and four ``sorlora peer``
 OS processes (tiny model, their own JSONL data files, 2 clusters, 3 rounds) and no other coordination. One peer is
 SIGKILLed mid-round and started again. Then: every peer finished; every round of every peer is on the hub exactly
-once; the plan each computed is the one committed; the inter-cluster bytes were counted; each peer's MoE loads with
-``AutoModelForCausalLM.from_pretrained`` from the server and generates; the same terms stepped in one process give
-the same published adapters, bit for bit; nothing published names a local path."""
+once; the plan each computed is the one committed; the inter-cluster bytes were counted; the collaboration's one
+MoE, which every peer's report names, loads with ``AutoModelForCausalLM.from_pretrained`` from the server and
+generates; the same terms stepped in one process give the same published adapters, bit for bit, and the same MoE;
+nothing published names a local path."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _terms() -> dict:
     return CollabTerms(
         base_model=TINY_BASE_ID, base_fingerprint=base_fingerprint(base), method="solora", rank=4, sparsity=0.5,
         rounds=3, local_steps=2, batch_size=4, max_len=48, max_members=4, s_max=0.5, round_timeout_s=240.0,
-        publish_base=True,
+        publish_base=True, test_share=0.0,  # every record trains, as in the in-process run below
     ).to_dict()  # fmt: skip
 
 
@@ -148,7 +149,11 @@ def test_every_peer_computed_the_committed_plan_and_counted_inter_cluster_bytes(
         assert all(not rec["skipped"] and not rec["rejected"] for rec in report["records"])
 
 
-def test_each_peer_moe_loads_from_the_server_and_generates(collaboration):
+def _moe_of_every_member(hub) -> set[str]:
+    return {json.loads(hub.read_bytes(f"{u}/dev", "report.json", revision="final"))["moe"]["repo"] for u in USERS}
+
+
+def test_the_collaborations_one_moe_loads_from_the_server_and_generates(collaboration):
     script = (
         "import sys, torch, moe_router\n"
         "from transformers import AutoModelForCausalLM\n"
@@ -158,11 +163,15 @@ def test_each_peer_moe_loads_from_the_server_and_generates(collaboration):
     )
     env = {**os.environ, "HF_ENDPOINT": collaboration["endpoint"], "HF_HUB_CACHE": str(collaboration["tmp"] / "hf"),
            "HF_TOKEN": collaboration["tokens"]["coord"]}  # fmt: skip
-    for user in USERS:
-        done = subprocess.run([sys.executable, "-c", script, f"{user}/dev-moe"], env=env, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stdout.split() == ["solora_moe", "2", "7"]
+    hub = HfHub(collaboration["endpoint"], token=collaboration["tokens"]["coord"], namespace="coord",
+                cache_dir=collaboration["tmp"] / "cache4")  # fmt: skip
+    moes = _moe_of_every_member(hub)
+    assert len(moes) == 1, f"every member names the one MoE: {moes}"
+    assert [f"{u}/lab-moe" for u in USERS if hub.repo_exists(f"{u}/lab-moe")] == sorted(moes), "published once"
+    done = subprocess.run([sys.executable, "-c", script, moes.pop()], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["solora_moe", "2", "7"]
 
 
 def test_the_same_terms_in_one_process_publish_the_same_adapters(collaboration, tmp_path):
@@ -182,12 +191,16 @@ def test_the_same_terms_in_one_process_publish_the_same_adapters(collaboration, 
             assert hub.read_bytes(f"{user}/dev", name, revision="final") == served.read_bytes(
                 f"{user}/dev", name, revision="final"
             ), (user, name)
+    # and the same MoE, whoever claimed it first: its content hash in every report, in both runs
+    hashes = {json.loads(h.read_bytes(f"{u}/dev", "report.json", revision="final"))["moe"]["sha256"]
+              for h in (hub, served) for u in USERS}  # fmt: skip
+    assert len(hashes) == 1, hashes
 
 
 def test_nothing_published_names_a_local_path(collaboration):
     root = collaboration["tmp"] / "hub"
     local = LocalHub(root, namespace="coord")
-    for repo in local.list_repos("coord") + [f"{u}/{n}" for u in USERS for n in ("dev", "dev-moe")]:
+    for repo in [r for user in ["coord", *USERS] for r in local.list_repos(user)]:
         for revision in {"main", *local.list_refs(repo).tags}:
             for name in local.list_files(repo, revision=revision):
                 data = local.read_bytes(repo, name, revision=revision)

@@ -242,16 +242,22 @@ def _parse_claim(hub: Any, collab: str, path: str, commit: Any, members: list[st
     return MoEClaim(**{**claim.__dict__, "problem": problem})
 
 
-def moe_claims(hub: Any, collab: str, *, members: list[str]) -> list[MoEClaim]:
+def moe_claims(hub: Any, collab: str, *, members: list[str], ids: dict[str, dict[str, str]] | None = None
+               ) -> list[MoEClaim]:  # fmt: skip
     """The MoE claims in the collaboration repo, in the order its linear history added them (the commit that last
-    changed each file; by path inside one commit), each validated (:attr:`MoEClaim.problem`)."""
+    changed each file; by path inside one commit), each validated (:attr:`MoEClaim.problem`). ``ids``: a cache of
+    the claim files' blob ids per commit (commits never change), kept by the caller between looks."""
+    ids_of = {} if ids is None else ids
     moe_name = moe_repo_name(collab.split("/", 1)[1])
     history = list(reversed(hub.list_commits(collab)))  # oldest first
     latest: dict[str, tuple[int, Any]] = {}
     before: dict[str, str] = {}
     for index, commit in enumerate(history):
-        ids = {p: oid for p, oid in hub.file_ids(collab, revision=commit.sha).items()
-               if p.startswith(f"{MEMBERS_DIR}/") and p.count("/") == 2 and p.endswith(MOE_CLAIM_SUFFIX)}  # fmt: skip
+        if commit.sha not in ids_of:
+            ids_of[commit.sha] = {p: oid for p, oid in hub.file_ids(collab, revision=commit.sha).items()
+                                  if p.startswith(f"{MEMBERS_DIR}/") and p.count("/") == 2
+                                  and p.endswith(MOE_CLAIM_SUFFIX)}  # fmt: skip
+        ids = ids_of[commit.sha]
         for path, oid in ids.items():
             if before.get(path) != oid:
                 latest[path] = (index, commit)
@@ -336,12 +342,13 @@ class ImplicitMoE(Publisher):
         files, digest = built
         members = list(program.plan["members"])
         mine = moe_claim_path(program.user, program.name)
-        claims = moe_claims(hub, collab, members=members)
+        cache = program.__dict__.setdefault("_moe_claim_ids", {})
+        claims = moe_claims(hub, collab, members=members, ids=cache)
         own = next((c for c in claims if c.path == mine), None)
         if own is None or own.sha256 != digest or own.repo != own_repo:
             hub.create_commit(collab, {mine: claim_bytes(program.peer_id, own_repo, digest)},
                               commit_message=f"{program.peer_id}: claims the MoE {own_repo} ({digest[:12]})")  # fmt: skip
-            claims = moe_claims(hub, collab, members=members)
+            claims = moe_claims(hub, collab, members=members, ids=cache)
         first_look = getattr(program, "_moe_first_look", None) or time.monotonic()
         program._moe_first_look = first_look
         skipped: dict[str, str] = {}
