@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 
 __all__ = ["USAGE_ERROR", "UsageError", "explain", "one_line"]
 
@@ -33,6 +34,8 @@ def explain(exc: BaseException, args: argparse.Namespace) -> str | None:
     if isinstance(exc, DataSourceError):  # the whole line: it ends with what to do
         return " ".join(str(exc).split())
     token_env = getattr(args, "token_env", "HF_TOKEN")
+    if isinstance(exc, HubAuthError) and not os.environ.get(token_env):
+        return f"the hub needs a token for this ({one_line(exc)}) and ${token_env} is not set: export {token_env}=..."
     if isinstance(exc, HubAuthError):
         return f"the hub refused the credentials ({one_line(exc)}): check the token in ${token_env}"
     if isinstance(exc, HubUnavailable):
