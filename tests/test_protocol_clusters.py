@@ -28,6 +28,7 @@ from sorlora_gossip.topology import (
     clusters,
     silhouette,
     statistics_distances,
+    task_cut,
 )
 
 
@@ -128,6 +129,16 @@ def test_task_statistics_find_tasks_the_budgets_cannot_tell_apart(seed):
     found = [next(c for c, m in enumerate(clusters(g)) if v in m) for v in range(8)]
     assert adjusted_rand_index(tasks, found) == pytest.approx(1.0), found
     assert len(clusters(cluster_topology(pos, s, s_max=None, payload_bits=1e5, seed=seed))) in (1, 8)
+
+
+def test_statistics_without_structure_leave_the_clusters_to_the_budgets():
+    tasks = [0, 1, 0, 1]
+    rng = np.random.default_rng(0)
+    noise = [{f"layer{k}": rng.standard_normal(64) for k in range(3)} for _ in tasks]  # e.g. drowned in DP noise
+    assert task_cut(statistics_distances(noise)) is None
+    pos = np.arange(8.0).reshape(4, 2)
+    g = cluster_topology(pos, _budgets(tasks, seed=4), s_max=None, payload_bits=1e4, task_statistics=noise)
+    assert adjusted_rand_index(tasks, [g.nodes[v]["cluster"] for v in range(4)]) == pytest.approx(1.0)
 
 
 def test_one_task_is_one_cluster_and_unrelated_peers_stay_apart():

@@ -29,7 +29,8 @@ from sorlora.simulation.setup import collab_id
 
 from .test_simulation_runner import TINY
 
-ROUTED = TINY.replace(methods=("solora",), n_validation=0)  # 2 synthetic tasks x 2 peers
+# 2 synthetic tasks x 2 peers; automatic clusters (s_max=None, the default) follow the tasks
+ROUTED = TINY.replace(methods=("solora",), n_validation=0, s_max=None)
 
 
 @pytest.fixture(scope="module")
