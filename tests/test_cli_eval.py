@@ -129,6 +129,18 @@ def test_eval_scores_the_published_adapter_moe_and_base_with_intervals(finished,
         assert result["kind"] == kind and result["n"] == 16, result
         assert result["accuracy_ci"][0] <= result["accuracy"] <= result["accuracy_ci"][1]
         assert result["accuracy_ci"][1] - result["accuracy_ci"][0] > 0, "an interval, not a point"
+    # a local folder holding the adapter's files scores the same as the repo
+    folder = finished["tmp"] / "ann-adapter"
+    folder.mkdir(exist_ok=True)
+    for name in finished["hub"].list_files("ann/dev", revision="final"):
+        if "/" not in name:
+            (folder / name).write_bytes(finished["hub"].read_bytes("ann/dev", name, revision="final"))
+    scores = {}
+    for target in ("ann/dev", str(folder)):
+        assert main(["eval", target, "--hub", hub, "--data", data, "--json"]) == 0
+        scores[target] = json.loads(capsys.readouterr().out)
+    assert scores[str(folder)]["kind"] == "adapter"
+    assert scores[str(folder)]["accuracy"] == scores["ann/dev"]["accuracy"], scores
     # the held-out share, as the peer split it: the same 4 questions and the same accuracy as in its state
     state = json.loads((finished["tmp"] / "state" / "ann" / "state.json").read_text())
     assert main(["eval", "ann/dev", "--hub", hub, "--data", data, "--test-share", "0.25", "--json"]) == 0
@@ -150,3 +162,11 @@ def test_eval_says_in_one_line_what_to_pass_when_the_base_cannot_load(finished, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--model PATH_OR_ID" in err[0], err
     assert time.monotonic() - started < 60
+
+
+def test_every_eval_option_has_help():
+    from sorlora.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices["eval"]
+    for action in sub._actions:
+        assert action.help, action.option_strings
