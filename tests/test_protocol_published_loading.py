@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from peft_sorlora.base_model import base_fingerprint
+from sorlora.cli.collab import collab_status
 from sorlora.data.synthetic import synthetic_task
 from sorlora.protocol.program import CRASH_ENV
 from sorlora.runtime.model_loading import TINY_BASE_ID, load_base
@@ -125,6 +126,8 @@ def test_one_moe_for_the_collaboration_named_by_every_member(collaboration):
     assert config["base_model_name_or_path"] == "coord/lab-base" and not config["base_in_repo"]
     assert len(config["experts"]) == 2, "one expert per cluster"
     assert config["base_fingerprint"] == collaboration["fingerprint"]
+    status = collab_status(hub, COLLAB)  # what `sorlora collab status` shows
+    assert [m.get("moe") for m in status["members"]] == moes * len(USERS), status["members"]
     adapter = json.loads(hub.read_bytes("alice/dev", "adapter_config.json", revision=FINAL_TAG))
     assert adapter["base_model_name_or_path"] == "coord/lab-base"
 

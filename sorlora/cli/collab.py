@@ -123,6 +123,8 @@ def collab_status(hub, collab_id: str) -> dict:
             row["final"] = True
             row["skipped"] = sum(len(rec.get("skipped") or {}) for rec in report.get("records", []))
             row["inter_cluster_bytes"] = sum(e["bytes_pulled"] for e in report.get("exchanges", []))
+            if isinstance(report.get("moe"), dict) and isinstance(report["moe"].get("repo"), str):
+                row["moe"] = report["moe"]["repo"]  # the collaboration's MoE, as this member names it
         except (RepoNotFound, RevisionNotFound, EntryNotFound, ValueError):
             pass
         members.append(row)
@@ -151,6 +153,9 @@ def _status(args: argparse.Namespace) -> int:
     for m in status["members"]:
         print(f"{m['peer']:<32} {m['task']:<24} {m['n_train']:>5} {m['round']!s:>5}   {m['bytes_pushed']:>10} "
               f"{m['skipped']:>5}  {'yes' if m['final'] else 'no'}")  # fmt: skip
+    moes = sorted({m["moe"] for m in status["members"] if m.get("moe")})
+    if moes:  # one, unless a member built another MoE (its report says why)
+        print(f"implicit MoE: {', '.join(moes)}")
     for path, why in status["refused"].items():
         print(f"refused {path}: {why}")
     return 0

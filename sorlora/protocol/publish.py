@@ -119,6 +119,7 @@ MAX_CENTROID_BYTES = 1 << 20  # MAX_CENTROIDS x d float32 plus header: 1 MiB all
 MOE_CLAIM_FORMAT = "sorlora-moe-claim/1"
 MAX_CLAIM_BYTES = 4096
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+HOSTED_SHARD_BYTES = 128 << 20  # a hosted base's weight shards and commits (hub-serve takes 512 MiB bodies)
 _FINAL_MESSAGES = ("{peer}: adapter (final)", "{peer}: final adapter")  # publish_adapter's, the dense baseline's
 
 
@@ -157,13 +158,18 @@ def host_base(hub: Any, collab_id: str, base_model: str, fingerprint: str, *, mo
     if found != fingerprint:
         raise TermsError(f"the base to host (fingerprint {found}) is not the pinned {base_model} ({fingerprint})")
     with tempfile.TemporaryDirectory() as tmp:
-        net.save_pretrained(tmp)
+        net.save_pretrained(tmp, max_shard_size=f"{HOSTED_SHARD_BYTES // (1 << 20)}MB")
         tokenizer.save_pretrained(tmp)
-        files = {str(f.relative_to(tmp)): f for f in sorted(Path(tmp).rglob("*")) if f.is_file()}
+        files = sorted(f for f in Path(tmp).rglob("*") if f.is_file())
         hub.create_repo(repo, exist_ok=True)
-        hub.create_commit(
-            repo, files, commit_message=f"{base_model} (fingerprint {fingerprint}), hosted for {collab_id}"
-        )
+        batches: list[list[Path]] = [[]]  # commits of at most about HOSTED_SHARD_BYTES: under hub-serve's limit
+        for f in files:
+            if batches[-1] and sum(b.stat().st_size for b in batches[-1]) + f.stat().st_size > HOSTED_SHARD_BYTES:
+                batches.append([])
+            batches[-1].append(f)
+        for batch in batches:
+            message = f"{base_model} (fingerprint {fingerprint}), hosted for {collab_id}"
+            hub.create_commit(repo, {str(b.relative_to(tmp)): b for b in batch}, commit_message=message)
     return repo
 
 
