@@ -6,8 +6,9 @@ peers published on the hub (what a peer publishes: :mod:`sorlora.protocol.publis
   kept, which it publishes with its final adapter (LoRI; mean accuracy over peers);
 - ``cluster``: the adapters of one cluster's members active together (one model: all members hold the same);
 - ``oracle``: per task, the cluster of the peers holding it (hard routing upper bound);
-- ``moe``: every peer builds its own implicit MoE of all clusters' experts and publishes it as a
-  ``PreTrainedModel`` repo; the evaluator loads one from the hub (all peers hold the same experts). Its row is the
+- ``moe``: the collaboration's one implicit MoE of all clusters' experts, a ``PreTrainedModel`` repo published
+  once (every member builds the same, the first to claim it publishes it); the evaluator loads the one the first
+  member's ``report.json`` names. Its row is the
   published router (the terms' ``router``); the same weights are also scored under every other router of
   :data:`EVAL_ROUTERS` (``variants``: ``solora:implicit``, ``solora:sequence``, ...; ``hard`` routes each task to the
   cluster holding it), and every router's routing diagnostics (cluster-selection accuracy per task against the true

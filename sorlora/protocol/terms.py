@@ -126,7 +126,7 @@ class CollabTerms:
         },
     )
     publish_base: bool = field(
-        default=False, metadata={"help": "ship the base weights in each peer's MoE repo (base not on the Hub)"}
+        default=False, metadata={"help": "ship the base weights in the collaboration's MoE repo (base/)"}
     )
     admitted: tuple[str, ...] | None = field(
         default=None, metadata={"help": "users allowed to register (None: any authenticated user)"}
