@@ -197,3 +197,32 @@ def test_an_moe_naming_the_bundled_base_loads_it_offline_when_the_fingerprint_ma
     with pytest.raises(OSError, match="pass a local copy of it, weights fingerprint 0000000000000000"):
         AutoModelForCausalLM.from_pretrained(folder)
     assert _bundled_base(ImplicitMoEConfig(), None) is None, "a name alone proves nothing"
+
+
+def test_moe_claims_are_read_in_commit_order_and_each_invalid_one_says_why(tmp_path):
+    from sorlora.protocol.publish import claim_bytes, moe_claims
+
+    hub = LocalHub(tmp_path / "hub", namespace="lab")
+    hub.create_repo("lab/c")
+    sha = "ab" * 32
+    writes = [  # one commit each, in this order
+        ("members/ben/dev.moe-claim", claim_bytes("ben/dev", "ben/c-moe", sha)),
+        ("members/eve/dev.moe-claim", claim_bytes("eve/dev", "eve/c-moe", sha)),  # not a member of the plan
+        ("members/cat/dev.moe-claim", claim_bytes("cat/dev", "ann/c-moe", sha)),  # another user's namespace
+        ("members/dan/dev.moe-claim", b"\x00not json"),
+        ("members/fay/dev.moe-claim", claim_bytes("fay/dev", "fay/c-moe", "xyz")),
+        ("members/gil/dev.moe-claim", claim_bytes("ann/dev", "gil/c-moe", sha)),  # names another member
+        ("members/ann/dev.moe-claim", claim_bytes("ann/dev", "ann/c-moe", sha)),
+    ]
+    for path, data in writes:
+        hub.create_commit("lab/c", {path: data}, commit_message=path)
+    hub.create_commit("lab/c", {"members/ben/dev.moe-claim": claim_bytes("ben/dev", "ben/c-moe", "cd" * 32)},
+                      commit_message="ben changes its claim: its place is now last")  # fmt: skip
+    members = ["ann/dev", "ben/dev", "cat/dev", "dan/dev", "fay/dev", "gil/dev"]
+    claims = moe_claims(hub, "lab/c", members=members)
+    assert [c.path.split("/")[1] for c in claims] == ["eve", "cat", "dan", "fay", "gil", "ann", "ben"]
+    why = {c.path.split("/")[1]: c.problem for c in claims}
+    assert "not a member of the plan" in why["eve"]
+    assert "not cat/c-moe" in why["cat"] and "unreadable" in why["dan"] and "64 hex" in why["fay"]
+    assert "not the member of its path" in why["gil"]
+    assert why["ann"] == "" and why["ben"] == "" and claims[-1].sha256 == "cd" * 32
