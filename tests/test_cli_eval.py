@@ -48,7 +48,7 @@ def finished(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     terms = CollabTerms(base_model=TINY_BASE_ID, base_fingerprint=base_fingerprint(load_base(TINY_BASE_ID)[0]),
                         method="solora", rank=4, sparsity=0.5, rounds=2, local_steps=1, batch_size=4, max_len=48,
-                        max_members=2, s_max=0.5, round_timeout_s=120.0, test_share=0.25)  # fmt: skip
+                        max_members=2, s_max=0.5, round_timeout_s=120.0, test_share=0.25, publish_base=True)  # fmt: skip
     (tmp / "terms.json").write_text(json.dumps(terms.to_dict()))
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_DISABLE_TELEMETRY")}
     env.update(OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf-home"))
@@ -123,8 +123,10 @@ def test_a_peer_scores_its_adapter_and_the_moe_on_its_held_out_share(finished):
 def test_eval_scores_the_published_adapter_moe_and_base_with_intervals(finished, capsys):
     hub, data = finished["endpoint"], str(finished["files"]["ann"])
     moe = json.loads((finished["tmp"] / "state" / "ann" / "state.json").read_text())["heldout"]["moe"]["repo"]
+    assert "base/config.json" in finished["hub"].list_files(moe), "the MoE ships its base: eval loads it from there"
     for target, kind in (("ann/dev", "adapter"), (moe, "moe"), ("base", "base")):
-        assert main(["eval", target, "--hub", hub, "--data", data, "--model", TINY_BASE_ID, "--json"]) == 0
+        model = [] if kind == "moe" else ["--model", TINY_BASE_ID]  # the MoE ships its base (publish_base)
+        assert main(["eval", target, "--hub", hub, "--data", data, *model, "--json"]) == 0
         result = json.loads(capsys.readouterr().out)
         assert result["kind"] == kind and result["n"] == 16, result
         assert result["accuracy_ci"][0] <= result["accuracy"] <= result["accuracy_ci"][1]

@@ -187,7 +187,12 @@ def load_for_eval(folder: Path, *, model: str | None, what: str) -> tuple[Any, A
             from transformers import AutoTokenizer
 
             moe = ImplicitMoEForCausalLM.from_pretrained(str(folder))
-            tokenizer = AutoTokenizer.from_pretrained(str(folder / "base"))
+            has_tokenizer = [d for d in (folder / "base", folder) if (d / "tokenizer_config.json").is_file()]
+            if not has_tokenizer:
+                raise UsageError(
+                    f"{what} ships its base but no tokenizer: pass --model PATH_OR_ID, a copy of that base"
+                )
+            tokenizer = AutoTokenizer.from_pretrained(str(has_tokenizer[0]))
         else:
             base, tokenizer = _base(data.get("base_model_name_or_path"), model, what)
             moe = ImplicitMoEForCausalLM.from_pretrained(str(folder), base_model=base)
