@@ -24,7 +24,11 @@ parameters changed.
   4. mask density per layer at most ``density_factor`` (1.5) × the median density of the members (a dense mask
      where sparse ones are expected would be a holder of every entry);
   5. direction: the cosine between the member's update and the receiver's own, on the entries both masks hold
-     (all layers together, at least ``min_overlap`` of them), must be at least ``cos_threshold`` (-0.5);
+     (all layers together, at least ``min_overlap`` of them), must be at least ``cos_threshold`` (-0.5); with
+     ``agreement`` (on), when the neighbours' median cosine ``med`` is at least ``min_agreement`` (0.1), a member
+     whose cosine is below ``-anti_agreement × med`` (0.75) is rejected (a flipped sign lands near ``-med``) and one
+     below ``med`` has its weight scaled by ``(cos + 0.75 med) / (1.75 med)`` (a ``clipped`` record): an honest
+     member slightly anti-aligned by noise is down-weighted, not rejected;
   6. norm, per layer: the member's update norm is clipped to ``clip`` (1.0) × the median of the members' norms on
      that layer (the receiver's counts) — a ``clipped`` record naming the layer.
 
@@ -250,6 +254,7 @@ class Clipped(Strategy):
     min_overlap: int = 8
     agreement: bool = True
     min_agreement: float = 0.1
+    anti_agreement: float = 0.75
 
     # -- the checks ------------------------------------------------------------------------------------------
 
@@ -394,11 +399,15 @@ class Clipped(Strategy):
         med = statistics.median(c for c, _ in cosines.values())
         if med < self.min_agreement:
             return  # the neighbours do not agree with the receiver enough for their cosines to say anything
+        a = self.anti_agreement
         for j, (cos, shared) in cosines.items():
-            trust = min(max(cos / med, 0.0), 1.0)
-            if trust == 0.0:
+            # 1 at the median and above, falling linearly to 0 at -a x the median: an honest member whose cosine is
+            # slightly negative (noise on a few hundred shared entries) is down-weighted, not rejected
+            trust = min(max((cos + a * med) / ((1 + a) * med), 0.0), 1.0)
+            if cos < -a * med:
                 _reject(m, j, peers[j], rnd, f"direction: cosine {cos:.3f} against the receiver's update while the "
-                                             f"neighbours' median is {med:.3f} ({shared} shared entries)")  # fmt: skip
+                                             f"neighbours' median is {med:.3f}, below -{a:g}x it ({shared} shared "
+                                             "entries)")  # fmt: skip
             elif trust < 1.0 - 1e-6:
                 m.weights[j] *= trust
                 m.decisions.setdefault(j, []).append(Decision(peers[j], rnd, None, CLIPPED,
