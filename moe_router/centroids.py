@@ -11,12 +11,11 @@ representation (enough to tell tasks apart, which is their purpose) and, for a c
 close to single prompts' representations; they do not contain tokens. A member who wants a formal guarantee adds
 Gaussian noise with :func:`add_gaussian_noise` (the Gaussian mechanism after clipping each vector's norm).
 
-This module imports only torch.
+This module imports torch and the Gaussian mechanism of :mod:`moe_router.privacy`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .privacy import DEFAULT_DELTA, clip_rows, gaussian_sigma
 from .routers import EMBEDDINGS
 
 __all__ = [
@@ -146,7 +146,7 @@ def sequence_centroids(
     k: int = MAX_CENTROIDS,
     seed: int = 0,
     epsilon: float | None = None,
-    delta: float = 1e-5,
+    delta: float = DEFAULT_DELTA,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """A member's centroids (min(k, sequences), d) for the ``sequence`` router, from its tokenized ``batches`` on the
@@ -162,21 +162,6 @@ def sequence_centroids(
     if epsilon is not None:
         centroids = add_gaussian_noise(centroids, epsilon, delta, 1.0, generator=generator)
     return centroids
-
-
-def gaussian_sigma(epsilon: float, delta: float, clip_norm: float) -> float:
-    """The Gaussian mechanism's noise scale for L2 sensitivity ``clip_norm``: ``clip_norm·sqrt(2 ln(1.25/δ))/ε``.
-
-    (Dwork & Roth 2014, Thm. A.1: (ε, δ)-differential privacy for ε in (0, 1); larger ε are accepted, the classic
-    bound is then not the theorem's.)
-    """
-    if not (isinstance(epsilon, (int, float)) and epsilon > 0 and math.isfinite(epsilon)):
-        raise ValueError(f"epsilon must be a positive finite number, got {epsilon!r}")
-    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    if not (isinstance(clip_norm, (int, float)) and clip_norm > 0 and math.isfinite(clip_norm)):
-        raise ValueError(f"clip_norm must be a positive finite number, got {clip_norm!r}")
-    return float(clip_norm) * math.sqrt(2.0 * math.log(1.25 / delta)) / float(epsilon)
 
 
 def add_gaussian_noise(
@@ -195,9 +180,7 @@ def add_gaussian_noise(
     clip_norm``, so it is covered. With ``k > 1`` the k-means assignment itself depends on the data, so the noise is
     a heuristic protection, not a proof; each released set of centroids spends its own (ε, δ).
     """
-    sigma = gaussian_sigma(epsilon, delta, clip_norm)
-    c = centroids.detach().float()
-    norms = c.norm(dim=-1, keepdim=True)
-    c = c * (float(clip_norm) / norms.clamp_min(1e-12)).clamp(max=1.0)
+    sigma = gaussian_sigma(epsilon, delta, clip_norm)  # the one Gaussian mechanism: moe_router/privacy.py
+    c = clip_rows(centroids, clip_norm)
     noise = torch.randn(c.shape, generator=generator, dtype=c.dtype) * sigma
     return c + noise

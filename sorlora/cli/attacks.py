@@ -1,4 +1,5 @@
-"""``sorlora attacks``: the attack suite (one hostile member; what the honest members lose, mean vs clipped)."""
+"""``sorlora attacks``: the attack suite (one hostile member; what the honest members lose, mean vs clipped) and what
+the task statistics leak (matching pursuit, :mod:`sorlora.study.leakage`)."""
 
 from __future__ import annotations
 
@@ -38,10 +39,20 @@ def _cmd_attacks(args: argparse.Namespace) -> int:
         aggregations=_names(args.aggregations, tuple(STRATEGIES), "aggregations"),
         engines=_names(args.engines, ENGINES, "engines"),
     )
-    run_suite(settings, args.out, progress=not args.no_progress)
-    print((Path(args.out) / "attacks.md").read_text())
-    print(f"table: {Path(args.out) / 'attacks.md'}, {Path(args.out) / 'attacks.json'}; plot: "
-          f"{Path(args.out) / 'attacks.png'}")  # fmt: skip
+    out = Path(args.out)
+    if args.only in (None, "suite"):
+        run_suite(settings, out, progress=not args.no_progress)
+        print((out / "attacks.md").read_text())
+        print(f"table: {out / 'attacks.md'}, {out / 'attacks.json'}; plot: {out / 'attacks.png'}")
+    if args.only in (None, "privacy"):
+        from ..atomic import write_json  # noqa: PLC0415
+        from ..study.leakage import privacy_measurement, privacy_table  # noqa: PLC0415
+
+        rows = privacy_measurement()
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "privacy.json", {"rows": rows})
+        (out / "privacy.md").write_text(privacy_table(rows))
+        print(privacy_table(rows))
     return 0
 
 
@@ -56,5 +67,7 @@ def add_attack_commands(subparsers: Any) -> None:
     p.add_argument("--engines", default="local", help=f"comma-separated, of {', '.join(ENGINES)} (one token per "
                    "user over HTTP)")  # fmt: skip
     p.add_argument("--out", default="results/attacks", help="where attacks.json, attacks.md and attacks.png go")
+    p.add_argument("--only", choices=("suite", "privacy"), help="run only the attack suite or only the privacy "
+                   "measurement (matching pursuit on the task statistics: privacy.json, privacy.md)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no line per collaboration")
     p.set_defaults(func=_cmd_attacks)

@@ -381,7 +381,7 @@ def create_collaboration(hub: Hub, collab_id: str, terms: CollabTerms, *, exist_
             if not exist_ok:
                 raise TermsError(f"collaboration {collab_id} exists already")
             return collab
-    hub.create_repo(collab_id, exist_ok=True)
+    hub.create_repo(collab_id, exist_ok=True, private=not terms.public)  # terms.public: who may read it
     body = terms.to_dict()
     admitted = body.pop("admitted")
     data = {"format": COLLAB_FORMAT, "terms": body, ADMITTED_KEY: admitted}

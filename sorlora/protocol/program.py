@@ -82,6 +82,8 @@ logger = logging.getLogger(__name__)
 
 CRASH_ENV = "SORLORA_CRASH_AT"  # "<peer id>:<phase>:<round>": the process SIGKILLs itself there (fault tests)
 CALIBRATION = -1  # the "round" whose first batch calibrates masks and measures the task statistics
+POSITION_CELL_MM = 10_000  # a registered position is rounded to 10 m cells (the channel model's path loss
+# barely changes within one; a neighbour learns where a device is only to within a cell)
 CENTROID_PROMPTS = 64  # training prompts a member's sequence-router centroids are computed from
 
 
@@ -139,6 +141,15 @@ def _no_peft_base_lookup():
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
             os.environ["HF_HUB_OFFLINE"] = before
+
+
+def coarse_position(position_mm: tuple[int, int] | None) -> tuple[int, int] | None:
+    """``position_mm`` rounded to the nearest multiple of :data:`POSITION_CELL_MM` (integer arithmetic: any integer
+    goes through; the plan's screening bounds it): what a member registers."""
+    if position_mm is None:
+        return None
+    cell = POSITION_CELL_MM
+    return tuple((int(v) + cell // 2) // cell * cell for v in position_mm)  # type: ignore[return-value]
 
 
 class PeerProgram:
@@ -420,7 +431,7 @@ class PeerProgram:
 
         registration = Registration(
             peer=self.peer_id, user=self.user, task=self.data.task, n_train=len(self.data.train),
-            terms_sha256=self.terms.sha256(), position_mm=self.position_mm, kept=kept, sizes=sizes,
+            terms_sha256=self.terms.sha256(), position_mm=coarse_position(self.position_mm), kept=kept, sizes=sizes,
             value_bytes=value_bytes, software=f"sorlora {__version__}",
         )  # fmt: skip
         self.collab.register(registration, stats=stats, files=files)
@@ -431,13 +442,14 @@ class PeerProgram:
         return [n for n, _ in self.ws.base.named_modules() if n.rsplit(".", 1)[-1] in targets and "lora" not in n]
 
     def _task_statistics(self, batch: dict[str, torch.Tensor], keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Mean layer inputs of its own data on the bare base (the implicit MoE routes on them; Eq. 26)."""
-        from moe_router import task_statistics
+        """Mean layer inputs of its own data on the bare base (the implicit MoE routes on them; Eq. 26), released
+        with the terms' ``stats_epsilon`` Gaussian noise (moe_router/privacy.py: (ε, 1e-5)-DP of one example)."""
+        from moe_router.privacy import released_statistics
 
         inputs = self.ws.on_device({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+        noise = torch.Generator().manual_seed(derive_seed(self.terms.seed, "statistics", self.peer_id) % 2**63)
         with self.ws.bare_base():
-            stats = task_statistics(self.ws.base, [inputs], keys)
-        return {k: v.float().cpu() for k, v in stats.items()}
+            return released_statistics(self.ws.base, inputs, keys, self.terms.stats_epsilon, generator=noise)
 
     def _centroids(self, keys: Sequence[str]) -> tuple[torch.Tensor, str]:
         """Up to ``MAX_CENTROIDS`` centroids of its first ``CENTROID_PROMPTS`` training prompts' (the questions, not

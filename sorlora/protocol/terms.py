@@ -160,6 +160,22 @@ class CollabTerms:
                   "only HF_ENDPOINT (+ token) set; None: they name base_model (load it from the Hub, a local copy "
                   "or the bundled model)"},
     )  # fmt: skip
+    stats_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "Gaussian noise on the task statistics a member registers (h0: the mean input of every "
+                  "adapted layer over its calibration batch, what the cluster topology and the implicit MoE use): "
+                  "each example's statistics clipped to sqrt(total width), averaged, noised for (epsilon, 1e-5)-DP "
+                  "of one example (moe_router/privacy.py, the Gaussian mechanism the centroids use). None: the "
+                  "exact token mean, from which matching pursuit recovers token ids of the batch; at 1 it recovers "
+                  "no more than from random statistics, but with one calibration batch the noise also drowns the "
+                  "task signal the clusters are formed from (README, trust model)"},
+    )  # fmt: skip
+    public: bool = field(
+        default=False,
+        metadata={"help": "whether the collaboration repo (terms, registrations, task statistics, centroids, plan) "
+                  "is public; False: created private, read by its owner and, on hub-serve, by the users it admits "
+                  "(on the Hugging Face Hub: create it in an organisation the members belong to)"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _portable(self.base_model)
@@ -197,9 +213,14 @@ class CollabTerms:
             raise TermsError(
                 f"collab.json: router must be one of {', '.join(r for r in ROUTERS if r != 'hard')}, got {self.router!r}"
             )
-        eps = self.centroid_epsilon
-        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf):
-            raise TermsError(f"collab.json: centroid_epsilon must be a positive number or null, got {eps!r}")
+        for name in ("centroid_epsilon", "stats_epsilon"):
+            eps = getattr(self, name)
+            if eps is not None and (
+                isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf
+            ):
+                raise TermsError(f"collab.json: {name} must be a positive number or null, got {eps!r}")
+        if not isinstance(self.public, bool):
+            raise TermsError(f"collab.json: public must be true or false, got {self.public!r}")
         share = self.test_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
             raise TermsError(f"collab.json: test_share must be a number in [0, 1), got {share!r}")

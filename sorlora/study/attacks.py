@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from peft_sorlora.base_model import base_fingerprint
+from peft_sorlora.base_model import base_fingerprint, set_base_identity
 from sorlora_gossip.hub import HfHub, HubServer, LocalHub
 
 from ..atomic import write_json
@@ -52,7 +52,7 @@ from ..protocol.collab import create_collaboration
 from ..protocol.program import PeerData, PeerProgram
 from ..protocol.state import load_view, view_path
 from ..protocol.terms import CollabTerms
-from ..runtime.model_loading import TINY_BASE_ID, load_base
+from ..runtime.model_loading import TINY_BASE_ID, tiny_random_model
 from ..simulation.engines.local import InProcessEngine
 
 __all__ = [
@@ -62,8 +62,11 @@ __all__ = [
     "HostileProgram",
     "SuiteSettings",
     "attack_table",
+    "last_letter_task",
+    "task_template",
     "run_cell",
     "run_suite",
+    "suite_base",
 ]
 
 ENGINES = ("local", "hub-serve")
@@ -193,7 +196,7 @@ def last_letter_task(*, n_train: int, n_test: int, seed: int = 0) -> Task:
 
 @dataclass(frozen=True)
 class SuiteSettings:
-    """What the suite runs: the tiny random Llama on a synthetic task where its accuracy moves in a minute."""
+    """What the suite runs: a tiny random Llama on a task where its accuracy moves within a minute."""
 
     members: tuple[int, ...] = field(default=(4, 8), metadata={"help": "collaboration sizes (one member hostile)"})
     attacks: tuple[str, ...] = field(default=tuple(ATTACKS), metadata={"help": f"of {', '.join(ATTACKS)}"})
@@ -210,7 +213,8 @@ class SuiteSettings:
     local_steps: int = field(default=15, metadata={"help": "AdamW steps per round"})
     batch_size: int = field(default=16, metadata={"help": "batch size"})
     lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate"})
-    rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    hidden_size: int = field(default=64, metadata={"help": "width of the tiny random Llama (64: 8 members of rank 8)"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank (at most the width / members: orthogonal A slots)"})
     sparsity: float = field(default=0.5, metadata={"help": "share of B entries each member trains"})
     target_modules: tuple[str, ...] = field(
         default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -221,8 +225,23 @@ class SuiteSettings:
     seed: int = field(default=0, metadata={"help": "data and terms seed"})
 
 
+def suite_base(s: SuiteSettings) -> tuple[Any, Any]:
+    """The frozen base of the suite: the tiny random Llama (seed 0) of width ``s.hidden_size``, named
+    ``tiny-random-llama-h<width>`` (its own fingerprint: it is not the tests' 32-wide one)."""
+    model, tokenizer = tiny_random_model(hidden_size=s.hidden_size, num_hidden_layers=2, seed=0)
+    set_base_identity(model, f"{TINY_BASE_ID}-h{s.hidden_size}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
 def _users(n: int) -> list[str]:
     return [f"u{i}" for i in range(n - 1)] + ["hostile"]
+
+
+def task_template() -> str:
+    """What every prompt and answer of :func:`last_letter_task` shares (an attacker knows it): its fixed text."""
+    return "Word: " + "".join(_LAST_LETTER_OPTIONS)
 
 
 def _data(s: SuiteSettings, n: int) -> tuple[list[Any], Task]:
@@ -236,8 +255,10 @@ def _data(s: SuiteSettings, n: int) -> tuple[list[Any], Task]:
 
 
 def _terms(s: SuiteSettings, base: Any, n: int, aggregation: str) -> CollabTerms:
+    """The collaboration's terms; the rank is at most ``width // n`` (every member needs its own orthogonal A)."""
+    rank = max(1, min(s.rank, int(base.config.hidden_size) // n))
     return CollabTerms(
-        base_model=TINY_BASE_ID, base_fingerprint=base_fingerprint(base), method=s.method, rank=s.rank,
+        base_model=base.name_or_path, base_fingerprint=base_fingerprint(base), method=s.method, rank=rank,
         target_modules=s.target_modules, sparsity=s.sparsity, rounds=s.rounds, local_steps=s.local_steps, batch_size=s.batch_size, max_len=48,
         max_members=n, round_timeout_s=120.0, lr=s.lr, seed=s.seed, aggregation=aggregation,
     )  # fmt: skip
@@ -289,7 +310,7 @@ def run_cell(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     workdir = Path(workdir)
-    model, tokenizer = base if base is not None else load_base(TINY_BASE_ID)[:2]
+    model, tokenizer = base if base is not None else suite_base(s)
     users = _users(members)
     hostile_id = f"{users[-1]}/dev"
     shards, task = _data(s, members)
@@ -416,7 +437,7 @@ def run_suite(s: SuiteSettings, out_dir: str | Path, *, progress: bool = True) -
         raise ValueError(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, _ = load_base(TINY_BASE_ID)
+    model, tokenizer = suite_base(s)
     cells: list[dict[str, Any]] = []
     result = {"settings": dataclasses.asdict(s), "cells": cells}
     work = Path(tempfile.mkdtemp(prefix="sorlora-attacks-"))  # hubs and peers' state: gone after each cell

@@ -426,8 +426,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.tokens and hub.repo_exists(repo_id) and hub.is_private(repo_id):
             if user is None:
                 raise _HTTPError(401, f"repository {repo_id!r} is private: reads need a token")
-            if user != repo_id.split("/")[0]:
-                raise RepoNotFound(f"repository {repo_id!r} not found", repo_id=repo_id)  # as the Hub: not shown
+            if user != repo_id.split("/")[0] and not self._admitted(repo_id, user):  # a private collaboration:
+                raise RepoNotFound(f"repository {repo_id!r} not found", repo_id=repo_id)  # its members read it
 
     def _check_owner(self, repo_id: str, user: str | None, what: str) -> None:
         """Tags, branches, deletions: the repo's owner only."""
