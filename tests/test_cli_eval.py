@@ -172,3 +172,17 @@ def test_every_eval_option_has_help():
     sub = build_parser()._subparsers._group_actions[0].choices["eval"]
     for action in sub._actions:
         assert action.help, action.option_strings
+
+
+def test_eval_refuses_an_moe_over_another_base_in_one_line(finished, capsys, tmp_path):
+    from sorlora.runtime.model_loading import tiny_random_model
+
+    other, tokenizer = tiny_random_model(seed=1)  # the same architecture, other weights
+    other.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    moe = json.loads((finished["tmp"] / "state" / "ann" / "state.json").read_text())["heldout"]["moe"]["repo"]
+    capsys.readouterr()
+    code = main(["eval", moe, "--hub", finished["endpoint"], "--data", str(finished["files"]["ann"]), "--model",
+                 str(tmp_path / "other"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not the one it was built on" in err[0], err

@@ -194,7 +194,14 @@ def load_for_eval(folder: Path, *, model: str | None, what: str) -> tuple[Any, A
                 )
             tokenizer = AutoTokenizer.from_pretrained(str(has_tokenizer[0]))
         else:
+            from peft_sorlora.base_model import base_fingerprint
+
             base, tokenizer = _base(data.get("base_model_name_or_path"), model, what)
+            pinned = data.get("base_fingerprint")
+            if pinned and base_fingerprint(base) != pinned:
+                raise UsageError(f"the base loaded for {what} ({model or data.get('base_model_name_or_path')}) is not "
+                                 f"the one it was built on (weights fingerprint {pinned}): pass --model PATH_OR_ID, a "
+                                 "copy of that base")  # fmt: skip
             moe = ImplicitMoEForCausalLM.from_pretrained(str(folder), base_model=base)
         return moe.eval(), tokenizer, "moe"
     raise UsageError(f"{what} holds neither adapter_config.json (a PEFT adapter) nor a solora_moe config.json "
