@@ -119,12 +119,12 @@ def _base_name(base_model: nn.Module) -> str | None:
 def _bundled_base(config: ImplicitMoEConfig, dtype: Any) -> PreTrainedModel | None:
     """The copy of the base bundled with ``peft-sorlora`` when it is installed and its weights fingerprint is the
     config's ``base_fingerprint``; None otherwise (also without a fingerprint: a name alone proves nothing)."""
-    if not config.base_fingerprint:
+    base = _optional("peft_sorlora.base_model")
+    if not config.base_fingerprint or base is None:
         return None
     try:
-        base = importlib.import_module("peft_sorlora.base_model")
         base.bundled_base_path()
-    except (ImportError, FileNotFoundError):
+    except FileNotFoundError:
         return None
     model, _ = base.load_base_model()
     if base.base_fingerprint(model) != config.base_fingerprint:
@@ -135,15 +135,24 @@ def _bundled_base(config: ImplicitMoEConfig, dtype: Any) -> PreTrainedModel | No
 
 
 def _load_named_base(cls: type, auto: Any, config: ImplicitMoEConfig, path: str, hub: dict, kwargs: dict) -> Any:
-    """The base named by ``config.base_model_name_or_path``, from the Hub endpoint (or the path it names); where it
-    cannot be fetched, the bundled copy when its fingerprint agrees, else an ``OSError`` saying in one line what to
-    pass."""
+    """The base named by ``config.base_model_name_or_path``: the copy bundled with ``peft-sorlora`` when the name is
+    the bundled model's and its fingerprint is the config's (the exact weights the experts were trained on: the Hub's
+    SmolLM2 is the original, not the dequantized bundled copy), else fetched from the Hub endpoint (or the path it
+    names); where it cannot be fetched, the bundled copy when its fingerprint agrees, else an ``OSError`` saying in
+    one line what to pass."""
     name = config.base_model_name_or_path
+    causal = cls.base_auto_class == "AutoModelForCausalLM"
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    bundled_id = getattr(_optional("peft_sorlora.base_model"), "BUNDLED_BASE_ID", None)
+    if causal and name == bundled_id:
+        bundled = _bundled_base(config, dtype)
+        if bundled is not None:
+            return bundled
     try:
         return auto.from_pretrained(name, **hub, **kwargs)
     except OSError as exc:
-        if cls.base_auto_class == "AutoModelForCausalLM":
-            bundled = _bundled_base(config, kwargs.get("dtype", kwargs.get("torch_dtype")))
+        if causal and name != bundled_id:
+            bundled = _bundled_base(config, dtype)
             if bundled is not None:
                 return bundled
         endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
@@ -153,6 +162,14 @@ def _load_named_base(cls: type, auto: Any, config: ImplicitMoEConfig, path: str,
             f"the base model {name!r} of {path!r} cannot be loaded from {endpoint} ({why}): pass a local copy of it"
             f"{fingerprint}: from_pretrained({path!r}, base_model=AutoModelForCausalLM.from_pretrained(PATH))"
         ) from exc
+
+
+def _optional(module: str) -> Any:
+    """``module`` when it can be imported, else None (this file travels as remote code without peft_sorlora)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
 
 
 class ImplicitMoEPreTrainedModel(PreTrainedModel):
