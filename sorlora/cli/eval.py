@@ -144,8 +144,10 @@ def print_member_scores(peer_id: str, scores: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------- sorlora eval
 def _download(hub: Any, repo_id: str, revision: str, target: Path) -> Path:
     """The repo's top-level JSON/safetensors/tokenizer files (and a shipped base's ``base/``), size-capped."""
+    from sorlora_gossip.hub import validate_path
+
     wanted = (".json", ".safetensors", ".model", ".txt")
-    for path in hub.list_files(repo_id, revision=revision):
+    for path in map(validate_path, hub.list_files(repo_id, revision=revision)):  # no '..', no absolute path
         top = "/" not in path or path.startswith("base/") and path.count("/") == 1
         if top and path.endswith(wanted):
             dest = target / path
