@@ -28,7 +28,14 @@ from typing import Any
 
 from .errors import UsageError, one_line
 
-__all__ = ["add_eval_commands", "member_scores", "score_examples", "summary_line"]
+__all__ = [
+    "add_eval_commands",
+    "load_for_eval",
+    "member_scores",
+    "print_member_scores",
+    "score_examples",
+    "summary_line",
+]
 
 MAX_REPO_FILE_BYTES = 8 << 30  # one file of a published repo (an adapter, an MoE's experts, a shipped base)
 LEVEL = 0.95
