@@ -143,7 +143,10 @@ def _load_named_base(cls: type, auto: Any, config: ImplicitMoEConfig, path: str,
     name = config.base_model_name_or_path
     causal = cls.base_auto_class == "AutoModelForCausalLM"
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-    bundled_id = getattr(_optional("peft_sorlora.base_model"), "BUNDLED_BASE_ID", None)
+    # only a config with a fingerprint can use the bundled copy (then peft_sorlora, when installed, is imported)
+    bundled_id = (
+        getattr(_optional("peft_sorlora.base_model"), "BUNDLED_BASE_ID", None) if config.base_fingerprint else None
+    )
     if causal and name == bundled_id:
         bundled = _bundled_base(config, dtype)
         if bundled is not None:
@@ -151,7 +154,7 @@ def _load_named_base(cls: type, auto: Any, config: ImplicitMoEConfig, path: str,
     try:
         return auto.from_pretrained(name, **hub, **kwargs)
     except OSError as exc:
-        if causal and name != bundled_id:
+        if causal and config.base_fingerprint and name != bundled_id:
             bundled = _bundled_base(config, dtype)
             if bundled is not None:
                 return bundled
