@@ -47,6 +47,7 @@ commit on ``main`` (by its message, holding a report) and tags it instead of com
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -70,7 +71,7 @@ from peft_sorlora import PayloadError
 from peft_sorlora.base_model import base_fingerprint
 from peft_sorlora.exchange import parse_json
 from sorlora_gossip.cards import publish_adapter
-from sorlora_gossip.hub.base import EntryNotFound, HubError, RepoNotFound, RequestTooLarge, RevisionNotFound
+from sorlora_gossip.hub.base import EntryNotFound, HubError, RepoNotFound, RevisionNotFound
 from sorlora_gossip.layout import (
     ADAPTER_CONFIG_FILE,
     CARD_FILE,
@@ -227,12 +228,12 @@ def _parse_claim(hub: Any, collab: str, path: str, commit: Any, members: list[st
         data = parse_json(read_capped(hub, collab, path, commit.sha, MAX_CLAIM_BYTES), max_bytes=MAX_CLAIM_BYTES,
                           what=path)  # fmt: skip
     except (PayloadError, TermsError, HubError) as exc:
-        return MoEClaim(**{**claim.__dict__, "problem": f"unreadable: {str(exc)[:200]}"})
+        return dataclasses.replace(claim, problem=f"unreadable: {str(exc)[:200]}")
     if not isinstance(data, dict) or data.get("format") != MOE_CLAIM_FORMAT:
-        return MoEClaim(**{**claim.__dict__, "problem": f"not a {MOE_CLAIM_FORMAT} claim"})
+        return dataclasses.replace(claim, problem=f"not a {MOE_CLAIM_FORMAT} claim")
     repo, sha = data.get("repo"), data.get("sha256")
-    claim = MoEClaim(path=path, peer=peer, repo=repo if isinstance(repo, str) else "",
-                     sha256=sha if isinstance(sha, str) else "", commit=commit.sha)  # fmt: skip
+    claim = dataclasses.replace(claim, repo=repo if isinstance(repo, str) else "",
+                                sha256=sha if isinstance(sha, str) else "")  # fmt: skip
     if data.get("peer") != peer or moe_claim_path(*peer.split("/", 1)) != path:
         problem = f"names peer {str(data.get('peer'))[:80]!r}, not the member of its path"
     elif repo != f"{user}/{moe_name}":
@@ -245,7 +246,7 @@ def _parse_claim(hub: Any, collab: str, path: str, commit: Any, members: list[st
         problem = f"last written by {', '.join(commit.authors)}, not by its user {user}"
     else:
         problem = ""
-    return MoEClaim(**{**claim.__dict__, "problem": problem})
+    return dataclasses.replace(claim, problem=problem)
 
 
 def moe_claims(hub: Any, collab: str, *, members: list[str], ids: dict[str, dict[str, str]] | None = None
@@ -292,7 +293,7 @@ def _repo_state(hub: Any, repo: str, files: dict[str, bytes], digest: str) -> st
         cap = len(files[name]) if not name.endswith(".json") else 2 * len(files[name]) + 4096
         try:
             got[name] = hub.read_bytes(repo, name, revision="main", max_bytes=cap)
-        except (RequestTooLarge, EntryNotFound, HubError) as exc:
+        except HubError as exc:  # over the cap (RequestTooLarge), missing, refused
             return f"{repo}/{name}: {str(exc)[:200]}"
     found = moe_digest(got)
     return "ok" if found == digest else f"{repo} holds MoE {found[:12]}, not the {digest[:12]} this member builds"
