@@ -19,7 +19,7 @@ from peft_sorlora.base_model import base_fingerprint
 from sorlora.data.synthetic import synthetic_task
 from sorlora.protocol.collab import create_collaboration
 from sorlora.protocol.program import PeerData, PeerProgram
-from sorlora.protocol.terms import CollabTerms
+from sorlora.protocol.terms import CollabTerms, TermsError
 from sorlora.runtime.model_loading import TINY_BASE_ID, load_base
 from sorlora.simulation.engines.local import InProcessEngine
 from sorlora_gossip import LocalHub
@@ -226,3 +226,27 @@ def test_moe_claims_are_read_in_commit_order_and_each_invalid_one_says_why(tmp_p
     assert "not cat/c-moe" in why["cat"] and "unreadable" in why["dan"] and "64 hex" in why["fay"]
     assert "not the member of its path" in why["gil"]
     assert why["ann"] == "" and why["ben"] == "" and claims[-1].sha256 == "cd" * 32
+
+
+def test_a_member_without_a_copy_loads_the_base_the_collaboration_hosts(tmp_path, monkeypatch):
+    """A base the member cannot fetch elsewhere (an id no Hub has, and offline) comes from the collaboration's own
+    hub when it hosts it (collab create --host-base); its fingerprint is still checked against the pinned one."""
+    from sorlora.protocol.publish import host_base
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = LocalHub(tmp_path / "hub", namespace="lab")
+    repo = host_base(hub, "lab/c", TINY_BASE_ID, TERMS.base_fingerprint)
+    assert repo == "lab/c-base" and "config.json" in hub.list_files(repo)
+    terms = TERMS.replace(base_model="lab/private-tiny", base_repo=repo, method="solora-single")
+    create_collaboration(hub, "lab/c", terms)
+    program = PeerProgram(hub=LocalHub(tmp_path / "hub", namespace="ann"), collab_id="lab/c", peer_id="ann/dev",
+                          state_dir=tmp_path / "ann", data=PeerData(task=TASKS[0], train=DATA[TASKS[0]]))  # fmt: skip
+    program.step()  # loads the base (from lab/c-base), checks its fingerprint, registers
+    assert program.phase == "plan" and base_fingerprint(program.ws.base) == TERMS.base_fingerprint
+    assert (tmp_path / "ann" / "hosted-base" / "config.json").exists()
+    wrong = TERMS.replace(base_model="lab/private-tiny", base_repo=repo, base_fingerprint="0" * 16)
+    create_collaboration(hub, "lab/d", wrong)
+    other = PeerProgram(hub=LocalHub(tmp_path / "hub", namespace="ben"), collab_id="lab/d", peer_id="ben/dev",
+                        state_dir=tmp_path / "ben", data=PeerData(task=TASKS[0], train=DATA[TASKS[0]]))  # fmt: skip
+    with pytest.raises(TermsError, match="fingerprint"):
+        other.step()

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from peft_sorlora.base_model import base_fingerprint
+from peft_sorlora.base_model import BUNDLED_BASE_ID, base_fingerprint
 from peft_sorlora.projection import derive_seed
 from sorlora_gossip import Hub, Peer, Rejection
 from sorlora_gossip.cards import AdapterCards
@@ -56,7 +56,7 @@ from ..data.tokenization import (
     truncate_context,
 )
 from ..methods.rules import AGGREGATIONS, FORWARD_RULES, Group, cluster_expert
-from ..runtime.model_loading import load_base
+from ..runtime.model_loading import hosted_base, is_tiny_random, load_base
 from ..runtime.sharing import TensorPool
 from ..runtime.workspace import Workspace, adapter_name, answer_loss
 from .collab import Collaboration
@@ -242,10 +242,14 @@ class PeerProgram:
         if self._workspace_factory is not None:
             self.ws, self.tokenizer = self._workspace_factory(self.terms)
         else:
+            model = self._model
+            local = is_tiny_random(self.terms.base_model) or self.terms.base_model == BUNDLED_BASE_ID  # no download
+            if model is None and self.terms.base_repo and not local:  # the base hosted on the collaboration's hub:
+                model = hosted_base(self.hub, self.terms.base_repo, self.state_dir / "hosted-base")  # checked below
             try:
-                base, self.tokenizer, _ = load_base(self.terms.base_model, model=self._model)
+                base, self.tokenizer, _ = load_base(self.terms.base_model, model=model)
             except (OSError, ValueError) as exc:  # transformers' "not a folder nor a Hub id" is an OSError
-                source = self._model or self.terms.base_model
+                source = model or self.terms.base_model
                 raise TermsError(
                     f"peer {self.peer_id}: cannot load the base {source!r} ({' '.join(str(exc).split())[:200]}): pass "
                     f"--model PATH_OR_ID, a local copy or Hub id of the pinned base {self.terms.base_model}"

@@ -2,11 +2,16 @@
 
 The real base models (the bundled SmolLM2, Hub ids, local folders) load through
 :func:`peft_sorlora.base_model.load_base_model`; a name starting with ``tiny-random`` is the tiny random Llama with a
-byte-level tokenizer of tests and quick simulations (no download of any kind).
+byte-level tokenizer of tests and quick simulations (no download of any kind). :func:`hosted_base` fetches the copy
+of a collaboration's base that ``sorlora collab create --host-base`` put on its own hub, for a member with no other
+way to it (a lab without the Hub); whatever it loads is checked against the pinned fingerprint by the caller.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +19,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from peft_sorlora.base_model import BUNDLED_BASE_ID, load_base_model, set_base_identity
 
-__all__ = ["TINY_BASE_ID", "byte_level_tokenizer", "is_tiny_random", "load_base", "tiny_random_model"]
+__all__ = [
+    "TINY_BASE_ID",
+    "byte_level_tokenizer",
+    "hosted_base",
+    "is_tiny_random",
+    "load_base",
+    "tiny_random_model",
+]
 
 TINY_BASE_ID = "tiny-random-llama"  # the tiny random Llama of tests and quick simulations (seed 0)
 
@@ -46,6 +58,26 @@ def load_base(base_model: str | None = None, *, model: str | None = None) -> tup
     for p in net.parameters():
         p.requires_grad_(False)
     return net, tokenizer, base_id
+
+
+def hosted_base(hub: Any, repo_id: str, folder: str | os.PathLike[str]) -> str:
+    """``folder`` holding every file of the hosted base repo ``repo_id`` at its current commit, fetched through
+    ``hub`` (its cache; each file linked, or copied where links are not possible): a local copy for
+    ``load_base(base_model, model=folder)``. Only names the hub accepts as paths are written, inside ``folder``."""
+    folder = Path(folder)
+    sha = hub.resolve(repo_id)
+    for name in hub.list_files(repo_id, revision=sha):
+        source = hub.download(repo_id, name, revision=sha)  # validates the name first: no ../, no absolute path
+        target = folder / name
+        if target.is_file() and target.stat().st_size == Path(source).stat().st_size:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        try:
+            target.symlink_to(Path(source).resolve())
+        except OSError:
+            shutil.copyfile(source, target)
+    return str(folder)
 
 
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
