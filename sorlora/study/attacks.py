@@ -508,6 +508,14 @@ def _lost(c: dict | None, attack: str) -> str:
     return f"{_pct(c.get('lost_share'))} / {_pct(c.get('lost_share_loss'))}"
 
 
+def _reason_cell(c: Mapping[str, Any]) -> str:
+    """The first record's reason in full (cut at 110 characters) and how many other kinds of reason there were."""
+    first = str(c["examples"][0]["reason"]).replace("|", "/")
+    first = first if len(first) <= 110 else first[:107] + "..."
+    more = len(c["reasons"]) - 1
+    return f"{c['examples'][0]['action']}: {first}" + (f" (+{more} other kinds)" if more > 0 else "")
+
+
 def attack_table(result: Mapping[str, Any]) -> str:
     """The suite's markdown table: a row per (engine, size, attack), mean and clipped side by side."""
     cells = result["cells"]
@@ -522,7 +530,7 @@ def attack_table(result: Mapping[str, Any]) -> str:
         "hostile one (clipped run). crashed / honest rejected / lost updates: honest peers, both runs.",
         "",
         "| engine | members | attack | acc mean | lost mean (acc / loss) | acc clipped | lost clipped (acc / loss) "
-        "| records | reasons (clipped) | crashed | honest rejected | lost updates |",
+        "| records | a recorded reason (clipped) | crashed | honest rejected | lost updates |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(c["engine"], c["members"], c["attack"]) for c in cells},
@@ -531,7 +539,7 @@ def attack_table(result: Mapping[str, Any]) -> str:
         m, r = by.get((engine, n, attack, "mean")), by.get((engine, n, attack, "clipped"))
 
         both = [c for c in (m, r) if c is not None]
-        reasons = "" if r is None else "; ".join(r["reasons"])[:160]
+        reasons = "" if r is None or not r["examples"] else _reason_cell(r)
         lines.append(
             f"| {engine} | {n} | {attack} | {_acc(m)} | {'' if attack == 'none' else _lost(m, attack)} | {_acc(r)} | "
             f"{_lost(r, attack)} | "
