@@ -111,12 +111,14 @@ def _transform(update: Any, attack: Attack, round: int, masks0: dict[str, torch.
     values = dict(update.values)
     if attack.dense and masks0 is not None:
         dense = {}
+        signs = torch.Generator().manual_seed(11 + round)  # deterministic: the same attack on every engine
         for k, v in values.items():
             held = masks0[k]
             full = torch.zeros(held.shape, dtype=v.dtype)
             full[held] = v
             noise = _noise(torch.zeros_like(full), round) + 10 * (v.abs().mean() if v.numel() else 1e-3)
-            dense[k] = torch.where(held, full, noise * torch.sign(torch.randn(full.shape))).flatten()
+            sign = torch.sign(torch.randn(full.shape, generator=signs))
+            dense[k] = torch.where(held, full, noise * sign).flatten()
         values = dense
         if update.has_structure:
             masks = {k: torch.ones_like(m) for k, m in update.masks.items()}
