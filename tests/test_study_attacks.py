@@ -73,3 +73,12 @@ def test_a_hostile_member_over_hub_serve_with_one_token_per_user_is_recorded_and
 def test_every_attack_is_named_and_described():
     assert {"scaled10", "scaled100", "sign_flip", "noise", "pm9999", "weight_1e18", "dense_mask"} <= set(ATTACKS)
     assert all(a.help and (a.values or a.registration or a.dense) for a in ATTACKS.values())
+
+
+def test_the_command_refuses_bad_input_in_one_line(capsys):
+    from sorlora.cli import main
+
+    for argv in (["--members", "2"], ["--attacks", "nope"], ["--aggregations", "krum"], ["--members", "x"]):
+        assert main(["attacks", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "sorlora attacks" in err and "Traceback" not in err, err
