@@ -115,6 +115,16 @@ def test_a_peer_scores_its_adapter_and_the_moe_on_its_held_out_share(finished):
         # the registration counted only what it trained on: the file less its held-out share
         reg = json.loads(finished["hub"].read_bytes("lab/c", f"members/{user}/dev.json", revision="main"))
         assert reg["n_train"] == 12
+        # the peer's published report (on main) and its card hold the same held-out scores
+        report = json.loads(finished["hub"].read_bytes(f"{user}/dev", "report.json", revision="main"))
+        assert report["heldout"] == held and report["task"] == TASKS[USERS.index(user)]
+        card = ModelCard(finished["hub"].read_bytes(f"{user}/dev", "README.md", revision="main").decode())
+        got = {r.metric_type: r.metric_value for r in card.data.eval_results
+               if r.dataset_name == f"{report['task']} (held-out)"}  # fmt: skip
+        assert got == {
+            "accuracy": round(held["adapter"]["accuracy"], 4),
+            "acc_norm": round(held["adapter"]["acc_norm"], 4),
+        }
         out = finished["out"][user]
         assert f"held-out own adapter {user}/dev@final: accuracy" in out and "held-out collaboration's MoE" in out
         assert "is the better model" in out or "score the same" in out, out[-800:]

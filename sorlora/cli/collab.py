@@ -210,9 +210,11 @@ def _peer(args: argparse.Namespace) -> int:
             return 130
         print(f"peer {peer_id}: done ({terms.rounds} rounds); final adapter at {peer_id}@final")
         if "heldout" not in program.state and program.data.test and hasattr(program, "ws"):
-            from .eval import member_scores
+            from .eval import member_scores, publish_member_scores
 
-            program.state["heldout"] = member_scores(program)
+            scores = member_scores(program)
+            publish_member_scores(hub, peer_id, program.data.task, scores)  # report.json and card on main
+            program.state["heldout"] = scores
             write_state(state_dir, program.state)
         if "heldout" in program.state:
             from .eval import print_member_scores

@@ -33,6 +33,7 @@ __all__ = [
     "load_for_eval",
     "member_scores",
     "print_member_scores",
+    "publish_member_scores",
     "score_examples",
     "summary_line",
 ]
@@ -240,6 +241,29 @@ def eval_examples(args: argparse.Namespace) -> tuple[str, list[Any]]:
 
 def _push_card(hub: Any, repo_id: str, name: str, score: dict[str, Any]) -> None:
     """Merge ``score`` into the ``model-index`` of the repo's README.md on ``main`` (one commit)."""
+    hub.create_commit(repo_id, {"README.md": _card_with(hub, repo_id, name, score)},
+                      commit_message=f"sorlora eval: {name}")  # fmt: skip
+
+
+def publish_member_scores(hub: Any, peer_id: str, task: str, scores: dict[str, Any]) -> None:
+    """Record a member's held-out ``scores`` (:func:`member_scores`) in its repo, in one commit on ``main``: its
+    ``report.json`` gains ``heldout`` (the ``final`` tag keeps the report as first published) and its card's
+    ``model-index`` the own adapter's held-out accuracy and acc_norm."""
+    from sorlora_gossip.layout import FINAL_TAG, REPORT_FILE
+
+    from ..protocol.collab import read_capped
+
+    repo = hub.repo_id(peer_id)
+    report = json.loads(read_capped(hub, repo, REPORT_FILE, hub.resolve(repo, FINAL_TAG), 16 << 20))
+    report["heldout"] = scores
+    files = {REPORT_FILE: json.dumps(report, indent=1).encode()}
+    if "accuracy" in scores.get("adapter", {}):
+        files["README.md"] = _card_with(hub, repo, f"{task} (held-out)", scores["adapter"])
+    hub.create_commit(repo, files, commit_message=f"{peer_id}: held-out scores of its adapter and the MoE")
+
+
+def _card_with(hub: Any, repo_id: str, name: str, score: dict[str, Any]) -> bytes:
+    """The repo's README.md on ``main`` with ``score`` merged into its ``model-index`` (results for ``name``)."""
     from huggingface_hub import EvalResult, ModelCard
 
     from sorlora_gossip.hub.base import EntryNotFound
@@ -258,7 +282,7 @@ def _push_card(hub: Any, repo_id: str, name: str, score: dict[str, Any]) -> None
                                               f"{score[f'{metric}_ci'][0]:.3f}-{score[f'{metric}_ci'][1]:.3f})"))  # fmt: skip
     card.data.eval_results = results
     card.data.model_name = card.data.model_name or repo_id
-    hub.create_commit(repo_id, {"README.md": str(card).encode()}, commit_message=f"sorlora eval: {name}")
+    return str(card).encode()
 
 
 def _eval(args: argparse.Namespace) -> int:
