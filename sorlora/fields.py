@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any, Literal
 
-__all__ = ["type_name", "fields_help"]
+__all__ = ["fields_help", "fields_table", "type_name"]
 
 
 def type_name(hint: Any) -> str:
@@ -31,10 +31,9 @@ def type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def fields_help(cls: type) -> str:
-    """Every field of the dataclass ``cls`` with its type, default and help, two lines each (required fields say so)."""
+def _fields(cls: type):
+    """(name, type name, shown default, help) of every field of the dataclass ``cls``."""
     hints = typing.get_type_hints(cls)
-    lines = []
     for f in dataclasses.fields(cls):
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
@@ -47,6 +46,20 @@ def fields_help(cls: type) -> str:
         else:
             shown = "none" if default is None else json.dumps(list(default) if isinstance(default, tuple) else default)
             shown = "default " + (shown if len(shown) <= 60 else shown[:57] + "...")
-        lines.append(f"  {f.name} ({type_name(hints[f.name])}; {shown})")
-        lines.append(f"      {f.metadata.get('help', '(undocumented)')}")
-    return "\n".join(lines)
+        yield f.name, type_name(hints[f.name]), shown, f.metadata.get("help", "(undocumented)")
+
+
+def fields_help(cls: type) -> str:
+    """Every field of the dataclass ``cls`` with its type, default and help, two lines each (required fields say so)."""
+    return "\n".join(f"  {name} ({kind}; {shown})\n      {text}" for name, kind, shown, text in _fields(cls))
+
+
+def fields_table(cls: type) -> str:
+    """Every field of the dataclass ``cls`` as a markdown table (name, type, default, meaning): the README's table of
+    the collaboration terms is this, checked by a test."""
+    rows = ["| term | type | default | meaning |", "|---|---|---|---|"]
+    for name, kind, shown, text in _fields(cls):
+        default = shown.removeprefix("default ")
+        rows.append(f"| `{name}` | {kind} | {'`' + default + '`' if default != 'required' else 'required'} | "
+                    f"{text.replace('|', '/')} |")  # fmt: skip
+    return "\n".join(rows)

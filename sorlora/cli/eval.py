@@ -239,6 +239,21 @@ def eval_examples(args: argparse.Namespace) -> tuple[str, list[Any]]:
     return task.name, list(task.test)
 
 
+def collaboration_moe(hub: Any, collab_id: str | None) -> str:
+    """The MoE repo of collaboration ``collab_id``: the one its members' final reports name (the most named, should
+    a member have built another); one line when there is none yet."""
+    from collections import Counter
+
+    from .collab import collab_status
+
+    if not collab_id:
+        raise UsageError("`sorlora eval moe` scores a collaboration's MoE: name it with --collab NS/NAME")
+    named = Counter(m["moe"] for m in collab_status(hub, collab_id)["members"] if m.get("moe"))
+    if not named:
+        raise UsageError(f"no member of {collab_id} has published its final report naming an MoE yet")
+    return named.most_common(1)[0][0]
+
+
 def _push_card(hub: Any, repo_id: str, name: str, score: dict[str, Any]) -> None:
     """Merge ``score`` into the ``model-index`` of the repo's README.md on ``main`` (one commit)."""
     hub.create_commit(repo_id, {"README.md": _card_with(hub, repo_id, name, score)},
@@ -307,7 +322,7 @@ def _eval(args: argparse.Namespace) -> int:
                 folder, label = Path(target), target
             else:
                 hub = open_hub(args.hub, token=os.environ.get(args.token_env) or None)
-                repo_id = target
+                repo_id = collaboration_moe(hub, args.collab) if target == "moe" else target
                 revision = args.revision
                 if revision is None:
                     try:
@@ -338,7 +353,9 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="score a published adapter, MoE or the base on held-out questions",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("target", metavar="REPO_OR_FOLDER",
-                   help="a repo id on --hub (adapter or MoE), a local folder holding one, or `base`")  # fmt: skip
+                   help="a repo id on --hub (adapter or MoE), a local folder holding one, `base`, or `moe` (the "
+                   "MoE of the collaboration --collab names)")  # fmt: skip
+    p.add_argument("--collab", default=None, metavar="NS/NAME", help="the collaboration whose MoE `moe` scores")
     p.add_argument("--hub", default=os.environ.get("SORLORA_HUB", "hub"),
                    help="hub folder, `sorlora hub-serve` URL or Hub endpoint (default: $SORLORA_HUB or ./hub)")  # fmt: skip
     p.add_argument("--token-env", default="HF_TOKEN", metavar="VAR",
