@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import secrets
-import time
 
 import pytest
 
@@ -22,6 +21,7 @@ from sorlora.protocol.program import PeerData, PeerProgram
 from sorlora.protocol.terms import CollabTerms, Registration
 from sorlora.runtime.model_loading import TINY_BASE_ID, load_base
 from sorlora.simulation.engines.local import InProcessEngine
+from sorlora.study.attacks import drive
 from sorlora_gossip import HfHub, LocalHub
 from sorlora_gossip.hub import HubServer
 from sorlora_gossip.layout import INFO_FILE, PLAN_FILE, UPDATE_FILE, member_path, round_tag
@@ -49,20 +49,10 @@ def _program(hub, tmp_path, peer_id, engine, cls=PeerProgram, **kwargs):
 
 def _drive(programs, *, max_seconds=180.0) -> dict[str, str]:
     """Step every program until each is done or crashed; the crashes (peer -> 'Type: message')."""
-    crashed: dict[str, str] = {}
-    deadline = time.monotonic() + max_seconds
-    while time.monotonic() < deadline:
-        live = [p for p in programs if not p.done and p.peer_id not in crashed]
-        if not live:
-            return crashed
-        for p in live:
-            try:
-                p.step()
-            except Exception as exc:  # noqa: BLE001 - the test counts crashes
-                crashed[p.peer_id] = f"{type(exc).__name__}: {exc}"
-        if all(p.waiting for p in live if p.peer_id not in crashed):
-            time.sleep(0.02)
-    raise AssertionError(f"not done after {max_seconds} s: {[(p.peer_id, p.phase) for p in programs]}")
+    crashed = drive(programs, max_seconds)
+    assert all(p.done or p.peer_id in crashed for p in programs)
+    assert not [e for e in crashed.values() if e.startswith("not done after")], crashed
+    return crashed
 
 
 def _report(hub, peer_id: str) -> dict:

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from peft_sorlora.base_model import base_fingerprint
-from sorlora.cli.collab import collab_status
 from sorlora.data.synthetic import synthetic_task
+from sorlora.protocol.collab import collab_status
 from sorlora.protocol.program import CRASH_ENV
 from sorlora.runtime.model_loading import TINY_BASE_ID, load_base
 from sorlora.simulation.engines.processes import write_examples

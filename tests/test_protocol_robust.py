@@ -22,6 +22,7 @@ from sorlora.protocol.terms import CollabTerms, Registration, TermsError
 from sorlora.runtime.model_loading import TINY_BASE_ID, load_base
 from sorlora.simulation.config import ExperimentConfig
 from sorlora.simulation.engines.local import InProcessEngine
+from sorlora.study.attacks import drive
 from sorlora_gossip import LocalHub
 from sorlora_gossip.layout import round_tag
 from sorlora_gossip.robust import STRATEGIES
@@ -104,20 +105,8 @@ def _run(tmp_path, *, aggregation="clipped", values=None, registration=None, max
         )
         for u in USERS
     ]  # fmt: skip
-    crashed: dict[str, str] = {}
     try:
-        deadline = time.monotonic() + max_seconds
-        while time.monotonic() < deadline:
-            live = [p for p in programs if not p.done and p.peer_id not in crashed]
-            if not live:
-                break
-            for p in live:
-                try:
-                    p.step()
-                except Exception as exc:  # noqa: BLE001 - the test counts crashes
-                    crashed[p.peer_id] = f"{type(exc).__name__}: {exc}"
-            if all(p.waiting for p in live if p.peer_id not in crashed):
-                time.sleep(0.02)
+        crashed = drive(programs, max_seconds)
     finally:
         engine.release()
     honest = [p for p in programs if p.peer_id != "eve/dev"]

@@ -98,43 +98,9 @@ def _terms(args: argparse.Namespace) -> int:
     return 0
 
 
-def collab_status(hub, collab_id: str) -> dict:
-    """Members, plan and each member's progress (last round, bytes pushed, skipped neighbours), read from the hub."""
-    from sorlora_gossip.hub.base import EntryNotFound, RepoNotFound, RevisionNotFound
-    from sorlora_gossip.layout import FINAL_TAG, INFO_FILE, REPORT_FILE
-
-    from ..protocol.collab import Collaboration
-
-    collab = Collaboration(hub, collab_id)
-    terms = collab.terms()
-    closing = collab.closing()
-    regs, refused = collab.registrations_at(closing.commit if closing else hub.resolve(collab_id))
-    plan = collab.read_plan()
-    members = []
-    for reg in regs:
-        row = {"peer": reg.peer, "task": reg.task, "n_train": reg.n_train, "round": None, "bytes_pushed": 0,
-               "final": False, "skipped": 0}  # fmt: skip
-        repo = hub.repo_id(reg.peer)
-        try:
-            info = json.loads(hub.read_bytes(repo, INFO_FILE, revision="main"))
-            row["round"] = info.get("round")
-            row["bytes_pushed"] = sum(int(h.get("bytes", 0)) for h in info.get("history", []))
-            report = json.loads(hub.read_bytes(repo, REPORT_FILE, revision=hub.resolve(repo, FINAL_TAG)))
-            row["final"] = True
-            row["skipped"] = sum(len(rec.get("skipped") or {}) for rec in report.get("records", []))
-            row["inter_cluster_bytes"] = sum(e["bytes_pulled"] for e in report.get("exchanges", []))
-            if isinstance(report.get("moe"), dict) and isinstance(report["moe"].get("repo"), str):
-                row["moe"] = report["moe"]["repo"]  # the collaboration's MoE, as this member names it
-        except (RepoNotFound, RevisionNotFound, EntryNotFound, ValueError):
-            pass
-        members.append(row)
-    return {"collab": collab_id, "terms_sha256": terms.sha256(), "method": terms.method,
-            "max_members": terms.max_members, "rounds": terms.rounds,
-            "registration": "closed" if closing else "open", "closed_at": closing.commit if closing else None,
-            "members": members, "refused": refused, "plan": plan}  # fmt: skip
-
-
 def _status(args: argparse.Namespace) -> int:
+    from ..protocol.collab import collab_status
+
     status = collab_status(_open(args), args.collab)
     if args.json:
         print(json.dumps(status, indent=1))

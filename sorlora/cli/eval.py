@@ -244,7 +244,7 @@ def collaboration_moe(hub: Any, collab_id: str | None) -> str:
     a member have built another); one line when there is none yet."""
     from collections import Counter
 
-    from .collab import collab_status
+    from ..protocol.collab import collab_status
 
     if not collab_id:
         raise UsageError("`sorlora eval moe` scores a collaboration's MoE: name it with --collab NS/NAME")

@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -51,8 +51,18 @@ from sorlora_gossip.hub.base import (
     PushConflictError,
     RepoNotFound,
     RequestTooLarge,
+    RevisionNotFound,
 )
-from sorlora_gossip.layout import ADMITTED_KEY, COLLAB_FILE, MEMBERS_DIR, PLAN_FILE, member_path
+from sorlora_gossip.layout import (
+    ADMITTED_KEY,
+    COLLAB_FILE,
+    FINAL_TAG,
+    INFO_FILE,
+    MEMBERS_DIR,
+    PLAN_FILE,
+    REPORT_FILE,
+    member_path,
+)
 from sorlora_gossip.untrusted import MAX_JSON_BYTES, read_json
 
 from .terms import COLLAB_FORMAT, CollabTerms, Registration, TermsError
@@ -62,6 +72,7 @@ __all__ = [
     "Closing",
     "Collaboration",
     "RegistrationClosed",
+    "collab_status",
     "create_collaboration",
     "read_capped",
     "stats_path",
@@ -79,6 +90,26 @@ class RegistrationClosed(TermsError):
 def stats_path(user: str, peer: str) -> str:
     """Where a member stores its task statistics (mean layer inputs, the MoE's routing keys) in the collab repo."""
     return member_path(user, peer).removesuffix(".json") + ".h0.safetensors"
+
+
+def files_by_last_change(
+    history: Sequence[CommitEntry], ids: Callable[[str], Mapping[str, str]]
+) -> Iterator[tuple[CommitEntry, list[tuple[str, CommitEntry]]]]:
+    """After each commit of ``history`` (oldest first): the files ``ids(sha)`` lists there (path -> blob id), each
+    with the commit that last changed it, in the order the history added them (by path inside one commit). A file's
+    place is its last change, so an early placeholder rewritten later reserves nothing; a deleted file leaves."""
+    latest: dict[str, tuple[int, CommitEntry]] = {}
+    before: Mapping[str, str] = {}
+    for index, commit in enumerate(history):
+        now = ids(commit.sha)
+        for path, oid in now.items():
+            if before.get(path) != oid:
+                latest[path] = (index, commit)
+        for path in set(latest) - set(now):
+            del latest[path]
+        before = now
+        ordered = sorted(latest.items(), key=lambda item: (item[1][0], item[0]))
+        yield commit, [(path, changed) for path, (_, changed) in ordered]
 
 
 def _time(text: str) -> float:
@@ -200,20 +231,11 @@ class Collaboration:
         registrations of one commit go by path. Only well-formed ones count (:meth:`_version`); then at most
         ``peers_per_user`` per user and ``max_members`` in all, in that order."""
         terms = self.terms()
-        latest: dict[str, tuple[int, CommitEntry]] = {}  # path -> (index, commit) of the commit that last changed it
-        before: dict[str, str] = {}
-        for index, commit in enumerate(history):
-            ids = self._ids(commit.sha)
-            for path, oid in ids.items():
-                if before.get(path) != oid:
-                    latest[path] = (index, commit)
-            for path in set(latest) - set(ids):
-                del latest[path]
-            before = ids
+        for commit, files in files_by_last_change(history, self._ids):
             admitted: list[Registration] = []
             refused: dict[str, str] = {}
             per_user: dict[str, int] = {}
-            for path, (_, changed) in sorted(latest.items(), key=lambda item: (item[1][0], item[0])):
+            for path, changed in files:
                 reg, why = self._version(changed, path)
                 if reg is None:
                     refused[path] = why
@@ -388,3 +410,36 @@ def create_collaboration(hub: Hub, collab_id: str, terms: CollabTerms, *, exist_
     hub.create_commit(collab_id, {COLLAB_FILE: json.dumps(data, indent=1, sort_keys=True).encode()},
                       commit_message="collaboration terms")  # fmt: skip
     return collab
+
+
+def collab_status(hub: Hub, collab_id: str) -> dict[str, Any]:
+    """What ``sorlora collab status`` shows, read from the hub: the terms' hash, method and limits, whether
+    registration is open, the admitted members (task, size, last round, bytes pushed, skipped neighbours, whether
+    final, the MoE its final report names), the refused files with their reasons and the committed plan."""
+    collab = Collaboration(hub, collab_id)
+    terms = collab.terms()
+    closing = collab.closing()
+    regs, refused = collab.registrations_at(closing.commit if closing else hub.resolve(collab_id))
+    plan = collab.read_plan()
+    members = []
+    for reg in regs:
+        row = {"peer": reg.peer, "task": reg.task, "n_train": reg.n_train, "round": None, "bytes_pushed": 0,
+               "final": False, "skipped": 0}  # fmt: skip
+        repo = hub.repo_id(reg.peer)
+        try:
+            info = json.loads(hub.read_bytes(repo, INFO_FILE, revision="main"))
+            row["round"] = info.get("round")
+            row["bytes_pushed"] = sum(int(h.get("bytes", 0)) for h in info.get("history", []))
+            report = json.loads(hub.read_bytes(repo, REPORT_FILE, revision=hub.resolve(repo, FINAL_TAG)))
+            row["final"] = True
+            row["skipped"] = sum(len(rec.get("skipped") or {}) for rec in report.get("records", []))
+            row["inter_cluster_bytes"] = sum(e["bytes_pulled"] for e in report.get("exchanges", []))
+            if isinstance(report.get("moe"), dict) and isinstance(report["moe"].get("repo"), str):
+                row["moe"] = report["moe"]["repo"]  # the collaboration's MoE, as this member names it
+        except (RepoNotFound, RevisionNotFound, EntryNotFound, ValueError):
+            pass
+        members.append(row)
+    return {"collab": collab_id, "terms_sha256": terms.sha256(), "method": terms.method,
+            "max_members": terms.max_members, "rounds": terms.rounds,
+            "registration": "closed" if closing else "open", "closed_at": closing.commit if closing else None,
+            "members": members, "refused": refused, "plan": plan}  # fmt: skip

@@ -55,6 +55,7 @@ import re
 import struct
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,7 @@ from sorlora_gossip.layout import (
 from ..methods.rules import cluster_expert
 from ..runtime.model_loading import load_base
 from ..runtime.moe import build_moe
-from .collab import read_capped
+from .collab import files_by_last_change, read_capped
 from .terms import TermsError
 
 __all__ = [
@@ -257,22 +258,16 @@ def moe_claims(hub: Any, collab: str, *, members: list[str], ids: dict[str, dict
     ids_of = {} if ids is None else ids
     moe_name = moe_repo_name(collab.split("/", 1)[1])
     history = list(reversed(hub.list_commits(collab)))  # oldest first
-    latest: dict[str, tuple[int, Any]] = {}
-    before: dict[str, str] = {}
-    for index, commit in enumerate(history):
-        if commit.sha not in ids_of:
-            ids_of[commit.sha] = {p: oid for p, oid in hub.file_ids(collab, revision=commit.sha).items()
-                                  if p.startswith(f"{MEMBERS_DIR}/") and p.count("/") == 2
-                                  and p.endswith(MOE_CLAIM_SUFFIX)}  # fmt: skip
-        ids = ids_of[commit.sha]
-        for path, oid in ids.items():
-            if before.get(path) != oid:
-                latest[path] = (index, commit)
-        for path in set(latest) - set(ids):
-            del latest[path]
-        before = ids
-    ordered = sorted(latest.items(), key=lambda item: (item[1][0], item[0]))
-    return [_parse_claim(hub, collab, path, commit, members, moe_name) for path, (_, commit) in ordered]
+
+    def claim_ids(sha: str) -> dict[str, str]:
+        if sha not in ids_of:
+            ids_of[sha] = {p: oid for p, oid in hub.file_ids(collab, revision=sha).items()
+                           if p.startswith(f"{MEMBERS_DIR}/") and p.count("/") == 2 and p.endswith(MOE_CLAIM_SUFFIX)}  # fmt: skip
+        return ids_of[sha]
+
+    last = deque(files_by_last_change(history, claim_ids), maxlen=1)  # the files at the head
+    files = last[0][1] if last else []
+    return [_parse_claim(hub, collab, path, commit, members, moe_name) for path, commit in files]
 
 
 def _repo_state(hub: Any, repo: str, files: dict[str, bytes], digest: str) -> str:

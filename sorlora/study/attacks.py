@@ -266,7 +266,10 @@ def _terms(s: SuiteSettings, base: Any, n: int, aggregation: str) -> CollabTerms
     )  # fmt: skip
 
 
-def _drive(programs: Sequence[PeerProgram], max_seconds: float) -> dict[str, str]:
+def drive(programs: Sequence[PeerProgram], max_seconds: float) -> dict[str, str]:
+    """Step every program in turn until each is done or crashed, for at most ``max_seconds``: the crashes, peer ->
+    ``"Type: message"`` (an exception out of ``step``; a program not done by then counts too). The attack suite and
+    the protocol tests count crashes with it instead of letting the first one stop the others."""
     crashed: dict[str, str] = {}
     deadline = time.monotonic() + max_seconds
     while time.monotonic() < deadline:
@@ -277,7 +280,7 @@ def _drive(programs: Sequence[PeerProgram], max_seconds: float) -> dict[str, str
             try:
                 p.step()
             except Exception as exc:  # noqa: BLE001 - the suite counts crashes, it does not hide them
-                crashed[p.peer_id] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                crashed[p.peer_id] = f"{type(exc).__name__}: {exc}"
         if all(p.waiting for p in live if p.peer_id not in crashed):
             time.sleep(0.02)
     for p in programs:
@@ -345,7 +348,7 @@ def run_cell(
             for i, u in enumerate(users)
         ]  # fmt: skip
         try:
-            crashed = _drive(programs, s.max_seconds)
+            crashed = drive(programs, s.max_seconds)
             ws, _ = eng.workspace(terms)
             honest = [p for p in programs if p.peer_id != hostile_id or attack is None]
             accuracy = {}
@@ -398,7 +401,7 @@ def _summarise(*, attack, aggregation, members, engine, hostile, honest, crashed
     reasons = sorted({_reason_kind(a["reason"]) for a in about})
     return {
         "attack": attack or "none", "aggregation": aggregation, "members": members, "engine": engine,
-        "crashed_honest": {p: e for p, e in crashed.items() if p != hostile or attack is None},
+        "crashed_honest": {p: e[:300] for p, e in crashed.items() if p != hostile or attack is None},
         "hostile_crashed": crashed.get(hostile) if attack is not None else None,
         "records_about_hostile": len(about), "reasons": reasons, "examples": about[:3],
         "honest_rejected": len(false_pos), "honest_rejections": false_pos[:5],
