@@ -53,3 +53,14 @@ def test_arrow_scores_the_moes_experts_through_peft():
     both = arrow_accuracy(moe, copy.deepcopy(base), TASKS, tokenizer, **KW)
     assert all(r["n"] == len(TASKS[t].test) and 0 <= r["accuracy"] <= 1 for t, r in both.items())
     assert all(torch.equal(v, moe.state_dict()[k]) for k, v in before.items()), "the MoE is read, never changed"
+
+
+def test_arrow_scores_in_float32_when_the_evaluation_runs_in_bfloat16():
+    """The demo evaluates in bfloat16 autocast, under which PEFT 0.21's Arrow forward fails (scatter_ of mixed
+    dtypes): the anchor row is scored in float32 whatever the evaluation's precision, with the same answers."""
+    base, tokenizer, _ = load_base(TINY_BASE_ID)
+    updates = [_update(base, tokenizer, t, slot) for slot, t in enumerate(TASKS)]
+    moe = ImplicitMoEForCausalLM.from_adapters(copy.deepcopy(base), adapters=updates).eval()
+    in_bf16 = arrow_accuracy(moe, copy.deepcopy(base), TASKS, tokenizer, **KW, precision="bfloat16")
+    in_fp32 = arrow_accuracy(moe, copy.deepcopy(base), TASKS, tokenizer, **KW)
+    assert per_question(in_bf16) == per_question(in_fp32)

@@ -70,11 +70,12 @@ def arrow_accuracy(
 ) -> dict[str, dict[str, Any]]:
     """Scores of the MoE's experts through PEFT's Arrow: each expert exported as an exact LoRA adapter (the same
     rank for all, as Arrow requires), loaded with ``peft.create_arrow_model`` on ``base`` (a clean base copy, which
-    it wraps), Arrow mixing the top ``min(ARROW_TOP_K, experts)`` experts per token by their singular directions."""
+    it wraps), Arrow mixing the top ``min(ARROW_TOP_K, experts)`` experts per token by their singular directions.
+    Always in float32: PEFT 0.21's Arrow forward fails under bfloat16 autocast (its ``scatter_`` mixes dtypes)."""
     with tempfile.TemporaryDirectory() as tmp:
         paths = export_loras(moe, tmp)
         model = arrow_model(base, paths, top_k=min(ARROW_TOP_K, moe.num_experts)).eval()
-    return score(model, tokenizer, tasks, **eval_kw)
+    return score(model, tokenizer, tasks, **{**eval_kw, "precision": "float32"})
 
 
 def evaluate_moe(
