@@ -51,6 +51,7 @@ __all__ = [
     "check_metrics",
     "collab_write_allowed",
     "base_repo_name",
+    "member_file",
     "member_path",
     "moe_claim_path",
     "moe_repo_name",
@@ -93,7 +94,7 @@ def moe_claim_path(user: str, peer: str) -> str:
     """Where member ``user/peer`` claims the collaboration's MoE (the repo it publishes or uses, and the content
     hash it would build): ``members/<user>/<peer>.moe-claim``. Not ``.json`` (never read as a registration), and no
     other member file ends so (``.claim`` is a running copy's claim of its peer id)."""
-    return member_path(user, peer).removesuffix(".json") + MOE_CLAIM_SUFFIX
+    return member_file(user, peer, MOE_CLAIM_SUFFIX)
 
 
 def base_repo_name(collab_name: str) -> str:
@@ -109,9 +110,16 @@ def round_tag(round: int) -> str:
     return f"round-{round:04d}"
 
 
+def member_file(user: str, peer: str, suffix: str) -> str:
+    """A file member ``user/peer`` keeps in a collaboration repo: ``members/<user>/<peer><suffix>`` (its registration
+    ``.json``, task statistics, centroids, claims, deadline marker: every one under the member's own prefix, the only
+    files its user may write there)."""
+    return f"{MEMBERS_DIR}/{user}/{peer}{suffix}"
+
+
 def member_path(user: str, peer: str) -> str:
     """Where user ``user`` registers its peer ``peer`` in a collaboration repo: ``members/<user>/<peer>.json``."""
-    return f"{MEMBERS_DIR}/{user}/{peer}.json"
+    return member_file(user, peer, ".json")
 
 
 def collab_write_allowed(user: str, paths: list[str], *, plan_exists: bool) -> bool:

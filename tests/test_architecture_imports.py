@@ -15,6 +15,7 @@ SORLORA_LAYERS = {
     "sorlora": 0,  # the package itself (sets OMP_WAIT_POLICY)
     "sorlora.atomic": 0,
     "sorlora.fields": 0,
+    "sorlora.logs": 0,
     "sorlora.data": 0,
     "sorlora.methods": 0,
     "sorlora.runtime": 1,

@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 MAX_REPO_FILE_BYTES = 8 << 30  # one file of a published repo (an adapter, an MoE's experts, a shipped base)
+MAX_REPORT_BYTES = 16 << 20  # a member's report.json
 LEVEL = 0.95
 
 
@@ -71,17 +72,17 @@ def summary_line(label: str, score: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- a peer's own
-def moe_repo_of(hub: Any, peer_id: str, report: dict[str, Any]) -> str:
-    """The MoE repo a member's final report names (``moe``), else the member's own ``<user>/<peer>-moe``."""
-    from sorlora_gossip.layout import moe_repo_name
+def _final_report(hub: Any, repo: str, revision: str) -> dict[str, Any]:
+    """A member's ``report.json`` at ``revision`` (its ``final``), size-capped and parsed safely ({} when unusable)."""
+    from sorlora_gossip.hub.base import EntryNotFound
+    from sorlora_gossip.layout import REPORT_FILE
+    from sorlora_gossip.untrusted import read_json
 
-    named = report.get("moe")
-    if isinstance(named, str) and named.count("/") == 1:
-        return named
-    if isinstance(named, dict) and isinstance(named.get("repo"), str):
-        return named["repo"]
-    user, name = peer_id.split("/")
-    return hub.repo_id(f"{user}/{moe_repo_name(name)}")
+    try:
+        report = read_json(hub, repo, REPORT_FILE, revision=revision, max_bytes=MAX_REPORT_BYTES)
+    except (EntryNotFound, ValueError):  # PayloadError is a ValueError
+        return {}
+    return report if isinstance(report, dict) else {}
 
 
 def member_scores(program: Any) -> dict[str, Any]:
@@ -89,7 +90,7 @@ def member_scores(program: Any) -> dict[str, Any]:
     published (``final``) and, for a method with one, the collaboration's MoE, each on the member's held-out
     questions (``program.data.test``), over the base the program holds; ``better`` names the stronger."""
     from sorlora_gossip.hub.base import EntryNotFound, RepoNotFound
-    from sorlora_gossip.layout import EXPERT_FILE, FINAL_TAG, REPORT_FILE
+    from sorlora_gossip.layout import EXPERT_FILE, FINAL_TAG
 
     from ..protocol.collab import read_capped
     from ..runtime.moe import load_moe
@@ -108,12 +109,11 @@ def member_scores(program: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"adapter": {"repo": f"{repo}@{FINAL_TAG}", **score_examples(ws.network, tok,
                                                                                        program.data.test, **kw)}}  # fmt: skip
     if terms.spec.final == "moe":
+        named = _final_report(hub, repo, sha).get("moe")  # the collaboration's MoE, as its report names it
+        moe_repo = named.get("repo") if isinstance(named, dict) else None
         try:
-            report = json.loads(read_capped(hub, repo, REPORT_FILE, sha, 16 << 20))
-        except (EntryNotFound, ValueError):
-            report = {}
-        moe_repo = moe_repo_of(hub, program.peer_id, report)
-        try:
+            if not isinstance(moe_repo, str):
+                raise ValueError(f"{repo}@{FINAL_TAG}: its report.json names no MoE")
             moe = load_moe(hub, moe_repo, ws)
         except (RepoNotFound, EntryNotFound, OSError, ValueError) as exc:
             out["moe"] = {"repo": moe_repo, "error": one_line(exc)}
@@ -220,7 +220,6 @@ def load_for_eval(folder: Path, *, model: str | None, what: str) -> tuple[Any, A
 
 def eval_examples(args: argparse.Namespace) -> tuple[str, list[Any]]:
     """(task name, questions) of ``--data``/``--task``: see the module docstring."""
-    import dataclasses
 
     from ..data.files import read_task_file
     from ..data.registry import member_task
@@ -234,8 +233,7 @@ def eval_examples(args: argparse.Namespace) -> tuple[str, list[Any]]:
         return args.task or Path(args.data).stem, list(pools["test"] if "test" in pools else pools["all"])
     if not args.task:
         raise UsageError("give --data FILE or --task NAME: the questions to score on")
-    share = {f.name: f.default for f in dataclasses.fields(CollabTerms)}["test_share"]
-    task = member_task(None, args.task, test_share=share, seed=args.seed)
+    task = member_task(None, args.task, test_share=CollabTerms.test_share, seed=args.seed)  # the terms' default
     return task.name, list(task.test)
 
 
@@ -265,11 +263,10 @@ def publish_member_scores(hub: Any, peer_id: str, task: str, scores: dict[str, A
     ``report.json`` gains ``heldout`` (the ``final`` tag keeps the report as first published) and its card's
     ``model-index`` the own adapter's held-out accuracy and acc_norm."""
     from sorlora_gossip.layout import FINAL_TAG, REPORT_FILE
-
-    from ..protocol.collab import read_capped
+    from sorlora_gossip.untrusted import read_json
 
     repo = hub.repo_id(peer_id)
-    report = json.loads(read_capped(hub, repo, REPORT_FILE, hub.resolve(repo, FINAL_TAG), 16 << 20))
+    report = read_json(hub, repo, REPORT_FILE, revision=hub.resolve(repo, FINAL_TAG), max_bytes=MAX_REPORT_BYTES)
     report["heldout"] = scores
     files = {REPORT_FILE: json.dumps(report, indent=1).encode()}
     if "accuracy" in scores.get("adapter", {}):

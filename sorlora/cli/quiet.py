@@ -9,15 +9,16 @@
   first request fetched a registry of "agent harnesses" from huggingface.co to fill its telemetry user-agent (a DNS
   query from an offline lab): with another endpoint telemetry is off for the command (:func:`no_public_lookups`);
   PEFT's look-up of the base's ``config.json`` whenever a peer saves its adapter is not made at all (see
-  ``PeerProgram._publish``).
+  ``sorlora.protocol.publish``: ``save_embedding_layers=False``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 from collections.abc import Iterator
+
+from ..logs import dropping
 
 __all__ = ["PUBLIC_HUB", "no_library_progress_bars", "no_public_lookups", "quiet_hub_retries"]
 
@@ -39,20 +40,11 @@ def no_library_progress_bars() -> None:
         gguf.tqdm = functools.partial(gguf.tqdm, disable=True)
 
 
-class _DropRetries(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "transient error" not in str(record.msg)
-
-
 @contextlib.contextmanager
 def quiet_hub_retries() -> Iterator[None]:
     """Within the block, drop the HTTP hub's per-retry warnings (the final failure is still one error line)."""
-    hf_logger, drop = logging.getLogger("sorlora_gossip.hub.hf"), _DropRetries()
-    hf_logger.addFilter(drop)
-    try:
+    with dropping("sorlora_gossip.hub.hf", "transient error"):
         yield
-    finally:
-        hf_logger.removeFilter(drop)
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ from sorlora_gossip.hub.base import (
     PushConflictError,
     RequestTooLarge,
 )
-from sorlora_gossip.layout import member_path
+from sorlora_gossip.layout import member_file
 from sorlora_gossip.untrusted import read_json
 
 from .terms import TermsError
@@ -59,7 +59,7 @@ class PeerIdTaken(TermsError):
 def claim_path(peer_id: str) -> str:
     """Where the claim of ``peer_id`` ("user/name") lies in the collaboration repo."""
     user, name = peer_id.split("/", 1)
-    return member_path(user, name).removesuffix(".json") + ".claim"
+    return member_file(user, name, ".claim")
 
 
 @contextlib.contextmanager

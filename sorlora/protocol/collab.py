@@ -61,6 +61,7 @@ from sorlora_gossip.layout import (
     MEMBERS_DIR,
     PLAN_FILE,
     REPORT_FILE,
+    member_file,
     member_path,
 )
 from sorlora_gossip.untrusted import MAX_JSON_BYTES, read_json
@@ -89,7 +90,7 @@ class RegistrationClosed(TermsError):
 
 def stats_path(user: str, peer: str) -> str:
     """Where a member stores its task statistics (mean layer inputs, the MoE's routing keys) in the collab repo."""
-    return member_path(user, peer).removesuffix(".json") + ".h0.safetensors"
+    return member_file(user, peer, ".h0.safetensors")
 
 
 def files_by_last_change(
@@ -298,7 +299,7 @@ class Collaboration:
             return None
         self._marked_at = time.monotonic()
         user, name = peer.split("/", 1)
-        marker = member_path(user, name).removesuffix(".json") + DEADLINE_MARK
+        marker = member_file(user, name, DEADLINE_MARK)
         body = json.dumps({"peer": peer, "local_time": now, "deadline": deadline}).encode()
         self.hub.create_commit(self.repo_id, {marker: body}, commit_message=f"{peer}: registration deadline passed")
         return self.closing()
@@ -418,8 +419,9 @@ def collab_status(hub: Hub, collab_id: str) -> dict[str, Any]:
     final, the MoE its final report names), the refused files with their reasons and the committed plan."""
     collab = Collaboration(hub, collab_id)
     terms = collab.terms()
-    closing = collab.closing()
-    regs, refused = collab.registrations_at(closing.commit if closing else hub.resolve(collab_id))
+    closing = collab.closing()  # once closed, it holds the admission at the closing commit
+    regs, refused = ((list(closing.registrations), dict(closing.refused)) if closing else
+                     collab.registrations_at(hub.resolve(collab_id)))  # fmt: skip
     plan = collab.read_plan()
     members = []
     for reg in regs:

@@ -25,12 +25,10 @@ point and started again resumes from there and from its own revisions on the hub
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +53,7 @@ from ..data.tokenization import (
     n_special_prefix,
     truncate_context,
 )
+from ..logs import dropping
 from ..methods.rules import AGGREGATIONS, FORWARD_RULES, Group, cluster_expert
 from ..runtime.model_loading import hosted_base, is_tiny_random, load_base
 from ..runtime.sharing import TensorPool
@@ -105,42 +104,6 @@ def _all_finite(losses: Sequence[float], update: Any) -> bool:
     """Whether every training loss and every value of ``update`` is finite (what may be pushed and checkpointed)."""
     values = getattr(update, "values", {}) or {}
     return bool(np.all(np.isfinite(losses))) and all(bool(torch.isfinite(v).all()) for v in values.values())
-
-
-class _DropSkips(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "skipping neighbour" not in str(record.msg)
-
-
-@contextlib.contextmanager
-def _quiet_skips():
-    """Silence Peer's per-pass "skipping neighbour" warnings while polling without waiting."""
-    peer_logger, drop = logging.getLogger("sorlora_gossip.peer"), _DropSkips()
-    peer_logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        peer_logger.removeFilter(drop)
-
-
-@contextlib.contextmanager
-def _no_peft_base_lookup():
-    """Saving an adapter, PEFT asks the public Hub whether the base's ``config.json`` exists (to decide whether to
-    save embedding layers, which no adapter here targets): a DNS look-up of huggingface.co from an offline lab, and
-    two warnings. PEFT skips the look-up in offline mode, which it reads from the environment at that call only
-    (huggingface_hub reads it once, at import: the hub client is not affected); the warning that it could not look
-    is dropped."""
-    before = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Could not find a config file in", UserWarning)
-            yield
-    finally:
-        if before is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = before
 
 
 def coarse_position(position_mm: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -627,7 +590,8 @@ class PeerProgram:
         p = self._pending
         missing = [n for n in names if n not in p["updates"] and n not in p["rejected"]]
         if missing:
-            with _quiet_skips():  # one pass is not a skip yet: this program decides at the round timeout
+            # one pass is not a skip yet: this program decides at the round timeout
+            with dropping("sorlora_gossip.peer", "skipping neighbour"):
                 pull = self.peer.pull_round(round, missing, timeout=0.0, poll_interval=0.0)
             for n, update in list(pull.updates.items()) if round == 0 else ():
                 why = self._off_budget(n, update)
@@ -808,8 +772,7 @@ class PeerProgram:
     # ------------------------------------------------------------------ publishing
     def _publish(self) -> None:
         """Publish the final adapter and what the final model needs (:mod:`sorlora.protocol.publish`)."""
-        with _no_peft_base_lookup():
-            published = publish_final(self, crash_point=self._crash_point)
+        published = publish_final(self, crash_point=self._crash_point)
         if not published:
             self.waiting = True  # the collaboration's MoE is being published by the member that claimed it first
             return

@@ -52,7 +52,6 @@ import hashlib
 import json
 import logging
 import re
-import struct
 import tempfile
 import time
 from collections import deque
@@ -70,7 +69,7 @@ from moe_router.centroids import MAX_CENTROIDS
 from moe_router.configuration import EXPERTS_FILE
 from peft_sorlora import PayloadError
 from peft_sorlora.base_model import base_fingerprint
-from peft_sorlora.exchange import parse_json
+from peft_sorlora.exchange import read_payload_metadata
 from sorlora_gossip.cards import publish_adapter
 from sorlora_gossip.hub.base import EntryNotFound, HubError, RepoNotFound, RevisionNotFound
 from sorlora_gossip.layout import (
@@ -83,10 +82,11 @@ from sorlora_gossip.layout import (
     NEIGHBOURHOOD_DIR,
     REPORT_FILE,
     base_repo_name,
-    member_path,
+    member_file,
     moe_claim_path,
     moe_repo_name,
 )
+from sorlora_gossip.untrusted import read_json
 
 from ..methods.rules import cluster_expert
 from ..runtime.model_loading import load_base
@@ -165,10 +165,13 @@ def host_base(hub: Any, collab_id: str, base_model: str, fingerprint: str, *, mo
         files = sorted(f for f in Path(tmp).rglob("*") if f.is_file())
         hub.create_repo(repo, exist_ok=True)
         batches: list[list[Path]] = [[]]  # commits of at most about HOSTED_SHARD_BYTES: under hub-serve's limit
+        size = 0  # of the last batch
         for f in files:
-            if batches[-1] and sum(b.stat().st_size for b in batches[-1]) + f.stat().st_size > HOSTED_SHARD_BYTES:
+            if batches[-1] and size + f.stat().st_size > HOSTED_SHARD_BYTES:
                 batches.append([])
+                size = 0
             batches[-1].append(f)
+            size += f.stat().st_size
         for batch in batches:
             message = f"{base_model} (fingerprint {fingerprint}), hosted for {collab_id}"
             hub.create_commit(repo, {str(b.relative_to(tmp)): b for b in batch}, commit_message=message)
@@ -226,9 +229,8 @@ def _parse_claim(hub: Any, collab: str, path: str, commit: Any, members: list[st
     peer = f"{user}/{rest.removesuffix(MOE_CLAIM_SUFFIX)}"
     claim = MoEClaim(path=path, peer=peer, repo="", sha256="", commit=commit.sha)
     try:
-        data = parse_json(read_capped(hub, collab, path, commit.sha, MAX_CLAIM_BYTES), max_bytes=MAX_CLAIM_BYTES,
-                          what=path)  # fmt: skip
-    except (PayloadError, TermsError, HubError) as exc:
+        data = read_json(hub, collab, path, revision=commit.sha, max_bytes=MAX_CLAIM_BYTES)
+    except (PayloadError, HubError) as exc:  # over the cap, not JSON, gone
         return dataclasses.replace(claim, problem=f"unreadable: {str(exc)[:200]}")
     if not isinstance(data, dict) or data.get("format") != MOE_CLAIM_FORMAT:
         return dataclasses.replace(claim, problem=f"not a {MOE_CLAIM_FORMAT} claim")
@@ -467,19 +469,13 @@ def configure_router(moe: Any, program: Any, router: str) -> None:
 
 def centroids_path(user: str, peer: str) -> str:
     """Where a member registers its sequence-router centroids in the collaboration repo."""
-    return member_path(user, peer).removesuffix(".json") + ".centroids.safetensors"
+    return member_file(user, peer, ".centroids.safetensors")
 
 
 def centroid_bytes(centroids: torch.Tensor, pool_layer: str) -> bytes:
     """The centroids file: ``centroids`` (k x d float32) with the pooled layer's key in the metadata."""
     return save_safetensors({"centroids": centroids.detach().float().cpu().contiguous()},
                             metadata={"format": CENTROIDS_FORMAT, "pool_layer": pool_layer})  # fmt: skip
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + length])
-    return dict(header.get("__metadata__") or {})
 
 
 def read_centroids(hub: Any, repo_id: str, peer: str, *, revision: str, pool_layer: str, width: int) -> torch.Tensor:
@@ -492,7 +488,7 @@ def read_centroids(hub: Any, repo_id: str, peer: str, *, revision: str, pool_lay
     except EntryNotFound as exc:
         raise TermsError(f"{where}: no centroids registered") from exc
     try:
-        tensors, meta = load_safetensors(data), _metadata(data)
+        tensors, meta = load_safetensors(data), read_payload_metadata(data)
     except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted bytes is a refusal
         raise TermsError(f"{where}: not a safetensors file: {exc}") from exc
     if set(tensors) != {"centroids"} or meta.get("format") != CENTROIDS_FORMAT:
@@ -544,7 +540,9 @@ def _adapter_files(program: Any, me: str) -> dict[str, bytes]:
     the base's tokenizer files (so the repo loads with ``AutoPeftModelForCausalLM`` and ``AutoTokenizer``)."""
     program.ws.load_view({me: program.view[me]})
     with tempfile.TemporaryDirectory() as tmp:
-        program.ws.model.save_pretrained(tmp, selected_adapters=[me])
+        # no embedding layer is ever adapted (SO-LoRA targets Linear/Conv1D only) nor resized: PEFT's "auto" would ask
+        # the public Hub for the base's config.json to find that out (a DNS look-up from an offline lab, two warnings)
+        program.ws.model.save_pretrained(tmp, selected_adapters=[me], save_embedding_layers=False)
         folder = Path(tmp) / me if (Path(tmp) / me).is_dir() else Path(tmp)
         files = {f.name: f.read_bytes() for f in folder.iterdir() if f.suffix in (".json", ".safetensors")}
     if program.terms.base_repo:
