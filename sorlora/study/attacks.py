@@ -63,10 +63,13 @@ __all__ = [
     "SuiteSettings",
     "attack_table",
     "last_letter_task",
+    "lost_share",
+    "mean_interval",
     "task_template",
     "run_cell",
     "run_suite",
     "suite_base",
+    "summarise",
 ]
 
 ENGINES = ("local", "hub-serve")
@@ -210,7 +213,10 @@ class SuiteSettings:
                   "name (sorlora.data.synthetic: the tiny model's LoRA learns only the answer prior there)"},
     )  # fmt: skip
     n_train: int = field(default=96, metadata={"help": "training examples per member"})
-    n_test: int = field(default=192, metadata={"help": "test questions (the accuracy)"})
+    n_test: int = field(
+        default=384, metadata={"help": "test questions (the accuracy; 384: a paired difference's question noise "
+                               "about 2 points, under the seeds' spread)"}
+    )  # fmt: skip
     rounds: int = field(default=5, metadata={"help": "gossip rounds"})
     local_steps: int = field(default=15, metadata={"help": "AdamW steps per round"})
     batch_size: int = field(default=16, metadata={"help": "batch size"})
@@ -224,7 +230,12 @@ class SuiteSettings:
     )
     method: str = field(default="solora-single", metadata={"help": "method (one cluster: everyone averages)"})
     max_seconds: float = field(default=600.0, metadata={"help": "per collaboration"})
-    seed: int = field(default=0, metadata={"help": "data and terms seed"})
+    seed: int = field(default=0, metadata={"help": "data and terms seed of one collaboration (run_cell's)"})
+    seeds: tuple[int, ...] = field(
+        default=(0,),
+        metadata={"help": "seeds run_suite runs every cell with (each replaces seed); a cell's lost share is paired "
+                  "with the no-attack run of its own seed, then averaged over the seeds with a 95% t interval"},
+    )  # fmt: skip
 
 
 def suite_base(s: SuiteSettings) -> tuple[Any, Any]:
@@ -434,127 +445,238 @@ def lost_share(base: float, clean: float, attacked: float) -> float | None:
     return 1.0 - (attacked - base) / gain
 
 
-def run_suite(s: SuiteSettings, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Every (engine, size, aggregation, attack) cell and its no-attack run; writes ``attacks.json``,
-    ``attacks.md`` and ``attacks.png`` under ``out_dir`` after every cell (a stopped suite keeps what it ran)."""
+def run_suite(s: SuiteSettings, out_dir: str | Path, *, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Every (engine, size, aggregation, seed, attack) cell and its no-attack run; writes ``attacks.json``,
+    ``attacks.md`` and ``attacks.png`` under ``out_dir`` after every cell (a stopped suite keeps what it ran).
+
+    ``resume``: the cells of an ``attacks.json`` already in ``out_dir`` whose run settings equal ``s`` (every field
+    but the lists of what to run) are kept instead of run again, e.g. the ``mean`` cells when only the robust rule
+    changed. The result's ``summary`` has one row per (engine, size, aggregation, attack) over the seeds."""
     unknown = sorted(set(s.attacks) - set(ATTACKS))
     if unknown:
         raise ValueError(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
+    if not s.seeds:
+        raise ValueError("seeds: need at least one seed")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    done = _resumable(out_dir / "attacks.json", s) if resume else {}
     model, tokenizer = suite_base(s)
     cells: list[dict[str, Any]] = []
-    result = {"settings": dataclasses.asdict(s), "cells": cells}
+    result: dict[str, Any] = {"settings": dataclasses.asdict(s), "cells": cells, "summary": []}
     work = Path(tempfile.mkdtemp(prefix="sorlora-attacks-"))  # hubs and peers' state: gone after each cell
     try:
-        _cells(s, cells, result, work, out_dir, (model, tokenizer), progress)
+        _cells(s, cells, result, work, out_dir, (model, tokenizer), progress, done)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _plot(result, out_dir / "attacks.png")
     return result
 
 
-def _cells(s, cells, result, work, out_dir, base, progress) -> None:  # noqa: ANN001 - run_suite's loop
+# the settings that say what to run, not how a cell runs: cells of a result with other values still compare
+_WHAT_TO_RUN = ("members", "attacks", "aggregations", "engines", "seeds", "seed")
+
+
+def _key(c: Mapping[str, Any]) -> tuple[str, int, str, str, int]:
+    return c["engine"], c["members"], c["aggregation"], c["attack"], c.get("seed", 0)
+
+
+def _resumable(path: Path, s: SuiteSettings) -> dict[tuple[str, int, str, str, int], dict[str, Any]]:
+    """The cells of an earlier result at ``path`` that ran under ``s``'s run settings, by key (none if it differs)."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    mine = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(s))).items() if k not in _WHAT_TO_RUN}
+    theirs = {k: v for k, v in old.get("settings", {}).items() if k not in _WHAT_TO_RUN}
+    if mine != theirs:
+        return {}
+    return {_key(c): c for c in old.get("cells", [])}
+
+
+def _cells(s, cells, result, work, out_dir, base, progress, done) -> None:  # noqa: ANN001 - run_suite's loop
     model, tokenizer = base
     for engine in s.engines:
         for n in s.members:
             for aggregation in s.aggregations:
-                for attack in [None, *s.attacks]:
-                    name = f"{engine}-{n}-{aggregation}-{attack or 'none'}"
-                    cell = run_cell(s, work / name, members=n, aggregation=aggregation, attack=attack, engine=engine,
-                                    base=(model, tokenizer))  # fmt: skip
-                    shutil.rmtree(work / name, ignore_errors=True)
-                    cells.append(cell)
-                    _shares(cells)
-                    if progress:
-                        print(_line(cell), flush=True)
-                    write_json(out_dir / "attacks.json", result)
-                    (out_dir / "attacks.md").write_text(attack_table(result))
+                for seed in s.seeds:
+                    for attack in [None, *s.attacks]:
+                        cell = done.get((engine, n, aggregation, attack or "none", seed))
+                        if cell is None:
+                            name = f"{engine}-{n}-{aggregation}-{seed}-{attack or 'none'}"
+                            cell = run_cell(dataclasses.replace(s, seed=seed), work / name, members=n,
+                                            aggregation=aggregation, attack=attack, engine=engine,
+                                            base=(model, tokenizer))  # fmt: skip
+                            cell["seed"] = seed
+                            shutil.rmtree(work / name, ignore_errors=True)
+                        cells.append(cell)
+                        _shares(cells)
+                        result["summary"] = summarise(cells)
+                        if progress:
+                            print(_line(cell), flush=True)
+                        write_json(out_dir / "attacks.json", result)
+                        (out_dir / "attacks.md").write_text(attack_table(result))
 
 
 def _shares(cells: list[dict[str, Any]]) -> None:
-    """Fill every cell's ``lost_share`` (against the no-attack run of its engine, size and aggregation) and the
-    no-attack runs' ``robust_cost`` (clipped against mean)."""
-    clean = {(c["engine"], c["members"], c["aggregation"]): c for c in cells if c["attack"] == "none"}
+    """Fill every cell's ``lost_share`` (against the no-attack run of its engine, size, aggregation and seed) and
+    the no-attack runs' ``robust_cost`` (the robust rule against mean, same seed)."""
+    clean = {(c["engine"], c["members"], c["aggregation"], c.get("seed", 0)): c for c in cells if c["attack"] == "none"}
     for c in cells:
-        ref = clean.get((c["engine"], c["members"], c["aggregation"]))
+        seed = c.get("seed", 0)
+        ref = clean.get((c["engine"], c["members"], c["aggregation"], seed))
         c["lost_share"] = (None if ref is None or c["attack"] == "none" else
                            lost_share(c["base_accuracy"], ref["honest_accuracy"], c["honest_accuracy"]))  # fmt: skip
         c["lost_share_loss"] = (None if ref is None or c["attack"] == "none" else  # a loss gain is a fall: negate
                                 lost_share(-ref["start_loss"], -ref["final_loss"], -c["final_loss"]))  # fmt: skip
         if c["attack"] == "none" and c["aggregation"] != "mean":
-            mean = clean.get((c["engine"], c["members"], "mean"))
+            mean = clean.get((c["engine"], c["members"], "mean", seed))
             c["robust_cost"] = (None if mean is None else
                                 lost_share(c["base_accuracy"], mean["honest_accuracy"], c["honest_accuracy"]))  # fmt: skip
             c["robust_cost_loss"] = (None if mean is None else
                                      lost_share(-mean["start_loss"], -mean["final_loss"], -c["final_loss"]))  # fmt: skip
 
 
+# Student's t 97.5% quantiles for 1..10 degrees of freedom; beyond, the Cornish-Fisher expansion (within 0.003)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def _t975(df: int) -> float:
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def mean_interval(values: Sequence[float | None]) -> dict[str, Any]:
+    """The mean of the per-seed ``values`` (None: no gain that seed, left out) with its 95% t interval over the
+    seeds (``low``/``high`` None with fewer than two): seeds are the unit, each already paired with its own clean
+    run, so training noise and test-question noise both count."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not xs:
+        return {"mean": None, "low": None, "high": None, "n": 0, "per_seed": list(values)}
+    m = statistics.fmean(xs)
+    if len(xs) < 2:
+        return {"mean": m, "low": None, "high": None, "n": 1, "per_seed": list(values)}
+    half = _t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return {"mean": m, "low": m - half, "high": m + half, "n": len(xs), "per_seed": list(values)}
+
+
+def summarise(cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (engine, size, aggregation, attack) over its seeds (cells with ``lost_share`` filled by
+    :func:`_shares`): the honest members' mean accuracy, the lost shares (accuracy and loss) and, for the no-attack
+    runs of a robust rule, its cost against ``mean`` as :func:`mean_interval`; the counts summed over the seeds."""
+    groups: dict[tuple[str, int, str, str], list[Mapping[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault(_key(c)[:4], []).append(c)
+    rows = []
+    for (engine, n, aggregation, attack), cs in groups.items():
+        cs = sorted(cs, key=lambda c: c.get("seed", 0))
+        about = [c for c in cs if c["examples"]]
+        rows.append({
+            "engine": engine, "members": n, "aggregation": aggregation, "attack": attack,
+            "seeds": [c.get("seed", 0) for c in cs],
+            "accuracy": statistics.fmean(c["honest_accuracy"] for c in cs),
+            "base_accuracy": statistics.fmean(c["base_accuracy"] for c in cs),
+            "lost": mean_interval([c.get("lost_share") for c in cs]),
+            "lost_loss": mean_interval([c.get("lost_share_loss") for c in cs]),
+            "robust_cost": mean_interval([c.get("robust_cost") for c in cs]),
+            "robust_cost_loss": mean_interval([c.get("robust_cost_loss") for c in cs]),
+            "crashed_honest": sum(len(c["crashed_honest"]) for c in cs),
+            "honest_rejected": sum(c["honest_rejected"] for c in cs),
+            "updates_lost": sum(c["updates_lost"] for c in cs),
+            "records_about_hostile": sum(c["records_about_hostile"] for c in cs),
+            "reasons": sorted({r for c in cs for r in c["reasons"]}),
+            "examples": about[0]["examples"] if about else [],
+            "seconds": round(sum(c["seconds"] for c in cs), 1),
+        })  # fmt: skip
+    return rows
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
+def _interval(e: Mapping[str, Any] | None) -> str:
+    """``12% [3, 21]``: the mean over seeds and its 95% interval (the mean alone for one seed)."""
+    if e is None or e["mean"] is None:
+        return "n/a"
+    if e["low"] is None:
+        return _pct(e["mean"])
+    return f"{_pct(e['mean'])} [{100 * e['low']:.0f}, {100 * e['high']:.0f}]"
+
+
+def _per_seed(e: Mapping[str, Any] | None) -> str:
+    if e is None or len(e["per_seed"]) < 2:
+        return ""
+    return " ".join("n/a" if v is None else f"{100 * v:.0f}" for v in e["per_seed"])
+
+
 def _line(c: dict[str, Any]) -> str:
-    return (f"{c['engine']} n={c['members']} {c['aggregation']:>7} {c['attack']:<11} acc {c['honest_accuracy']:.3f} "
-            f"(base {c['base_accuracy']:.3f}) lost {_pct(c.get('lost_share'))} records {c['records_about_hostile']} "
-            f"crashed {len(c['crashed_honest'])} honest rejected {c['honest_rejected']} lost updates "
-            f"{c['updates_lost']} ({c['seconds']:.0f} s)")  # fmt: skip
+    return (f"{c['engine']} n={c['members']} seed {c.get('seed', 0)} {c['aggregation']:>7} {c['attack']:<11} acc "
+            f"{c['honest_accuracy']:.3f} (base {c['base_accuracy']:.3f}) lost {_pct(c.get('lost_share'))} records "
+            f"{c['records_about_hostile']} crashed {len(c['crashed_honest'])} honest rejected {c['honest_rejected']} "
+            f"lost updates {c['updates_lost']} ({c['seconds']:.0f} s)")  # fmt: skip
 
 
-def _acc(c: dict | None) -> str:
-    return "" if c is None else f"{c['honest_accuracy']:.3f}"
+def _acc(r: dict | None) -> str:
+    return "" if r is None else f"{r['accuracy']:.3f}"
 
 
-def _lost(c: dict | None, attack: str) -> str:
-    if c is None:
+def _lost(r: dict | None, attack: str) -> str:
+    if r is None:
         return ""
     if attack == "none":
-        return f"cost {_pct(c.get('robust_cost'))} / {_pct(c.get('robust_cost_loss'))}"
-    return f"{_pct(c.get('lost_share'))} / {_pct(c.get('lost_share_loss'))}"
+        return f"cost {_interval(r['robust_cost'])} / {_pct(r['robust_cost_loss']['mean'])}"
+    return f"{_interval(r['lost'])} / {_pct(r['lost_loss']['mean'])}"
 
 
-def _reason_cell(c: Mapping[str, Any]) -> str:
+def _reason_cell(r: Mapping[str, Any]) -> str:
     """The first record's reason in full (cut at 110 characters) and how many other kinds of reason there were."""
-    first = str(c["examples"][0]["reason"]).replace("|", "/")
+    first = str(r["examples"][0]["reason"]).replace("|", "/")
     first = first if len(first) <= 110 else first[:107] + "..."
-    more = len(c["reasons"]) - 1
-    return f"{c['examples'][0]['action']}: {first}" + (f" (+{more} other kinds)" if more > 0 else "")
+    more = len(r["reasons"]) - 1
+    return f"{r['examples'][0]['action']}: {first}" + (f" (+{more} other kinds)" if more > 0 else "")
 
 
 def attack_table(result: Mapping[str, Any]) -> str:
-    """The suite's markdown table: a row per (engine, size, attack), mean and clipped side by side."""
-    cells = result["cells"]
-    by = {(c["engine"], c["members"], c["attack"], c["aggregation"]): c for c in cells}
+    """The suite's markdown table: a row per (engine, size, attack), mean and clipped side by side, each the mean
+    over the seeds with its 95% interval (and clipped's per-seed shares)."""
+    rows = result.get("summary") or summarise(result["cells"])
+    by = {(r["engine"], r["members"], r["attack"], r["aggregation"]): r for r in rows}
+    seeds = sorted({c.get("seed", 0) for c in result["cells"]})
     lines = [
         "# Attack suite: one hostile member, what the honest members lose",
         "",
         "lost (acc) = 1 - (acc_attack - acc_base) / (acc_clean - acc_base) of the honest members' mean test "
         "accuracy; lost (loss) = the same on their mean final training loss (gain: first round's loss minus the "
-        "last's); acc_clean / the gain: the same aggregation without an attack. In the no-attack row, clipped's "
-        "entries are the robust rule's cost against mean. Records: what the honest members recorded about the "
-        "hostile one (clipped run). crashed / honest rejected / lost updates: honest peers, both runs.",
+        "last's); acc_clean / the gain: the same aggregation without an attack, the same seed. Each share is the mean "
+        f"over seeds {', '.join(map(str, seeds))} with its 95% t interval over the seeds [low, high] (paired per "
+        "seed); acc: the mean accuracy over the seeds. In the no-attack row, clipped's entries are the robust rule's "
+        "cost against mean. Records: what the honest members recorded about the hostile one (clipped runs, all "
+        "seeds). crashed / honest rejected / lost updates: honest peers, every run of the row.",
         "",
         "| engine | members | attack | acc mean | lost mean (acc / loss) | acc clipped | lost clipped (acc / loss) "
-        "| records | a recorded reason (clipped) | crashed | honest rejected | lost updates |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| clipped per seed (acc %) | records | a recorded reason (clipped) | crashed | honest rejected "
+        "| lost updates |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    keys = sorted({(c["engine"], c["members"], c["attack"]) for c in cells},
+    keys = sorted({(r["engine"], r["members"], r["attack"]) for r in rows},
                   key=lambda k: (k[0], k[1], k[2] != "none", k[2]))  # fmt: skip
     for engine, n, attack in keys:
         m, r = by.get((engine, n, attack, "mean")), by.get((engine, n, attack, "clipped"))
-
-        both = [c for c in (m, r) if c is not None]
+        both = [x for x in (m, r) if x is not None]
         reasons = "" if r is None or not r["examples"] else _reason_cell(r)
+        share = None if r is None else (r["robust_cost"] if attack == "none" else r["lost"])
         lines.append(
             f"| {engine} | {n} | {attack} | {_acc(m)} | {'' if attack == 'none' else _lost(m, attack)} | {_acc(r)} | "
-            f"{_lost(r, attack)} | "
+            f"{_lost(r, attack)} | {_per_seed(share)} | "
             f"{'' if r is None else r['records_about_hostile']} | {reasons} | "
-            f"{sum(len(c['crashed_honest']) for c in both)} | {sum(c['honest_rejected'] for c in both)} | "
-            f"{sum(c['updates_lost'] for c in both)} |"
+            f"{sum(x['crashed_honest'] for x in both)} | {sum(x['honest_rejected'] for x in both)} | "
+            f"{sum(x['updates_lost'] for x in both)} |"
         )  # fmt: skip
-    base = sorted({round(c["base_accuracy"], 4) for c in cells})
-    lines += ["", f"Bare base accuracy: {', '.join(f'{b:.3f}' for b in base)}. Settings: "
-              f"{json.dumps(result['settings'], sort_keys=True)}", ""]  # fmt: skip
+    base = sorted({round(c["base_accuracy"], 4) for c in result["cells"]})
+    seconds = sum(c["seconds"] for c in result["cells"])
+    lines += ["", f"Bare base accuracy: {', '.join(f'{b:.3f}' for b in base)}. {len(result['cells'])} collaborations, "
+              f"{seconds / 60:.1f} min in all. Settings: {json.dumps(result['settings'], sort_keys=True)}", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -564,23 +686,26 @@ def _plot(result: Mapping[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = [c for c in result["cells"] if c["attack"] != "none"]
-    if not cells:
+    rows = [r for r in (result.get("summary") or summarise(result["cells"])) if r["attack"] != "none"]
+    if not rows:
         return
-    groups = sorted({(c["engine"], c["members"]) for c in cells})
-    attacks = sorted({c["attack"] for c in cells})
+    groups = sorted({(r["engine"], r["members"]) for r in rows})
+    attacks = sorted({r["attack"] for r in rows})
+    by = {(r["engine"], r["members"], r["attack"], r["aggregation"]): r for r in rows}
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, (engine, n) in zip(axes[0], groups):
         for k, agg in enumerate(("mean", "clipped")):
-            for off, key, hatch in ((0.0, "lost_share", ""), (0.2, "lost_share_loss", "//")):
-                ys = [next((100 * (c.get(key) or 0.0) for c in cells if (c["engine"], c["members"], c["attack"],
-                           c["aggregation"]) == (engine, n, a, agg)), 0.0) for a in attacks]  # fmt: skip
-                ax.bar([i + 0.4 * k + off for i in range(len(attacks))], ys, width=0.2, hatch=hatch,
-                       color=f"C{k}", label=f"{agg} ({'accuracy' if key == 'lost_share' else 'loss'})")  # fmt: skip
+            for off, key, hatch in ((0.0, "lost", ""), (0.2, "lost_loss", "//")):
+                es = [by[(engine, n, a, agg)][key] if (engine, n, a, agg) in by else None for a in attacks]
+                ys = [100 * (e["mean"] or 0.0) if e else 0.0 for e in es]
+                err = [[y - 100 * e["low"] if e and e["low"] is not None else 0.0 for y, e in zip(ys, es)],
+                       [100 * e["high"] - y if e and e["high"] is not None else 0.0 for y, e in zip(ys, es)]]  # fmt: skip
+                ax.bar([i + 0.4 * k + off for i in range(len(attacks))], ys, width=0.2, hatch=hatch, yerr=err,
+                       capsize=2, color=f"C{k}", label=f"{agg} ({'accuracy' if key == 'lost' else 'loss'})")  # fmt: skip
         ax.axhline(10, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks([i + 0.3 for i in range(len(attacks))], attacks, rotation=45, ha="right")
         ax.set_title(f"{engine}: 1 hostile of {n}")
-        ax.set_ylabel("honest gain lost (%)")
+        ax.set_ylabel("honest gain lost (%, mean over seeds, 95% CI)")
         ax.set_ylim(-50, 150)
         ax.legend()
     fig.tight_layout()
