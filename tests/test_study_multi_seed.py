@@ -99,11 +99,17 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert len(result["contrasts"]) == 5
     # the exploratory family: those whose methods ran, Holm-corrected on their own
     assert [c["name"] for c in stored["diagnostic_contrasts"]] == [
-        "solora:hard − solora", "solora − zero-shot", "lora − zero-shot"]  # fmt: skip
+        "solora − solora:hard", "solora − solora:implicit", "solora − zero-shot", "lora − zero-shot"]  # fmt: skip
     diag = stored["diagnostics"]
     assert len(diag["solora"]["ari"]["per_seed"]) == 2 and diag["solora-single"]["ari"]["mean"] == 0.0
     assert set(diag["solora"]["own_share"]) == set(cfg.tasks) and "lora" in diag and "ari" not in diag["lora"]
+    selection = diag["solora"]["selection"]
+    assert set(selection) >= {"implicit", "sequence", "hard"} and set(selection["hard"]["mean"]) == set(cfg.tasks)
+    assert selection["hard"]["worst"] == 1.0, "routing by the true task picks the task's cluster for every prompt"
+    assert all(0.0 <= v <= 1.0 for sel in selection.values() for v in sel["mean"].values())
     table = (tmp_path / "study.md").read_text()
+    assert f"under its default router `{cfg.router}`" in table
+    assert "cluster-selection accuracy per task" in table and "| sequence |" in table
     assert "Diagnostics (exploratory" in table and "adjusted Rand index" in table and "own expert" in table
     seeds = [json.loads((tmp_path / f"seed-{s}" / "seed_result.json").read_text()) for s in (0, 1)]
     assert seeds[0]["methods"]["lora"]["correct"] != seeds[1]["methods"]["lora"]["correct"] or (

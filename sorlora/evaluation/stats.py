@@ -46,11 +46,13 @@ PREREGISTERED_CONTRASTS: tuple[tuple[str, str], ...] = (
 )
 
 # Exploratory contrasts of the implicit MoE's diagnostics (why it may lose), a Holm family of their own and never
-# mixed with the pre-registered one: hard routing by the true task and the upper bound against the router; the
+# mixed with the pre-registered one: the default router (the ``solora`` row) against hard routing by the true task
+# and against the paper's implicit router; the upper bound against the router; the
 # collision-free union against masked averaging in one cluster; co-training across clusters against the paper's
 # one exchange; and whether training helped at all (against the base model alone).
 DIAGNOSTIC_CONTRASTS: tuple[tuple[str, str], ...] = (
-    ("solora:hard", "solora"),
+    ("solora", "solora:hard"),  # the default router against the oracle by task id (goal: within 1 point)
+    ("solora", "solora:implicit"),  # the default router against the paper's per-token top-k
     ("oracle", "solora"),
     ("solora-union", "solora-single"),
     ("solora-cotrain", "solora"),

@@ -111,8 +111,12 @@ def _diagnostics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str
     """Per method of a seed's run (its results, as in ``results.json``), what explains its accuracy besides it: its
     clusters and their adjusted Rand index against the tasks, the implicit MoE's chosen router and each task's share
     of kept components going to its own expert."""
-    keys = ("clusters", "cluster_task_ari", "router", "routing")
-    return {name: {key: result.get(key) for key in keys} for name, result in results.items()}
+    keys = ("clusters", "cluster_task_ari", "router", "routing", "published_router")
+    out = {name: {key: result.get(key) for key in keys} for name, result in results.items()}
+    for name, result in results.items():  # per router: cluster-selection accuracy per task (not the per-prompt picks)
+        routers = result.get("routing_diagnostics") or {}
+        out[name]["selection"] = {r: d["accuracy"] for r, d in routers.items() if "accuracy" in d} or None
+    return out
 
 
 def _zero_shot(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -134,8 +138,10 @@ def run_seed(settings: StudySettings, study_dir: Path, seed: int, *, progress: b
     done = seed_dir / "seed_result.json"
     if done.exists():
         record = json.loads(done.read_text())
-        if "diagnostics" not in record:  # a seed finished before they were kept: from its run's results
-            record["diagnostics"] = _diagnostics(json.loads((seed_dir / "run/results.json").read_text())["methods"])
+        results = seed_dir / "run/results.json"
+        if results.exists():  # the diagnostics as this version reads them from the run's results (seeds finished
+            # before a diagnostic was kept get it too)
+            record["diagnostics"] = _diagnostics(json.loads(results.read_text())["methods"])
         return record
     seed_dir.mkdir(parents=True, exist_ok=True)
     cfg = settings.config.replace(seed=seed)
@@ -221,6 +227,8 @@ def _diagnostics_summary(seeds: Sequence[Mapping[str, Any]]) -> dict[str, dict[s
     for m in methods:
         got = [s["diagnostics"][m] for s in seeds if m in s.get("diagnostics", {})]
         row: dict[str, Any] = {"n_clusters": [len(d["clusters"] or []) for d in got]}
+        if got[-1].get("published_router"):
+            row["published_router"] = got[-1]["published_router"]
         aris = [d["cluster_task_ari"] for d in got if d.get("cluster_task_ari") is not None]
         if aris:
             row["ari"] = {"mean": float(np.mean(aris)), "per_seed": aris}
@@ -229,6 +237,13 @@ def _diagnostics_summary(seeds: Sequence[Mapping[str, Any]]) -> dict[str, dict[s
             tasks = list(routing[0])
             row["own_share"] = {t: float(np.mean([r[t]["own_share"] for r in routing if t in r])) for t in tasks}
             row["uniform_share"] = float(np.mean([r[t]["uniform"] for r in routing for t in r]))
+        selection = [d["selection"] for d in got if d.get("selection")]
+        if selection:  # per router: each task's cluster-selection accuracy (mean over seeds) and the worst seed's
+            row["selection"] = {
+                r: {"mean": {t: float(np.mean([s[r][t] for s in selection if r in s])) for t in selection[0][r]},
+                    "worst": float(min(min(s[r].values()) for s in selection if r in s))}
+                for r in selection[0]
+            }  # fmt: skip
         out[m] = row
     return out
 
@@ -284,6 +299,18 @@ def study_table(result: Mapping[str, Any]) -> str:
     if shares:
         lines += ["", "Share of the router's kept components going to the task's own expert (mean over seeds): "
                   + "; ".join(shares) + "."]  # fmt: skip
+    for m, d in diag.items():
+        if "selection" not in d:
+            continue
+        if d.get("published_router"):
+            lines += ["", f"`{m}`'s row is its published MoE under its default router `{d['published_router']}`; "
+                      f"`{m}:<router>` rows score the same experts under another router."]  # fmt: skip
+        lines += ["", f"`{m}`'s routing on the test prompts: cluster-selection accuracy per task against the cluster "
+                  "holding the task (mean over seeds), and the worst task on the worst seed:", "",
+                  "| router | " + " | ".join(tasks) + " | worst |", "|---|" + "---|" * (len(tasks) + 1)]  # fmt: skip
+        for r, sel in d["selection"].items():
+            cells = [f"{100 * sel['mean'][t]:.0f}%" if t in sel["mean"] else "–" for t in tasks]
+            lines.append(f"| {r} | " + " | ".join(cells) + f" | {100 * sel['worst']:.0f}% |")
     seeds = result["settings"]["seeds"]
     seconds = result["seconds_per_seed"]
     lines += [
