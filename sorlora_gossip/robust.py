@@ -23,13 +23,22 @@ parameters changed.
      weight counts for the median; if it is unusable the median is used;
   4. mask density per layer at most ``density_factor`` (1.5) × the median density of the members (a dense mask
      where sparse ones are expected would be a holder of every entry);
-  5. direction: the cosine between the member's update and the receiver's own, on the entries both masks hold
+  5. retreat (from the second round on, when there is a reference): the cosine between the member's update and
+     the reference on the member's mask. Members of a learning collaboration agree on it (about 0 to 0.1: they
+     grow B̄ or move across it), while a member sending its values with the sign flipped (``-B``, an update of
+     about ``-2 reference``) or shrunk towards 0 lands far below (-0.6 to -0.8 measured). Against the members'
+     median ``m`` (the receiver's counts), one below ``m - retreat`` (0.3) is rejected and one below
+     ``m - retreat_tolerance`` (0.1) has its weight scaled linearly down to 0 at ``m - retreat`` (a ``clipped``
+     record). Without it a flipped member clipped to the median norm still moved B̄ by about 0.4 of the honest
+     round's step, every round in the same direction, since honest updates barely correlate and partly cancel;
+     the check against the receiver's own update (below) cannot see it, as honest cosines are about 0 too;
+  6. direction: the cosine between the member's update and the receiver's own, on the entries both masks hold
      (all layers together, at least ``min_overlap`` of them), must be at least ``cos_threshold`` (-0.5); with
      ``agreement`` (on), when the neighbours' median cosine ``med`` is at least ``min_agreement`` (0.1), a member
      whose cosine is below ``-anti_agreement × med`` (0.75) is rejected (a flipped sign lands near ``-med``) and one
      below ``med`` has its weight scaled by ``(cos + 0.75 med) / (1.75 med)`` (a ``clipped`` record): an honest
      member slightly anti-aligned by noise is down-weighted, not rejected;
-  6. norm, per layer: the member's update norm is clipped to ``clip`` (1.0) × the median of the members' norms on
+  7. norm, per layer: the member's update norm is clipped to ``clip`` (1.0) × the median of the members' norms on
      that layer (the receiver's counts) — a ``clipped`` record naming the layer.
 
   "Update" is the member's B minus ``reference`` (the receiver's B̄ of the previous round; zeros when None, as at
@@ -255,6 +264,8 @@ class Clipped(Strategy):
     agreement: bool = True
     min_agreement: float = 0.1
     anti_agreement: float = 0.75
+    retreat: float = 0.3
+    retreat_tolerance: float = 0.1
 
     # -- the checks ------------------------------------------------------------------------------------------
 
@@ -306,8 +317,9 @@ class Clipped(Strategy):
                 m.deltas[j] = d
         self._weights(m, weights, peers, own, rnd)  # 3.
         self._density(m, peers, own, rnd)  # 4.
-        self._direction(m, peers, own, rnd)  # 5.
-        self._clip(m, peers, own, rnd)  # 6.
+        self._retreat(m, peers, own, rnd)  # 5.
+        self._direction(m, peers, own, rnd)  # 6.
+        self._clip(m, peers, own, rnd)  # 7.
         return m
 
     @staticmethod
@@ -370,6 +382,42 @@ class Clipped(Strategy):
                 if j != own and med > 0 and dens[j] > self.density_factor * med:
                     _reject(m, j, peers[j], rnd, f"mask density {dens[j]:.3f} on layer {layer!r} is over "
                                                  f"{self.density_factor:g}x the median {med:.3f}", layer)  # fmt: skip
+
+    def _retreat(self, m: _Members, peers, own, rnd) -> None:
+        """5. Retreat: a neighbour whose update points back along -reference much more than the members' median
+        does (its B pulled towards 0 or past it: a flipped sign, a shrunk copy) is rejected, or down-weighted.
+        In a learning collaboration the members' updates barely correlate with each other (different data and A;
+        cosines about 0 +- 0.1, so the check against the receiver's update says nothing) but all of them agree on
+        their angle with B̄ so far (about 0 to 0.1), while a flipped member's update, -B - reference, is about
+        -2 reference (cosine -0.6 to -0.8). The median of the members' cosines (the receiver's counts) is the
+        centre, so a collaboration whose updates all move away from an old B̄ is not penalised."""
+        cosines: dict[int, float] = {}
+        for j in m.kept:
+            dot = nd = nr = 0.0
+            held = 0
+            for layer in m.layers:
+                mk = m.masks[j][layer]  # type: ignore[index]
+                d, r = m.deltas[j][layer][mk].double(), m.ref[layer][mk].double()  # type: ignore[index]
+                held += int(mk.sum())
+                dot, nd, nr = dot + float(d @ r), nd + float(d @ d), nr + float(r @ r)
+            if held >= self.min_overlap and nd > 0 and nr > 0 and math.isfinite(dot * nd * nr):
+                cosines[j] = dot / math.sqrt(nd * nr)  # none at round 0: no reference yet
+        if len(cosines) < 2 or own not in cosines:
+            return
+        med = statistics.median(cosines.values())
+        lo, hi = self.retreat, self.retreat_tolerance
+        for j, cos in cosines.items():
+            if j == own or cos >= med - hi:
+                continue
+            if cos < med - lo:
+                _reject(m, j, peers[j], rnd, f"retreat: its update's cosine {cos:.3f} with B̄ so far is over {lo:g} "
+                                             f"below the members' median {med:.3f} (it pulls B̄ back)")  # fmt: skip
+            else:
+                trust = (cos - med + lo) / (lo - hi)
+                m.weights[j] *= trust
+                m.decisions.setdefault(j, []).append(Decision(peers[j], rnd, None, CLIPPED,
+                    f"weight x{trust:.3f}: retreat, its update's cosine {cos:.3f} with B̄ so far, the members' "
+                    f"median {med:.3f}"))  # fmt: skip
 
     def _direction(self, m: _Members, peers, own, rnd) -> None:
         mine = m.deltas[own]

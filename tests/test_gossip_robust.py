@@ -247,3 +247,51 @@ def test_measured_table(capsys):
             rows.append(f"{members} {kind:14s} " + " ".join(f"{s}={v:10.3g}" for s, v in lost.items()))
     with capsys.disabled():
         print("\n" + "\n".join(rows))
+
+
+def learning_world(members: int, seed: int):
+    """A collaboration some rounds in, as the attack suite measured it (tiny Llama, 8 members): B̄ so far is R, every
+    honest member's update is its own direction (cosines about 0 with each other and with R) plus a small step
+    that grows R; the last member pushes its values with the sign flipped, -(R + its update)."""
+    g = torch.Generator().manual_seed(seed)
+    ref = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    values, masks = [], []
+    for _ in range(members):
+        mask = {k: torch.rand(s, generator=g) < 0.5 for k, s in SHAPES.items()}
+        step = {k: 0.05 * ref[k] + 0.7 * torch.randn(s, generator=g) for k, s in SHAPES.items()}
+        values.append({k: (ref[k] + step[k])[mask[k]] for k in SHAPES})
+        masks.append(mask)
+    values[-1] = {k: -v for k, v in values[-1].items()}
+    return ref, values, masks
+
+
+def _shift(values, masks, ref, against, step, strategy) -> tuple[float, Aggregate]:
+    """How far the aggregate of ``values`` lies from ``against`` (the honest-only aggregate), in honest steps."""
+    got = robust_masked_average(values, masks, reference=ref, peers=[f"p{j}" for j in range(len(values))], round=2,
+                                strategy=strategy)  # fmt: skip
+    return math.sqrt(sum(float(((got.values[k] - against[k]) ** 2).sum()) for k in SHAPES)) / step, got
+
+
+@pytest.mark.parametrize("members", [4, 8])
+def test_a_flipped_member_whose_update_pulls_b_back_is_rejected_by_retreat(members):
+    """Honest updates barely correlate with the receiver's (so the direction check cannot see a flipped sign) but
+    agree on their angle with B̄ so far; a flipped member's update is about -2 B̄. The retreat check rejects it
+    (with its reason) and no honest member; without the check (the rule before it) the flipped member, clipped to
+    the median norm, still pulls B̄ back by a fifth or more of the honest round's step."""
+    hostile = f"p{members - 1}"
+    for seed in range(5):
+        ref, values, masks = learning_world(members, seed)
+        honest = robust_masked_average(values[:-1], masks[:-1], reference=ref).values
+        step = math.sqrt(sum(float(((honest[k] - ref[k]) ** 2).sum()) for k in SHAPES))
+        before = get_strategy("clipped", retreat=math.inf, retreat_tolerance=math.inf)
+        old, old_result = _shift(values, masks, ref, honest, step, before)
+        assert hostile not in old_result.rejected, "the direction check alone misses it"
+        assert old > 0.2, f"seed {seed}: without the retreat check the flip moves B̄ by {old:.2f} of the step"
+        new, result = _shift(values, masks, ref, honest, step, "clipped")
+        about = [d for d in result.decisions if d.peer == hostile]
+        assert [d.action for d in about] == [REJECTED] and about[0].reason.startswith("retreat"), about
+        assert result.rejected == [hostile], result.decisions
+        # rejected, it moves nothing but the median norm the honest members are clipped to (it counted there)
+        assert new < 0.05, f"seed {seed}: rejected, the flip still moves B̄ by {new:.3g} of the step"
+        clean = robust_masked_average(values[:-1], masks[:-1], reference=ref)
+        assert not clean.rejected and min(clean.weights) > 0.9, clean.decisions  # noise: at most a small down-weight
