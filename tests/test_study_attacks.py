@@ -17,6 +17,8 @@ from sorlora.study.attacks import (
     lost_share,
     run_cell,
     run_suite,
+    share_of_gain,
+    summarise,
 )
 
 FAST = SuiteSettings(members=(4,), attacks=("pm9999",), rounds=4, n_test=128)
@@ -27,6 +29,46 @@ def test_lost_share_is_the_share_of_the_gain():
     assert lost_share(0.5, 0.9, 0.5) == pytest.approx(1.0)
     assert lost_share(0.5, 0.9, 0.7) == pytest.approx(0.5)
     assert lost_share(0.5, 0.5, 0.7) is None, "no gain, no share"
+
+
+def test_share_of_gain_is_the_mean_loss_over_the_mean_gain_with_a_t_interval():
+    got = share_of_gain([0.1, 0.0, 0.2], [0.4, 0.4, 0.4])
+    half = 4.303 * 0.1 / 3**0.5  # t(0.975, 2 df) x sd / sqrt(n)
+    assert got["mean"] == pytest.approx(0.25) and got["n"] == 3
+    assert got["low"] == pytest.approx((0.1 - half) / 0.4, abs=1e-3) and got["high"] == pytest.approx(
+        (0.1 + half) / 0.4, abs=1e-3
+    )
+    small = share_of_gain([0.05, 0.05], [0.5, 0.1])  # a seed that barely learned does not dominate
+    assert small["mean"] == pytest.approx(0.05 / 0.3)
+    assert share_of_gain([0.1], [0.3])["low"] is None, "one seed: no interval"
+    assert share_of_gain([0.1, None], [-0.1, 0.2])["mean"] is None, "no positive mean gain, no share"
+
+
+def _fake(seed, aggregation, attack, acc, base=0.5):
+    return {"engine": "local", "members": 4, "aggregation": aggregation, "attack": attack, "seed": seed,
+            "honest_accuracy": acc, "base_accuracy": base, "start_loss": 2.0, "final_loss": 1.0 if acc > 0.7 else 1.5,
+            "crashed_honest": {}, "honest_rejected": 0, "updates_lost": 0, "records_about_hostile": 1,
+            "reasons": ["norm clipped"], "examples": [{"action": "clipped", "reason": "norm 3 clipped to 1"}],
+            "seconds": 1.0}  # fmt: skip
+
+
+def test_the_summary_pairs_every_seed_with_its_own_clean_run():
+    from sorlora.study.attacks import _shares
+
+    # seed 0 learns a lot, seed 1 little; the attack costs 0.1 accuracy on each seed
+    cells = [_fake(0, "clipped", "none", 0.9), _fake(0, "clipped", "noise", 0.8),
+             _fake(1, "clipped", "none", 0.7), _fake(1, "clipped", "noise", 0.6),
+             _fake(0, "mean", "none", 0.9), _fake(1, "mean", "none", 0.8)]  # fmt: skip
+    _shares(cells)
+    rows = {(r["aggregation"], r["attack"]): r for r in summarise(cells)}
+    noise = rows[("clipped", "noise")]
+    assert noise["lost"]["mean"] == pytest.approx(0.1 / 0.3) and noise["seeds"] == [0, 1]
+    assert noise["lost"]["per_seed"] == pytest.approx([0.25, 0.5])
+    assert noise["lost"]["low"] == pytest.approx(noise["lost"]["high"]), "the same loss on both seeds: no spread"
+    cost = rows[("clipped", "none")]["robust_cost"]
+    assert cost["mean"] == pytest.approx(0.05 / 0.35), "clipped's no-attack cost against mean, seed by seed"
+    table = attack_table({"settings": {}, "cells": cells})
+    assert "| local | 4 | noise |" in table and "33% [33, 33]" in table and "25 50" in table, table
 
 
 def test_the_suite_task_is_balanced_and_learnable_by_its_last_letter():

@@ -64,7 +64,7 @@ __all__ = [
     "attack_table",
     "last_letter_task",
     "lost_share",
-    "mean_interval",
+    "share_of_gain",
     "task_template",
     "run_cell",
     "run_suite",
@@ -546,40 +546,59 @@ def _t975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
-def mean_interval(values: Sequence[float | None]) -> dict[str, Any]:
-    """The mean of the per-seed ``values`` (None: no gain that seed, left out) with its 95% t interval over the
-    seeds (``low``/``high`` None with fewer than two): seeds are the unit, each already paired with its own clean
-    run, so training noise and test-question noise both count."""
-    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
-    if not xs:
-        return {"mean": None, "low": None, "high": None, "n": 0, "per_seed": list(values)}
-    m = statistics.fmean(xs)
-    if len(xs) < 2:
-        return {"mean": m, "low": None, "high": None, "n": 1, "per_seed": list(values)}
-    half = _t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
-    return {"mean": m, "low": m - half, "high": m + half, "n": len(xs), "per_seed": list(values)}
+def share_of_gain(diffs: Sequence[float | None], gains: Sequence[float | None],
+                  per_seed: Sequence[float | None] = ()) -> dict[str, Any]:  # fmt: skip
+    """The share of the mean gain lost over the seeds, ``mean(diffs) / mean(gains)``, with a 95% t interval:
+    ``diffs[s]`` is what seed ``s`` lost (clean minus attacked, same seed: paired) and ``gains[s]`` its clean gain.
+    The interval is the t interval of the mean difference over the seeds (the unit: training and test-question
+    noise both count) divided by the mean gain. A ratio of means, so a seed whose clean run barely learned does
+    not dominate as it would a mean of per-seed ratios (``per_seed``, kept for the table). Seeds with a missing
+    value are left out; ``mean`` None without a positive mean gain, ``low``/``high`` None with fewer than two."""
+    pairs = [(float(d), float(g)) for d, g in zip(diffs, gains)
+             if d is not None and g is not None and math.isfinite(d) and math.isfinite(g)]  # fmt: skip
+    out: dict[str, Any] = {"mean": None, "low": None, "high": None, "n": len(pairs), "per_seed": list(per_seed)}
+    gain = statistics.fmean(g for _, g in pairs) if pairs else 0.0
+    if gain <= 0:
+        return out
+    lost = statistics.fmean(d for d, _ in pairs)
+    out["mean"] = lost / gain
+    if len(pairs) >= 2:
+        half = _t975(len(pairs) - 1) * statistics.stdev(d for d, _ in pairs) / math.sqrt(len(pairs))
+        out["low"], out["high"] = (lost - half) / gain, (lost + half) / gain
+    return out
 
 
 def summarise(cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per (engine, size, aggregation, attack) over its seeds (cells with ``lost_share`` filled by
     :func:`_shares`): the honest members' mean accuracy, the lost shares (accuracy and loss) and, for the no-attack
-    runs of a robust rule, its cost against ``mean`` as :func:`mean_interval`; the counts summed over the seeds."""
+    runs of a robust rule, its cost against ``mean``, each as :func:`share_of_gain` paired per seed with the clean
+    run of that seed; the counts summed over the seeds."""
     groups: dict[tuple[str, int, str, str], list[Mapping[str, Any]]] = {}
+    clean = {}
     for c in cells:
         groups.setdefault(_key(c)[:4], []).append(c)
+        if c["attack"] == "none":
+            clean[(c["engine"], c["members"], c["aggregation"], c.get("seed", 0))] = c
     rows = []
     for (engine, n, aggregation, attack), cs in groups.items():
         cs = sorted(cs, key=lambda c: c.get("seed", 0))
+        refs = [clean.get((engine, n, aggregation if attack != "none" else "mean", c.get("seed", 0))) for c in cs]
+        pairs = [(c, r) for c, r in zip(cs, refs) if r is not None and (attack != "none" or aggregation != "mean")]
+        acc = share_of_gain([r["honest_accuracy"] - c["honest_accuracy"] for c, r in pairs],
+                            [r["honest_accuracy"] - c["base_accuracy"] for c, r in pairs],
+                            [c.get("lost_share" if attack != "none" else "robust_cost") for c, _ in pairs])  # fmt: skip
+        loss = share_of_gain([c["final_loss"] - r["final_loss"] for c, r in pairs],
+                             [r["start_loss"] - r["final_loss"] for c, r in pairs],
+                             [c.get("lost_share_loss" if attack != "none" else "robust_cost_loss") for c, _ in pairs])  # fmt: skip
         about = [c for c in cs if c["examples"]]
         rows.append({
             "engine": engine, "members": n, "aggregation": aggregation, "attack": attack,
             "seeds": [c.get("seed", 0) for c in cs],
             "accuracy": statistics.fmean(c["honest_accuracy"] for c in cs),
             "base_accuracy": statistics.fmean(c["base_accuracy"] for c in cs),
-            "lost": mean_interval([c.get("lost_share") for c in cs]),
-            "lost_loss": mean_interval([c.get("lost_share_loss") for c in cs]),
-            "robust_cost": mean_interval([c.get("robust_cost") for c in cs]),
-            "robust_cost_loss": mean_interval([c.get("robust_cost_loss") for c in cs]),
+            "lost": acc if attack != "none" else None, "lost_loss": loss if attack != "none" else None,
+            "robust_cost": acc if attack == "none" and pairs else None,
+            "robust_cost_loss": loss if attack == "none" and pairs else None,
             "crashed_honest": sum(len(c["crashed_honest"]) for c in cs),
             "honest_rejected": sum(c["honest_rejected"] for c in cs),
             "updates_lost": sum(c["updates_lost"] for c in cs),
@@ -625,7 +644,8 @@ def _lost(r: dict | None, attack: str) -> str:
     if r is None:
         return ""
     if attack == "none":
-        return f"cost {_interval(r['robust_cost'])} / {_pct(r['robust_cost_loss']['mean'])}"
+        cost, cost_loss = r["robust_cost"], r["robust_cost_loss"]
+        return "" if cost is None else f"cost {_interval(cost)} / {_pct(cost_loss['mean'])}"
     return f"{_interval(r['lost'])} / {_pct(r['lost_loss']['mean'])}"
 
 
@@ -648,11 +668,12 @@ def attack_table(result: Mapping[str, Any]) -> str:
         "",
         "lost (acc) = 1 - (acc_attack - acc_base) / (acc_clean - acc_base) of the honest members' mean test "
         "accuracy; lost (loss) = the same on their mean final training loss (gain: first round's loss minus the "
-        "last's); acc_clean / the gain: the same aggregation without an attack, the same seed. Each share is the mean "
-        f"over seeds {', '.join(map(str, seeds))} with its 95% t interval over the seeds [low, high] (paired per "
-        "seed); acc: the mean accuracy over the seeds. In the no-attack row, clipped's entries are the robust rule's "
-        "cost against mean. Records: what the honest members recorded about the hostile one (clipped runs, all "
-        "seeds). crashed / honest rejected / lost updates: honest peers, every run of the row.",
+        "last's); acc_clean / the gain: the same aggregation without an attack, the same seed. Over the seeds "
+        f"({', '.join(map(str, seeds))}) a share is the mean loss over the mean gain, paired per seed, with its 95% "
+        "t interval over the seeds [low, high] (training and question noise both in it); the per-seed shares of "
+        "clipped follow; acc: the mean accuracy over the seeds. In the no-attack row, clipped's entries are the "
+        "robust rule's cost against mean. Records: what the honest members recorded about the hostile one (clipped "
+        "runs, all seeds). crashed / honest rejected / lost updates: honest peers, every run of the row.",
         "",
         "| engine | members | attack | acc mean | lost mean (acc / loss) | acc clipped | lost clipped (acc / loss) "
         "| clipped per seed (acc %) | records | a recorded reason (clipped) | crashed | honest rejected "
