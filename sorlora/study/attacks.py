@@ -73,6 +73,8 @@ __all__ = [
 ]
 
 ENGINES = ("local", "hub-serve")
+# the attack every member excludes from the plan at registration: its run is the honest members' collaboration alone
+ALONE = "weight_1e18"
 
 
 def _noise(v: torch.Tensor, round: int) -> torch.Tensor:  # noqa: A002
@@ -572,13 +574,17 @@ def summarise(cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per (engine, size, aggregation, attack) over its seeds (cells with ``lost_share`` filled by
     :func:`_shares`): the honest members' mean accuracy, the lost shares (accuracy and loss) and, for the no-attack
     runs of a robust rule, its cost against ``mean``, each as :func:`share_of_gain` paired per seed with the clean
-    run of that seed; the counts summed over the seeds."""
+    run of that seed; the counts summed over the seeds. ``lost_vs_alone``: the share lost against the honest members
+    alone (the :data:`ALONE` run of the same seed, where the plan excluded the hostile member at registration): what
+    the hostile member's presence costs beyond the loss of one member's data and slot."""
     groups: dict[tuple[str, int, str, str], list[Mapping[str, Any]]] = {}
-    clean = {}
+    clean, clean_alone = {}, {}
     for c in cells:
         groups.setdefault(_key(c)[:4], []).append(c)
         if c["attack"] == "none":
             clean[(c["engine"], c["members"], c["aggregation"], c.get("seed", 0))] = c
+        if c["attack"] == ALONE:
+            clean_alone[(c["engine"], c["members"], c["aggregation"], c.get("seed", 0))] = c
     rows = []
     for (engine, n, aggregation, attack), cs in groups.items():
         cs = sorted(cs, key=lambda c: c.get("seed", 0))
@@ -590,6 +596,8 @@ def summarise(cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         loss = share_of_gain([c["final_loss"] - r["final_loss"] for c, r in pairs],
                              [r["start_loss"] - r["final_loss"] for c, r in pairs],
                              [c.get("lost_share_loss" if attack != "none" else "robust_cost_loss") for c, _ in pairs])  # fmt: skip
+        alone = [(c, clean_alone.get((engine, n, aggregation, c.get("seed", 0)))) for c in cs]
+        alone = [(c, a) for c, a in alone if a is not None and attack not in ("none", ALONE)]
         about = [c for c in cs if c["examples"]]
         rows.append({
             "engine": engine, "members": n, "aggregation": aggregation, "attack": attack,
@@ -599,6 +607,10 @@ def summarise(cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "lost": acc if attack != "none" else None, "lost_loss": loss if attack != "none" else None,
             "robust_cost": acc if attack == "none" and pairs else None,
             "robust_cost_loss": loss if attack == "none" and pairs else None,
+            "lost_vs_alone": share_of_gain([a["honest_accuracy"] - c["honest_accuracy"] for c, a in alone],
+                                           [a["honest_accuracy"] - a["base_accuracy"] for c, a in alone],
+                                           [lost_share(a["base_accuracy"], a["honest_accuracy"], c["honest_accuracy"])
+                                            for c, a in alone]) if alone else None,
             "crashed_honest": sum(len(c["crashed_honest"]) for c in cs),
             "honest_rejected": sum(c["honest_rejected"] for c in cs),
             "updates_lost": sum(c["updates_lost"] for c in cs),
@@ -672,13 +684,15 @@ def attack_table(result: Mapping[str, Any]) -> str:
         f"({', '.join(map(str, seeds))}) a share is the mean loss over the mean gain, paired per seed, with its 95% "
         "t interval over the seeds [low, high] (training and question noise both in it); the per-seed shares of "
         "clipped follow; acc: the mean accuracy over the seeds. In the no-attack row, clipped's entries are the "
-        "robust rule's cost against mean. Records: what the honest members recorded about the hostile one (clipped "
+        f"robust rule's cost against mean. vs the honest alone: the same share against the {ALONE} run of the seed, "
+        "where the plan excluded the hostile member at registration, i.e. the honest members' collaboration without "
+        "it (its own row: what one member fewer costs). Records: what the honest members recorded about the hostile one (clipped "
         "runs, all seeds). crashed / honest rejected / lost updates: honest peers, every run of the row.",
         "",
         "| engine | members | attack | acc mean | lost mean (acc / loss) | acc clipped | lost clipped (acc / loss) "
-        "| clipped per seed (acc %) | records | a recorded reason (clipped) | crashed | honest rejected "
-        "| lost updates |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| clipped per seed (acc %) | clipped vs the honest alone (acc) | records | a recorded reason (clipped) "
+        "| crashed | honest rejected | lost updates |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(r["engine"], r["members"], r["attack"]) for r in rows},
                   key=lambda k: (k[0], k[1], k[2] != "none", k[2]))  # fmt: skip
@@ -689,7 +703,7 @@ def attack_table(result: Mapping[str, Any]) -> str:
         share = None if r is None else (r["robust_cost"] if attack == "none" else r["lost"])
         lines.append(
             f"| {engine} | {n} | {attack} | {_acc(m)} | {'' if attack == 'none' else _lost(m, attack)} | {_acc(r)} | "
-            f"{_lost(r, attack)} | {_per_seed(share)} | "
+            f"{_lost(r, attack)} | {_per_seed(share)} | {'' if r is None or r['lost_vs_alone'] is None else _interval(r['lost_vs_alone'])} | "
             f"{'' if r is None else r['records_about_hostile']} | {reasons} | "
             f"{sum(x['crashed_honest'] for x in both)} | {sum(x['honest_rejected'] for x in both)} | "
             f"{sum(x['updates_lost'] for x in both)} |"
