@@ -665,8 +665,9 @@ def _reason_cell(r: Mapping[str, Any]) -> str:
     """The first record's reason in full (cut at 110 characters) and how many other kinds of reason there were."""
     first = str(r["examples"][0]["reason"]).replace("|", "/")
     first = first if len(first) <= 110 else first[:107] + "..."
-    more = len(r["reasons"]) - 1
-    return f"{r['examples'][0]['action']}: {first}" + (f" (+{more} other kinds)" if more > 0 else "")
+    shown = _reason_kind(str(r["examples"][0]["reason"]))
+    others = [k.replace("|", "/") for k in r["reasons"] if k != shown]
+    return f"{r['examples'][0]['action']}: {first}" + (f" (also: {'; '.join(others)})" if others else "")
 
 
 def attack_table(result: Mapping[str, Any]) -> str:
