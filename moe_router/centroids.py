@@ -17,18 +17,22 @@ This module imports torch and the Gaussian mechanism of :mod:`moe_router.privacy
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .privacy import DEFAULT_DELTA, clip_rows, gaussian_sigma
+from .privacy import DEFAULT_DELTA, clip_rows, gaussian_sigma, private_mean
 from .routers import EMBEDDINGS
 
 __all__ = [
     "pooled_hidden_states",
     "kmeans",
+    "prompt_mean",
+    "PromptSummary",
+    "summarize_prompts",
     "sequence_centroids",
     "first_layer",
     "gaussian_sigma",
@@ -138,7 +142,39 @@ def kmeans(points: torch.Tensor, k: int, *, seed: int = 0, iterations: int = 50)
     return centroids.float(), assignment
 
 
-def sequence_centroids(
+def prompt_mean(
+    points: torch.Tensor,
+    *,
+    epsilon: float | None = None,
+    delta: float = DEFAULT_DELTA,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The mean (d,) of a member's L2-normalised pooled prompt vectors ``points`` (n, d): its task's signature, from
+    which the cluster topology tells tasks apart (:func:`sorlora_gossip.topology.signature_distances`).
+
+    One number more than the centroids reveal: where the member's prompts lie on average, and (through its norm,
+    ``1 - spread``) how alike they are. With ``epsilon``: :func:`~moe_router.privacy.private_mean` with clip norm 1
+    (a no-op on unit vectors), noise ``N(0, σ² I)`` with ``σ = gaussian_sigma(epsilon, delta, 2 / n)``."""
+    if points.ndim != 2 or points.shape[0] == 0:
+        raise ValueError(f"points must be a non-empty (n, d) tensor, got {tuple(points.shape)}")
+    x = F.normalize(points.detach().float(), dim=-1)
+    if epsilon is None:
+        return x.mean(0)
+    return private_mean(x, epsilon, 1.0, delta=delta, generator=generator)
+
+
+@dataclass(frozen=True)
+class PromptSummary:
+    """What a member registers about its prompts (:func:`summarize_prompts`): the ``sequence`` router's
+    ``centroids`` (k, d), the ``mean`` (d,) of the same unit pooled vectors (the cluster topology's task signature)
+    and the number of ``prompts`` they summarise."""
+
+    centroids: torch.Tensor
+    mean: torch.Tensor
+    prompts: int
+
+
+def summarize_prompts(
     base_model: nn.Module,
     batches: Any,
     *,
@@ -148,20 +184,27 @@ def sequence_centroids(
     epsilon: float | None = None,
     delta: float = DEFAULT_DELTA,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """A member's centroids (min(k, sequences), d) for the ``sequence`` router, from its tokenized ``batches`` on the
-    bare ``base_model``.
+) -> PromptSummary:
+    """A member's :class:`PromptSummary` from its tokenized ``batches`` on the bare ``base_model``.
 
     ``pool_layer``: the layer key the MoE pools (its first expert layer: :func:`first_layer`, or what
     ``router_options["sequence"]["pool_layer"]`` names) or ``"embeddings"``. Each pooled vector is L2-normalised
-    (so its norm is 1, which is also the clipping norm for the noise), then :func:`kmeans` with ``seed``.
-    ``epsilon`` (optional): add Gaussian noise with :func:`add_gaussian_noise` (``clip_norm=1``, ``delta``).
+    (so its norm is 1, which is also the clipping norm for the noise), then :func:`kmeans` with ``seed`` gives the
+    centroids and :func:`prompt_mean` the mean. ``epsilon`` (optional): Gaussian noise on both, each its own
+    release (:func:`add_gaussian_noise` with ``clip_norm=1``, and :func:`prompt_mean`'s), ``delta`` each.
     """
     points = F.normalize(pooled_hidden_states(base_model, batches, pool_layer), dim=-1)
     centroids, _ = kmeans(points, k, seed=seed)
     if epsilon is not None:
         centroids = add_gaussian_noise(centroids, epsilon, delta, 1.0, generator=generator)
-    return centroids
+    mean = prompt_mean(points, epsilon=epsilon, delta=delta, generator=generator)
+    return PromptSummary(centroids=centroids, mean=mean, prompts=int(points.shape[0]))
+
+
+def sequence_centroids(base_model: nn.Module, batches: Any, **kwargs: Any) -> torch.Tensor:
+    """A member's centroids (min(k, sequences), d) for the ``sequence`` router: :func:`summarize_prompts`'s
+    ``centroids`` (same keyword arguments)."""
+    return summarize_prompts(base_model, batches, **kwargs).centroids
 
 
 def add_gaussian_noise(

@@ -19,8 +19,10 @@ from sorlora_gossip.wireless import DEFAULT_CHANNEL, ChannelParams, channel_gain
 __all__ = [
     "MIN_SILHOUETTE",
     "SAME_TASK_DISTANCE",
+    "SAME_TASK_RATIO",
     "auto_cut",
     "budget_distances",
+    "signature_distances",
     "silhouette",
     "statistics_distances",
     "task_cut",
@@ -78,6 +80,47 @@ SAME_TASK_DISTANCE = 0.1
 """Fallback cut on layer-budget distances (:func:`budget_distances`) where no partition exceeds
 :data:`MIN_SILHOUETTE` (every peer on one task, every peer on its own, or two or three peers): one tenth of two
 peers' kept entries placed in other layers."""
+
+
+SAME_TASK_RATIO = 4.0
+"""Automatic clusters from prompt signatures (:func:`signature_distances`) where the distances show no task
+structure (:func:`task_cut` finds none: one task, each peer its own, or two or three peers): peers merge while their
+average-linkage distance is at most this. The distance is a two-sample statistic whose expectation is 1 for two
+samples of one distribution, so 4 is four times the noise's scale, fixed before seeing any registration: peers
+whose prompts cannot be told apart merge, others do not."""
+
+
+def signature_distances(
+    means: Sequence[Any], prompts: Sequence[int], noise_sigmas: Sequence[float] | None = None
+) -> np.ndarray:
+    """Pairwise distance (n, n) of the peers' prompt signatures: ``means[i]`` the mean of peer i's ``prompts[i]``
+    unit-norm pooled prompt vectors (:func:`moe_router.centroids.prompt_mean`), ``noise_sigmas[i]`` the standard
+    deviation of the Gaussian privacy noise added to each coordinate of it (0 without).
+
+    ``d_ij = |m_i - m_j|^2 / (v_i / (n_i - 1) + v_j / (n_j - 1) + D (s_i^2 + s_j^2))``: the squared distance of the
+    two means over its expectation when both samples come from one distribution (the sampling variance of each mean,
+    from its spread ``v = 1 - |m|^2``, the mean's deficit from unit norm, plus the noise's ``D s^2`` over the D
+    coordinates). About 1 for two peers of one task whatever the model, the width or the noise; large across
+    tasks, in proportion to how many prompts each averaged. Rounded to 1e-9: every member computes the same plan."""
+    m = [np.asarray(x, dtype=np.float64).reshape(-1) for x in means]
+    n = len(m)
+    if len(prompts) != n or (noise_sigmas is not None and len(noise_sigmas) != n):
+        raise ValueError("means, prompts and noise_sigmas must hold one entry per peer")
+    if n and any(x.shape != m[0].shape for x in m):
+        raise ValueError("every mean must have the same width")
+    if any(int(k) < 2 for k in prompts):
+        raise ValueError("each mean must average at least 2 prompts")
+    width = m[0].size if n else 0
+    sigma2 = np.zeros(n) if noise_sigmas is None else np.asarray(noise_sigmas, dtype=np.float64) ** 2
+    # the sampling variance of each mean; with noise, |m|^2 is inflated by D s^2 on average, taken back
+    spread = np.array([max(1.0 - (float(x @ x) - width * s2), 0.0) for x, s2 in zip(m, sigma2, strict=True)])
+    var = spread / (np.asarray(prompts, dtype=np.float64) - 1.0) + width * sigma2
+    d = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            gap = float(((m[i] - m[j]) ** 2).sum())
+            d[i, j] = d[j, i] = round(gap / max(var[i] + var[j], 1e-12), 9)
+    return d
 
 
 def statistics_distances(statistics: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -245,6 +288,7 @@ def cluster_topology(
     layer_weights: Sequence[float] | None = None,
     delay_bound_s: float | None = None,
     task_statistics: Sequence[Mapping[str, Any]] | None = None,
+    task_signatures: np.ndarray | None = None,
 ) -> nx.Graph:
     """Agglomerative (AGNES) clustering of peers by collision rate under power/delay constraints (Sec. IV-C).
 
@@ -259,12 +303,14 @@ def cluster_topology(
     ``channel``, ``gains``, ``kind="cluster"``. Cluster ids are 0.. in order of each cluster's smallest peer.
 
     ``s_max=None`` (automatic, clusters that follow the tasks without tuning): the merge order is the average-linkage
-    distance of the peers' registered ``task_statistics`` (:func:`statistics_distances`) when given and showing tasks
-    (:func:`task_cut`), else of their layer budgets (:func:`budget_distances`); ties by S, then power; merges stop at
-    the cut
+    distance ``task_signatures`` (an (n, n) matrix of :func:`signature_distances`; the cut :func:`task_cut`, else
+    :data:`SAME_TASK_RATIO`) when given; else the distance of the peers' registered ``task_statistics`` (:func:`statistics_distances`) when
+    given and showing tasks (:func:`task_cut`), else of their layer budgets (:func:`budget_distances`); ties by S,
+    then power; merges stop at the cut
     :func:`auto_cut` chooses from those distances, and ``s_max`` becomes the largest collision rate among the groups
     that cut forms without power constraints: the bound is chosen from the registrations, and every cluster meets it.
-    The graph records it (``s_max``) with ``auto=True`` and the cut (``distance_cut``).
+    The graph records it (``s_max``) with ``auto=True``, the cut (``distance_cut``) and what the distances were
+    measured on (``distance_basis``: ``"signatures"``, ``"statistics"`` or ``"budgets"``).
     """
     auto = s_max is None
     if s_max is not None and not 0.0 <= s_max <= 1.0:
@@ -287,16 +333,24 @@ def cluster_topology(
     def rate(members: Sequence[int]) -> float:
         return cluster_collision_rate(s[list(members)], layer_weights=layer_weights)
 
-    distances = cut = None
+    distances = cut = basis = None
     if auto:
-        if task_statistics is not None:
+        if task_signatures is not None:
+            basis = "signatures"
+            distances = np.asarray(task_signatures, dtype=np.float64)
+            if distances.shape != (n, n):
+                raise ValueError(f"task_signatures must be an ({n}, {n}) distance matrix, got {distances.shape}")
+            cut = auto_cut(distances, fallback=SAME_TASK_RATIO)
+        elif task_statistics is not None:
             if len(task_statistics) != n:
                 raise ValueError(f"task_statistics must hold one mapping per peer ({n}), got {len(task_statistics)}")
             distances = statistics_distances(task_statistics)
             cut = task_cut(distances)  # None: no task structure (e.g. statistics drowned in privacy noise)
+            basis = "statistics"
         if cut is None:
             distances = budget_distances(s if s.ndim == 2 else s[:, None], layer_weights=layer_weights)
             cut = auto_cut(distances)
+            basis = "budgets"
         s_max = max((rate(m) for m in _upgma(distances, cut)[0]), default=0.0)
 
     groups: list[tuple[int, ...]] = [(v,) for v in range(n)]
@@ -334,6 +388,7 @@ def cluster_topology(
         kind="cluster",
         auto=auto,
         distance_cut=cut,
+        distance_basis=basis,
         s_max=float(s_max),
         payload_bits=float(payload_bits),
         channel=channel,

@@ -15,17 +15,20 @@ from sorlora.evaluation.stats import adjusted_rand_index
 from sorlora.protocol.collab import Collaboration, create_collaboration
 from sorlora.protocol.plan import compute_plan
 from sorlora.protocol.program import PeerProgram
+from sorlora.protocol.publish import read_prompt_mean
 from sorlora.protocol.terms import CollabTerms, TermsError
 from sorlora.runtime.model_loading import TINY_BASE_ID, load_base
 from sorlora.simulation.engines.local import InProcessEngine
 from sorlora_gossip import LocalHub
 from sorlora_gossip.topology import (
     SAME_TASK_DISTANCE,
+    SAME_TASK_RATIO,
     auto_cut,
     budget_distances,
     cluster_collision_rate,
     cluster_topology,
     clusters,
+    signature_distances,
     silhouette,
     statistics_distances,
     task_cut,
@@ -78,8 +81,15 @@ def test_four_peers_two_file_tasks_default_terms_clusters_follow_the_tasks(tmp_p
     plan = collab.read_plan()
     closing = collab.closing()
     stats = {r.peer: collab.member_stats(r.peer, revision=closing.commit) for r in closing.registrations}
-    assert plan == compute_plan(collab.terms(), closing.registrations, collab_commit=closing.commit, statistics=stats)
+    pool, width = "model.layers.0.self_attn.q_proj", base.config.hidden_size
+    signatures = {r.peer: (*read_prompt_mean(hub, "lab/c", r.peer, revision=closing.commit, pool_layer=pool,
+                                             width=width), 0.0) for r in closing.registrations}  # fmt: skip
+    assert plan == compute_plan(collab.terms(), closing.registrations, collab_commit=closing.commit, statistics=stats,
+                                signatures=signatures)  # fmt: skip
+    assert plan["clusters_by"]["basis"] == "signatures", "the registered prompt means measure the tasks"
     assert all(p.plan == plan for p in programs), "every member holds the same plan"
+    by_statistics = compute_plan(collab.terms(), closing.registrations, collab_commit=closing.commit, statistics=stats)
+    assert by_statistics["clusters_by"]["basis"] == "statistics" and _ari(by_statistics, task_of) >= 0.9
     budgets_only = compute_plan(collab.terms(), closing.registrations, collab_commit=closing.commit)
     assert _ari(budgets_only, task_of) >= 0.9, "the layer budgets alone (methods without task statistics) too"
     assert _ari(plan, task_of) >= 0.9, plan["clusters"]
@@ -173,3 +183,46 @@ def test_terms_refuse_a_bad_s_max():
     base, _, _ = load_base(TINY_BASE_ID)
     with pytest.raises(TermsError, match="s_max"):
         CollabTerms(base_model=TINY_BASE_ID, base_fingerprint=base_fingerprint(base), s_max=1.5)
+
+
+def _unit_sample(center: np.ndarray, n: int, rng: np.random.Generator, spread: float = 0.15) -> np.ndarray:
+    x = center + spread * rng.standard_normal((n, center.size))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.01])
+def test_signature_distance_is_about_one_within_a_distribution_and_large_across(sigma):
+    """Two peers' prompt means from one distribution differ by sampling noise only: their distance is about 1
+    (its expectation), with or without privacy noise on the means; peers of another distribution are far."""
+    rng = np.random.default_rng(0)
+    width, n = 64, 64
+    a, b = rng.standard_normal(width), rng.standard_normal(width)
+    c = a + 0.8 * rng.standard_normal(width)  # a related task (as the two film-review tasks)
+    means, within = [], []
+    for center in (a, a, b, b, c, c):
+        x = _unit_sample(center / np.linalg.norm(center), n, rng)
+        means.append(x.mean(0) + sigma * rng.standard_normal(width))
+    d = signature_distances(means, [n] * 6, [sigma] * 6)
+    within = [d[0, 1], d[2, 3], d[4, 5]]
+    assert all(0.2 < w < 3.0 for w in within), within
+    assert min(d[0, 2], d[0, 4], d[2, 4]) > 4 * max(within), d
+    groups = cluster_topology(np.zeros((6, 2)), np.full(6, 0.25), s_max=None, payload_bits=0,
+                              task_signatures=d)  # fmt: skip
+    assert groups.graph["distance_basis"] == "signatures"
+    assert sorted(sorted(g) for g in clusters(groups)) == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_signature_distances_refuse_bad_input_and_two_peers_use_the_fixed_cut():
+    with pytest.raises(ValueError, match="one entry per peer"):
+        signature_distances([np.ones(3)], [4, 4])
+    with pytest.raises(ValueError, match="same width"):
+        signature_distances([np.ones(3), np.ones(4)], [4, 4])
+    with pytest.raises(ValueError, match="at least 2 prompts"):
+        signature_distances([np.ones(3), np.ones(3)], [1, 4])
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal(32)
+    one_task = [_unit_sample(a / np.linalg.norm(a), 48, rng).mean(0) for _ in range(2)]
+    d = signature_distances(one_task, [48, 48])
+    assert task_cut(d) is None and d[0, 1] < SAME_TASK_RATIO, "two peers: no structure to read, the test's cut"
+    g = cluster_topology(np.zeros((2, 2)), np.full(2, 0.25), s_max=None, payload_bits=0, task_signatures=d)
+    assert g.graph["distance_cut"] == SAME_TASK_RATIO and len(clusters(g)) == 1

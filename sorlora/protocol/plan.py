@@ -25,7 +25,7 @@ import networkx as nx
 import numpy as np
 
 from peft_sorlora.projection import derive_seed
-from sorlora_gossip.topology import cluster_topology, random_topology, single_cluster
+from sorlora_gossip.topology import cluster_topology, random_topology, signature_distances, single_cluster
 
 from .terms import CollabTerms, Registration, TermsError, sha256_json
 
@@ -72,6 +72,10 @@ class PlanInputs:
     # per member (same order) its registered task statistics, when every member registered usable ones (implicit-MoE
     # methods): what the automatic cluster topology measures tasks by (sorlora_gossip.topology.statistics_distances)
     statistics: tuple[Mapping[str, Any], ...] | None = None
+    # per member (same order) its prompt signature (mean, prompts, noise sigma), when every member registered a
+    # usable one (implicit-MoE methods): what the automatic cluster topology measures tasks by first
+    # (sorlora_gossip.topology.signature_distances)
+    signatures: tuple[tuple[Any, int, float], ...] | None = None
 
     @property
     def n(self) -> int:
@@ -94,9 +98,14 @@ def _cluster(inputs: PlanInputs) -> nx.Graph:
         raise TermsError("members registered different adapter layers: they do not run the same base model")
     sparsities = [[r.kept[k] / r.sizes[k] for k in layers] for r in regs]
     payload_bits = 8 * max(int(r.value_bytes or 0) for r in regs)
+    signatures = None
+    if inputs.signatures is not None:
+        means, prompts, sigmas = zip(*inputs.signatures, strict=True)
+        signatures = signature_distances(means, prompts, sigmas)
     return cluster_topology(
         inputs.positions(), sparsities, s_max=inputs.terms.s_max, payload_bits=payload_bits, seed=inputs.terms.seed,
         layer_weights=[regs[0].sizes[k] for k in layers], task_statistics=inputs.statistics,
+        task_signatures=signatures,
     )  # fmt: skip
 
 
@@ -232,10 +241,12 @@ def compute_plan(
     collab_commit: str,
     problems: Mapping[str, str] | None = None,
     statistics: Mapping[str, Mapping[str, Any]] | None = None,
+    signatures: Mapping[str, tuple[Any, int, float]] | None = None,
 ) -> dict[str, Any]:
     """The plan (JSON-ready) for ``registrations`` made at ``collab_commit`` under ``terms``; the members that
     :func:`screen_registrations` excludes (or that ``problems`` names) are in ``plan["excluded"]`` with the reason,
-    and nowhere else."""
+    and nowhere else. ``statistics`` and ``signatures`` (peer -> registered task statistics / (prompt mean,
+    prompts, noise sigma)) feed the automatic cluster topology; each is used only if every kept member has one."""
     kept, excluded = screen_registrations(terms, registrations, problems)
     regs = tuple(kept)
     if not regs:
@@ -244,7 +255,10 @@ def compute_plan(
     stats = None if statistics is None or any(r.peer not in statistics for r in regs) else tuple(
         statistics[r.peer] for r in regs
     )  # fmt: skip
-    inputs = PlanInputs(terms=terms, members=regs, statistics=stats)
+    sigs = None if signatures is None or any(r.peer not in signatures for r in regs) else tuple(
+        signatures[r.peer] for r in regs
+    )  # fmt: skip
+    inputs = PlanInputs(terms=terms, members=regs, statistics=stats, signatures=sigs)
     graph = TOPOLOGIES[terms.spec.topology](inputs)
     cluster_ids = sorted({graph.nodes[i]["cluster"] for i in graph.nodes})
     clusters = [[ids[i] for i in sorted(graph.nodes) if graph.nodes[i]["cluster"] == c] for c in cluster_ids]
@@ -260,6 +274,9 @@ def compute_plan(
         "weights": {r.peer: r.n_train for r in regs},
         "positions_mm": {r.peer: list(r.position_mm or default_position_mm(r.peer, terms.seed)) for r in regs},
     }
+    if graph.graph.get("auto"):  # automatic clusters: what they were measured by, and where the merging stopped
+        plan["clusters_by"] = {"basis": graph.graph["distance_basis"], "cut": graph.graph["distance_cut"],
+                               "s_max": graph.graph["s_max"]}  # fmt: skip
     if excluded:  # only when there is one, so the plans of clean collaborations keep their bytes
         plan["excluded"] = excluded
     plan["plan_sha256"] = sha256_json(plan)

@@ -392,8 +392,10 @@ class PeerProgram:
             stats = self._task_statistics(calib, sorted(kept or self._layer_keys()))
         files = {}
         if self.spec.final == "moe":  # the sequence router's centroids travel with the registration
-            centroids, pool_layer = self._centroids(sorted(kept or self._layer_keys()))
-            files[centroids_path(self.user, self.name)] = centroid_bytes(centroids, pool_layer)
+            summary, pool_layer = self._prompt_summary(sorted(kept or self._layer_keys()))
+            files[centroids_path(self.user, self.name)] = centroid_bytes(
+                summary.centroids, pool_layer, mean=summary.mean, prompts=summary.prompts
+            )
         from peft_sorlora import __version__
 
         registration = Registration(
@@ -418,11 +420,12 @@ class PeerProgram:
         with self.ws.bare_base():
             return released_statistics(self.ws.base, inputs, keys, self.terms.stats_epsilon, generator=noise)
 
-    def _centroids(self, keys: Sequence[str]) -> tuple[torch.Tensor, str]:
-        """Up to ``MAX_CENTROIDS`` centroids of its first ``CENTROID_PROMPTS`` training prompts' (the questions, not
-        the answers: what the MoE routes on) mean-pooled hidden states at the MoE's pooling layer (its first expert
-        layer), on the bare base, with the terms' ``centroid_epsilon`` noise; and that layer's key."""
-        from moe_router.centroids import MAX_CENTROIDS, first_layer, sequence_centroids
+    def _prompt_summary(self, keys: Sequence[str]) -> tuple[Any, str]:
+        """Up to ``MAX_CENTROIDS`` centroids and the mean of its first ``CENTROID_PROMPTS`` training prompts' (the
+        questions, not the answers: what the MoE routes on) mean-pooled hidden states at the MoE's pooling layer (its
+        first expert layer), on the bare base, with the terms' ``centroid_epsilon`` noise
+        (``moe_router.centroids.PromptSummary``); and that layer's key."""
+        from moe_router.centroids import MAX_CENTROIDS, first_layer, summarize_prompts
 
         t, tok = self.terms, self.tokenizer
         contexts = [truncate_context(context_continuation_ids(tok, e.prompt, e.answer)[0], budget=t.max_len,
@@ -438,9 +441,9 @@ class PeerProgram:
         noise = torch.Generator().manual_seed(derive_seed(t.seed, "centroids", self.peer_id) % 2**63)
         with self.ws.bare_base():
             pool = first_layer(self.ws.base, keys)
-            centroids = sequence_centroids(self.ws.base, batches, pool_layer=pool, k=MAX_CENTROIDS, seed=t.seed,
-                                           epsilon=t.centroid_epsilon, generator=noise)  # fmt: skip
-        return centroids, pool
+            summary = summarize_prompts(self.ws.base, batches, pool_layer=pool, k=MAX_CENTROIDS, seed=t.seed,
+                                        epsilon=t.centroid_epsilon, generator=noise)  # fmt: skip
+        return summary, pool
 
     def _plan(self) -> None:
         closing = self.collab.close_if_due(self.peer_id, now=time.time())
@@ -450,7 +453,7 @@ class PeerProgram:
         statistics: dict[str, Any] = {}  # the members' task statistics, as read (the cluster topology's distances)
         computed = compute_plan(self.terms, closing.registrations, collab_commit=closing.commit,
                                 problems=self._statistics_problems(closing, statistics),
-                                statistics=statistics or None)  # fmt: skip
+                                statistics=statistics or None, signatures=self._signatures(closing))  # fmt: skip
         if self.peer_id in computed.get("excluded", {}):
             raise TermsError(f"peer {self.peer_id}: the plan of {self.collab.repo_id} excludes this member: "
                              f"{computed['excluded'][self.peer_id]}")  # fmt: skip
@@ -483,6 +486,33 @@ class PeerProgram:
                 f"a registration of this peer other than the one it wrote (fields {', '.join(differ)} differ): "
                 "refusing to take part under it"
             )
+
+    def _signatures(self, closing: Any) -> dict[str, tuple[torch.Tensor, int, float]] | None:
+        """Every member's prompt signature (prompt mean, prompts, the noise sigma the terms' ``centroid_epsilon``
+        puts on it), read at the closing commit, for the automatic cluster topology; None (the topology then uses
+        the task statistics) unless the topology is automatic and every member registered a usable one."""
+        if self.spec.final != "moe" or self.terms.spec.topology != "cluster" or self.terms.s_max is not None:
+            return None
+        from moe_router.centroids import first_layer
+        from moe_router.privacy import DEFAULT_DELTA, gaussian_sigma
+
+        from .publish import read_prompt_mean
+
+        keys = sorted(self.state.get("registration", {}).get("kept") or self._layer_keys())
+        pool = first_layer(self.ws.base, keys)
+        layer = dict(self.ws.base.named_modules())[pool]
+        width = int(getattr(layer, "in_features", None) or layer.weight.shape[0])  # Linear, or GPT-2's Conv1D
+        eps = self.terms.centroid_epsilon
+        out = {}
+        for r in closing.registrations:
+            try:
+                mean, prompts = read_prompt_mean(self.hub, self.collab.repo_id, r.peer, revision=closing.commit,
+                                                 pool_layer=pool, width=width)  # fmt: skip
+            except TermsError as exc:
+                logger.info("peer %s: clusters from the task statistics: %s", self.peer_id, exc)
+                return None
+            out[r.peer] = (mean, prompts, 0.0 if eps is None else gaussian_sigma(eps, DEFAULT_DELTA, 2.0 / prompts))
+        return out
 
     def _statistics_problems(self, closing: Any, found: dict[str, Any] | None = None) -> dict[str, str]:
         """Members whose task statistics the implicit MoE could not use (missing, unreadable, not finite, other

@@ -40,6 +40,8 @@ hidden states on the bare base (``members/<user>/<peer>.centroids.safetensors``,
 ``centroid_epsilon`` in the terms, Gaussian noise is added first). A publishing peer reads them back at the plan's
 pinned commit with :func:`read_centroids` (size cap, 2-D shape, at most ``MAX_CENTROIDS`` rows, the pooled layer's
 width, finite values, the same pooling layer): an invalid or missing file only leaves that member's centroids out.
+The same file holds the mean of those pooled vectors and their number (:func:`read_prompt_mean`): the task signature
+the automatic cluster topology compares members by (:func:`sorlora_gossip.topology.signature_distances`).
 
 A ``final`` commit is made once: a peer restarted between the commit and its tag finds its own earlier ``final``
 commit on ``main`` (by its message, holding a report) and tags it instead of committing again.
@@ -111,6 +113,7 @@ __all__ = [
     "moe_digest",
     "publish_final",
     "read_centroids",
+    "read_prompt_mean",
     "tokenizer_files",
 ]
 
@@ -118,6 +121,7 @@ logger = logging.getLogger(__name__)
 
 CENTROIDS_FORMAT = "sorlora-centroids/1"
 MAX_CENTROID_BYTES = 1 << 20  # MAX_CENTROIDS x d float32 plus header: 1 MiB allows d up to 65k
+MAX_SUMMARY_PROMPTS = 1 << 20  # prompts a registered mean may claim to average (a count, not a weight)
 MOE_CLAIM_FORMAT = "sorlora-moe-claim/1"
 MAX_CLAIM_BYTES = 4096
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -472,14 +476,25 @@ def centroids_path(user: str, peer: str) -> str:
     return member_file(user, peer, ".centroids.safetensors")
 
 
-def centroid_bytes(centroids: torch.Tensor, pool_layer: str) -> bytes:
-    """The centroids file: ``centroids`` (k x d float32) with the pooled layer's key in the metadata."""
-    return save_safetensors({"centroids": centroids.detach().float().cpu().contiguous()},
-                            metadata={"format": CENTROIDS_FORMAT, "pool_layer": pool_layer})  # fmt: skip
+def centroid_bytes(centroids: torch.Tensor, pool_layer: str, *, mean: torch.Tensor | None = None,
+                   prompts: int | None = None) -> bytes:  # fmt: skip
+    """The centroids file: ``centroids`` (k x d float32) with the pooled layer's key in the metadata; with ``mean``
+    (d,) and ``prompts``, also the mean of the pooled prompt vectors and their number (the task signature the
+    cluster topology compares members by, :func:`read_prompt_mean`)."""
+    tensors = {"centroids": centroids.detach().float().cpu().contiguous()}
+    metadata = {"format": CENTROIDS_FORMAT, "pool_layer": pool_layer}
+    if mean is not None:
+        if prompts is None:
+            raise ValueError("a mean needs the number of prompts it averages")
+        tensors["mean"] = mean.detach().float().cpu().contiguous()
+        metadata["prompts"] = str(int(prompts))
+    return save_safetensors(tensors, metadata=metadata)
 
 
-def read_centroids(hub: Any, repo_id: str, peer: str, *, revision: str, pool_layer: str, width: int) -> torch.Tensor:
-    """A member's centroids (k x ``width``) at ``revision``, validated; ``TermsError`` saying why otherwise."""
+def _centroid_file(hub: Any, repo_id: str, peer: str, *, revision: str, pool_layer: str,
+                   width: int) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:  # fmt: skip
+    """A member's centroids file at ``revision``, checked as a whole (size cap, format, tensors, pooling layer,
+    the centroids' shape and values); ``TermsError`` saying why otherwise. Returns (tensors, metadata, where)."""
     user, name = peer.split("/", 1)
     path = centroids_path(user, name)
     where = f"{repo_id}/{path}@{revision[:12]}"
@@ -491,7 +506,7 @@ def read_centroids(hub: Any, repo_id: str, peer: str, *, revision: str, pool_lay
         tensors, meta = load_safetensors(data), read_payload_metadata(data)
     except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted bytes is a refusal
         raise TermsError(f"{where}: not a safetensors file: {exc}") from exc
-    if set(tensors) != {"centroids"} or meta.get("format") != CENTROIDS_FORMAT:
+    if set(tensors) not in ({"centroids"}, {"centroids", "mean"}) or meta.get("format") != CENTROIDS_FORMAT:
         raise TermsError(f"{where}: not a {CENTROIDS_FORMAT} file (tensors {sorted(tensors)[:3]})")
     if meta.get("pool_layer") != pool_layer:
         raise TermsError(f"{where}: pooled at {meta.get('pool_layer')!r}, the MoE pools {pool_layer!r}")
@@ -501,7 +516,28 @@ def read_centroids(hub: Any, repo_id: str, peer: str, *, revision: str, pool_lay
                          f"{tuple(c.shape)}")  # fmt: skip
     if not torch.isfinite(c).all() or bool((c.norm(dim=-1) == 0).any()):
         raise TermsError(f"{where}: centroids must be finite and non-zero")
-    return c
+    return tensors, meta, where
+
+
+def read_centroids(hub: Any, repo_id: str, peer: str, *, revision: str, pool_layer: str, width: int) -> torch.Tensor:
+    """A member's centroids (k x ``width``) at ``revision``, validated; ``TermsError`` saying why otherwise."""
+    return _centroid_file(hub, repo_id, peer, revision=revision, pool_layer=pool_layer, width=width)[0]["centroids"]
+
+
+def read_prompt_mean(hub: Any, repo_id: str, peer: str, *, revision: str, pool_layer: str,
+                     width: int) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """A member's registered prompt mean (``width``,) and the number of prompts it averages, validated (a float32
+    finite vector, an integer count in ``[2, MAX_SUMMARY_PROMPTS]``);
+    ``TermsError`` saying why otherwise (also for a file that registered centroids only)."""
+    tensors, meta, where = _centroid_file(hub, repo_id, peer, revision=revision, pool_layer=pool_layer, width=width)
+    if "mean" not in tensors:
+        raise TermsError(f"{where}: registered no prompt mean")
+    m, prompts = tensors["mean"], meta.get("prompts", "")
+    if m.dtype != torch.float32 or tuple(m.shape) != (width,) or not torch.isfinite(m).all():
+        raise TermsError(f"{where}: the prompt mean must be a finite float32 vector of {width}, got {tuple(m.shape)}")
+    if not (prompts.isdigit() and 2 <= int(prompts) <= MAX_SUMMARY_PROMPTS):
+        raise TermsError(f"{where}: prompts must be an integer in [2, {MAX_SUMMARY_PROMPTS}], got {prompts[:20]!r}")
+    return m, int(prompts)
 
 
 def moe_centroids(program: Any, *, pool_layer: str, width: int) -> list[torch.Tensor | None]:
