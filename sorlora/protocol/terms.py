@@ -92,9 +92,10 @@ class CollabTerms:
     s_max: float | None = field(
         default=None,
         metadata={"help": "collision-rate bound of the cluster topology; None (auto): clusters follow the tasks, the "
-                  "members with the nearest registered task statistics (else layer budgets) merge first, up to a cut "
-                  "and a bound chosen from the registrations (sorlora_gossip.topology.auto_cut); a number: the "
-                  "paper's AGNES, lowest collision rate first"},
+                  "members with the nearest registered prompt signatures (else task statistics, else layer budgets) "
+                  "merge first, up to a cut and a bound chosen from the registrations "
+                  "(sorlora_gossip.topology.signature_distances, auto_cut); a number: the paper's AGNES, lowest "
+                  "collision rate first"},
     )  # fmt: skip
     degree: int = field(default=2, metadata={"help": "neighbours per peer in the random topology"})
     router_top_k: int | None = field(default=None, metadata={"help": "components kept per token (None: k = r)"})

@@ -110,8 +110,8 @@ class ExperimentConfig:
     s_max: float | None = _setting(
         None,
         help="collision-rate bound of the cluster topology (pairs at sparsity 0.25 collide at ~0.06); none (auto): "
-        "clusters follow the tasks: the peers with the nearest registered task statistics (else layer budgets) "
-        "merge first, and the cut and the bound are chosen from the registrations",
+        "clusters follow the tasks: the peers with the nearest registered prompt signatures (else task statistics, "
+        "else layer budgets) merge first, and the cut and the bound are chosen from the registrations",
     )
     router_top_k: int | None = _setting(
         None, help="components kept per token by the implicit MoE router; none: the paper's k = r"
