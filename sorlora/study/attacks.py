@@ -13,7 +13,11 @@ each honest member's final view (its own adapter and what its forward holds of t
 the last round) on the task's test questions. With ``acc_base`` the bare base's accuracy and ``acc_clean`` the
 honest members' mean accuracy without an attack (under the same aggregation), an attack's **lost share** is
 ``1 - (acc_attack - acc_base) / (acc_clean - acc_base)``: 0 when the attack cost nothing, 1 when it erased the
-gain. The robust rule's **cost** is ``1 - gain(clipped, no attack) / gain(mean, no attack)``.
+gain. The robust rule's **cost** is ``1 - gain(clipped, no attack) / gain(mean, no attack)``. :func:`run_suite` runs
+every cell once per seed of ``seeds`` (data split, masks, training order); each seed's shares are paired with that
+seed's clean run, and over the seeds a share is the mean loss over the mean gain with a 95% t interval
+(:func:`share_of_gain`): training noise (trajectories that diverge after any change) dominates, not the test
+questions. Each share is also given against the honest members alone (the :data:`ALONE` run of the seed).
 
 Every run counts crashed honest peers (an exception out of ``step``), the records about the hostile member (peer,
 round, action, reason: the aggregation's decisions, the plan's exclusions, the pull's rejections), the honest
