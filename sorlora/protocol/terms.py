@@ -136,7 +136,7 @@ class CollabTerms:
         default=DEFAULT_STRATEGY,
         metadata={"help": f"how every average of members' updates treats them (sorlora_gossip.robust.STRATEGIES: "
                   f"{', '.join(STRATEGIES)}): mean (the plain weighted masked average, trusts everyone), clipped "
-                  "(bounded weights, direction check, per-layer norm clipping to the members' median), trimmed or "
+                  "(bounded weights, direction and retreat checks, per-layer norm clipping to the members' median), trimmed or "
                   "median (clipped, then a trimmed mean / median where an entry has 3+ holders); every member "
                   "rejected or clipped is recorded with peer, round and reason"},
     )  # fmt: skip
