@@ -8,8 +8,11 @@ summarises them with ``k`` centroids (spherical k-means in torch, k-means++ seed
 **What the centroids reveal.** They are statistics, not data: ``k`` (at most 4 by default) averages of many
 prompts' pooled hidden states. They reveal the topic/format of the member's prompts in the base model's
 representation (enough to tell tasks apart, which is their purpose) and, for a cluster with few prompts, can sit
-close to single prompts' representations; they do not contain tokens. A member who wants a formal guarantee adds
-Gaussian noise with :func:`add_gaussian_noise` (the Gaussian mechanism after clipping each vector's norm).
+close to single prompts' representations. They hold no token ids, but pooled at the first layer's input they are
+averages of per-token inputs, from which matching pursuit can recover which tokens were frequent (as it does from
+the task statistics, :mod:`sorlora.study.leakage`); the prompt mean (:func:`prompt_mean`) is one more such average.
+A member who wants a formal guarantee adds Gaussian noise (``epsilon``: the Gaussian mechanism after clipping each
+vector's norm).
 
 This module imports torch and the Gaussian mechanism of :mod:`moe_router.privacy`.
 """
