@@ -54,7 +54,7 @@ _STUDY_CONFIG = ExperimentConfig(
     # tasks: the default, the pilot's four strongest (README "Tasks that carry signal")
     # the methods of the pre-registered contrasts; `solora` is scored under every router on the same experts (its
     # variants: implicit, spectral, arrow, sum, hard). The diagnostics oracle, solora-union and solora-cotrain are
-    # one --set methods=... away; they cost about 4 more minutes each per seed and answer no pre-registered contrast
+    # one --set methods=... away (one more collaboration each per seed); they answer no pre-registered contrast
     methods=("lora", "lori", "solora-single", "solora"),
     # two peers per task (the paper: several devices may share a task): the clusters have tasks to follow (their
     # adjusted Rand index against the tasks is reported); every method gets the same 8 peers and data shards
