@@ -187,6 +187,28 @@ def _reject(m: _Members, j: int, peer: Hashable, rnd, reason: str, layer: str | 
     m.weights[j] = 0.0
 
 
+def _down_weight(m: _Members, j: int, peer: Hashable, rnd, trust: float, why: str) -> None:
+    """Scale member ``j``'s weight by ``trust`` (a ``clipped`` record saying why)."""
+    m.weights[j] *= trust
+    m.decisions.setdefault(j, []).append(Decision(peer, rnd, None, CLIPPED, f"weight x{trust:.3f}: {why}"))
+
+
+def _masked_cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
+                   layers: Sequence[str], min_overlap: int) -> tuple[float | None, int]:  # fmt: skip
+    """The cosine of ``a`` and ``b`` over the entries ``masks`` holds, all ``layers`` together (float64), and how
+    many entries that is; None when fewer than ``min_overlap``, either side is zero there, or it is not finite."""
+    dot = na = nb = 0.0
+    held = 0
+    for layer in layers:
+        mk = masks[layer]
+        x, y = a[layer][mk].double(), b[layer][mk].double()
+        held += int(mk.sum())
+        dot, na, nb = dot + float(x @ y), na + float(x @ x), nb + float(y @ y)
+    if held < min_overlap or na == 0 or nb == 0 or not math.isfinite(dot * na * nb):
+        return None, held
+    return dot / math.sqrt(na * nb), held
+
+
 @dataclass(frozen=True)
 class Strategy:
     """Base of every strategy: ``name`` (its registry key) and :meth:`aggregate`."""
@@ -393,15 +415,9 @@ class Clipped(Strategy):
         centre, so a collaboration whose updates all move away from an old B̄ is not penalised."""
         cosines: dict[int, float] = {}
         for j in m.kept:
-            dot = nd = nr = 0.0
-            held = 0
-            for layer in m.layers:
-                mk = m.masks[j][layer]  # type: ignore[index]
-                d, r = m.deltas[j][layer][mk].double(), m.ref[layer][mk].double()  # type: ignore[index]
-                held += int(mk.sum())
-                dot, nd, nr = dot + float(d @ r), nd + float(d @ d), nr + float(r @ r)
-            if held >= self.min_overlap and nd > 0 and nr > 0 and math.isfinite(dot * nd * nr):
-                cosines[j] = dot / math.sqrt(nd * nr)  # none at round 0: no reference yet
+            cos, _ = _masked_cosine(m.deltas[j], m.ref, m.masks[j], m.layers, self.min_overlap)  # type: ignore[arg-type]
+            if cos is not None:  # none at round 0: no reference yet
+                cosines[j] = cos
         if len(cosines) < 2 or own not in cosines:
             return
         med = statistics.median(cosines.values())
@@ -413,11 +429,14 @@ class Clipped(Strategy):
                 _reject(m, j, peers[j], rnd, f"retreat: its update's cosine {cos:.3f} with B̄ so far is over {lo:g} "
                                              f"below the members' median {med:.3f} (it pulls B̄ back)")  # fmt: skip
             else:
-                trust = (cos - med + lo) / (lo - hi)
-                m.weights[j] *= trust
-                m.decisions.setdefault(j, []).append(Decision(peers[j], rnd, None, CLIPPED,
-                    f"weight x{trust:.3f}: retreat, its update's cosine {cos:.3f} with B̄ so far, the members' "
-                    f"median {med:.3f}"))  # fmt: skip
+                _down_weight(
+                    m,
+                    j,
+                    peers[j],
+                    rnd,
+                    (cos - med + lo) / (lo - hi),
+                    f"retreat, its update's cosine {cos:.3f} with B̄ so far, the members' median {med:.3f}",
+                )
 
     def _direction(self, m: _Members, peers, own, rnd) -> None:
         mine = m.deltas[own]
@@ -427,16 +446,10 @@ class Clipped(Strategy):
         for j in m.kept:
             if j == own:
                 continue
-            dot = na = nb = 0.0
-            shared = 0
-            for layer in m.layers:
-                both = m.masks[j][layer] & m.masks[own][layer]  # type: ignore[index]
-                a, b = m.deltas[j][layer][both].double(), mine[layer][both].double()  # type: ignore[index]
-                shared += int(both.sum())
-                dot, na, nb = dot + float(a @ b), na + float(a @ a), nb + float(b @ b)
-            if shared < self.min_overlap or na == 0 or nb == 0 or not math.isfinite(dot * na * nb):
+            both = {layer: m.masks[j][layer] & m.masks[own][layer] for layer in m.layers}  # type: ignore[index]
+            cos, shared = _masked_cosine(m.deltas[j], mine, both, m.layers, self.min_overlap)  # type: ignore[arg-type]
+            if cos is None:
                 continue
-            cos = dot / math.sqrt(na * nb)
             if cos < self.cos_threshold:
                 _reject(m, j, peers[j], rnd, f"direction: cosine {cos:.3f} against the receiver's update is below "
                                              f"{self.cos_threshold:g} ({shared} shared entries)")  # fmt: skip
@@ -457,10 +470,14 @@ class Clipped(Strategy):
                                              f"neighbours' median is {med:.3f}, below -{a:g}x it ({shared} shared "
                                              "entries)")  # fmt: skip
             elif trust < 1.0 - 1e-6:
-                m.weights[j] *= trust
-                m.decisions.setdefault(j, []).append(Decision(peers[j], rnd, None, CLIPPED,
-                    f"weight x{trust:.3f}: cosine {cos:.3f} against the receiver's update, neighbours' median "
-                    f"{med:.3f}"))  # fmt: skip
+                _down_weight(
+                    m,
+                    j,
+                    peers[j],
+                    rnd,
+                    trust,
+                    f"cosine {cos:.3f} against the receiver's update, neighbours' median {med:.3f}",
+                )
 
     def _clip(self, m: _Members, peers, own, rnd) -> None:
         for layer in m.layers:
