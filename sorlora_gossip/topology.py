@@ -288,7 +288,7 @@ def cluster_topology(
     layer_weights: Sequence[float] | None = None,
     delay_bound_s: float | None = None,
     task_statistics: Sequence[Mapping[str, Any]] | None = None,
-    task_signatures: np.ndarray | None = None,
+    task_signatures: Sequence[tuple[Any, int, float]] | None = None,
 ) -> nx.Graph:
     """Agglomerative (AGNES) clustering of peers by collision rate under power/delay constraints (Sec. IV-C).
 
@@ -303,8 +303,8 @@ def cluster_topology(
     ``channel``, ``gains``, ``kind="cluster"``. Cluster ids are 0.. in order of each cluster's smallest peer.
 
     ``s_max=None`` (automatic, clusters that follow the tasks without tuning): the merge order is the average-linkage
-    distance ``task_signatures`` (an (n, n) matrix of :func:`signature_distances`; the cut :func:`task_cut`, else
-    :data:`SAME_TASK_RATIO`) when given; else the distance of the peers' registered ``task_statistics`` (:func:`statistics_distances`) when
+    distance of the peers' registered ``task_signatures`` (per peer its prompt mean, prompts and noise sigma:
+    :func:`signature_distances`; the cut :func:`task_cut`, else :data:`SAME_TASK_RATIO`) when given; else the distance of the peers' registered ``task_statistics`` (:func:`statistics_distances`) when
     given and showing tasks (:func:`task_cut`), else of their layer budgets (:func:`budget_distances`); ties by S,
     then power; merges stop at the cut
     :func:`auto_cut` chooses from those distances, and ``s_max`` becomes the largest collision rate among the groups
@@ -336,10 +336,10 @@ def cluster_topology(
     distances = cut = basis = None
     if auto:
         if task_signatures is not None:
+            if len(task_signatures) != n:
+                raise ValueError(f"task_signatures must hold one signature per peer ({n}), got {len(task_signatures)}")
             basis = "signatures"
-            distances = np.asarray(task_signatures, dtype=np.float64)
-            if distances.shape != (n, n):
-                raise ValueError(f"task_signatures must be an ({n}, {n}) distance matrix, got {distances.shape}")
+            distances = signature_distances(*zip(*task_signatures, strict=True)) if n else np.zeros((0, 0))
             cut = auto_cut(distances, fallback=SAME_TASK_RATIO)
         elif task_statistics is not None:
             if len(task_statistics) != n:

@@ -207,7 +207,7 @@ def test_signature_distance_is_about_one_within_a_distribution_and_large_across(
     assert all(0.2 < w < 3.0 for w in within), within
     assert min(d[0, 2], d[0, 4], d[2, 4]) > 4 * max(within), d
     groups = cluster_topology(np.zeros((6, 2)), np.full(6, 0.25), s_max=None, payload_bits=0,
-                              task_signatures=d)  # fmt: skip
+                              task_signatures=[(mean, n, sigma) for mean in means])  # fmt: skip
     assert groups.graph["distance_basis"] == "signatures"
     assert sorted(sorted(g) for g in clusters(groups)) == [[0, 1], [2, 3], [4, 5]]
 
@@ -224,5 +224,6 @@ def test_signature_distances_refuse_bad_input_and_two_peers_use_the_fixed_cut():
     one_task = [_unit_sample(a / np.linalg.norm(a), 48, rng).mean(0) for _ in range(2)]
     d = signature_distances(one_task, [48, 48])
     assert task_cut(d) is None and d[0, 1] < SAME_TASK_RATIO, "two peers: no structure to read, the test's cut"
-    g = cluster_topology(np.zeros((2, 2)), np.full(2, 0.25), s_max=None, payload_bits=0, task_signatures=d)
+    g = cluster_topology(np.zeros((2, 2)), np.full(2, 0.25), s_max=None, payload_bits=0,
+                         task_signatures=[(mean, 48, 0.0) for mean in one_task])  # fmt: skip
     assert g.graph["distance_cut"] == SAME_TASK_RATIO and len(clusters(g)) == 1

@@ -25,7 +25,7 @@ import networkx as nx
 import numpy as np
 
 from peft_sorlora.projection import derive_seed
-from sorlora_gossip.topology import cluster_topology, random_topology, signature_distances, single_cluster
+from sorlora_gossip.topology import cluster_topology, random_topology, single_cluster
 
 from .terms import CollabTerms, Registration, TermsError, sha256_json
 
@@ -98,14 +98,10 @@ def _cluster(inputs: PlanInputs) -> nx.Graph:
         raise TermsError("members registered different adapter layers: they do not run the same base model")
     sparsities = [[r.kept[k] / r.sizes[k] for k in layers] for r in regs]
     payload_bits = 8 * max(int(r.value_bytes or 0) for r in regs)
-    signatures = None
-    if inputs.signatures is not None:
-        means, prompts, sigmas = zip(*inputs.signatures, strict=True)
-        signatures = signature_distances(means, prompts, sigmas)
     return cluster_topology(
         inputs.positions(), sparsities, s_max=inputs.terms.s_max, payload_bits=payload_bits, seed=inputs.terms.seed,
         layer_weights=[regs[0].sizes[k] for k in layers], task_statistics=inputs.statistics,
-        task_signatures=signatures,
+        task_signatures=inputs.signatures,
     )  # fmt: skip
 
 
@@ -234,6 +230,13 @@ def screen_registrations(
     return [r for r in regs if r.peer not in excluded], dict(sorted(excluded.items()))
 
 
+def _every_member(per_peer: Mapping[str, Any] | None, regs: Sequence[Registration]) -> tuple[Any, ...] | None:
+    """``per_peer``'s value for each of ``regs`` (in order), or None unless every one of them has a value."""
+    if per_peer is None or any(r.peer not in per_peer for r in regs):
+        return None
+    return tuple(per_peer[r.peer] for r in regs)
+
+
 def compute_plan(
     terms: CollabTerms,
     registrations: Sequence[Registration],
@@ -252,13 +255,8 @@ def compute_plan(
     if not regs:
         raise TermsError(f"no usable registration: there is nothing to plan (excluded: {excluded})")
     ids = [r.peer for r in regs]
-    stats = None if statistics is None or any(r.peer not in statistics for r in regs) else tuple(
-        statistics[r.peer] for r in regs
-    )  # fmt: skip
-    sigs = None if signatures is None or any(r.peer not in signatures for r in regs) else tuple(
-        signatures[r.peer] for r in regs
-    )  # fmt: skip
-    inputs = PlanInputs(terms=terms, members=regs, statistics=stats, signatures=sigs)
+    inputs = PlanInputs(terms=terms, members=regs, statistics=_every_member(statistics, regs),
+                        signatures=_every_member(signatures, regs))  # fmt: skip
     graph = TOPOLOGIES[terms.spec.topology](inputs)
     cluster_ids = sorted({graph.nodes[i]["cluster"] for i in graph.nodes})
     clusters = [[ids[i] for i in sorted(graph.nodes) if graph.nodes[i]["cluster"] == c] for c in cluster_ids]
