@@ -16,7 +16,7 @@ from peft_sorlora.base_model import base_fingerprint
 from sorlora.data.synthetic import synthetic_task
 from sorlora.methods.rules import AGGREGATIONS, Group, cluster_expert
 from sorlora.protocol.collab import create_collaboration
-from sorlora.protocol.plan import compute_plan, screen_registrations
+from sorlora.protocol.plan import WEIGHT_CAP, compute_plan, plan_weights, screen_registrations
 from sorlora.protocol.program import PeerData, PeerProgram
 from sorlora.protocol.terms import CollabTerms, Registration, TermsError
 from sorlora.runtime.model_loading import TINY_BASE_ID, load_base
@@ -54,8 +54,6 @@ VALUE_ATTACKS = {
     "noise": _noise,
 }
 REGISTRATION_ATTACKS = {
-    "n_train_1e18": {"n_train": 10**18},
-    "n_train_1e400": {"n_train": 10**400},
     "position_1e30": {"position_mm": (10**30, 0)},
     "kept_over_sizes": "kept",
 }
@@ -87,9 +85,13 @@ class Hostile(PeerProgram):
                                                        kept={k: v + 1 for k, v in sizes.items()})  # fmt: skip
                 else:
                     registration = dataclasses.replace(registration, **change)
+                self.wrote = registration
                 return register(registration, stats=stats, files=files)
 
             self.collab.register = hostile
+            super()._register()
+            self._save(phase="plan", registration=self.wrote.to_dict())  # it stands by what it wrote
+            return
         super()._register()
 
 
@@ -265,12 +267,37 @@ def _update(seed: int, scale: float):
     return SparseUpdate(values=values, masks=masks, shapes={k: (8, 4, 1) for k in masks}, metadata={"round": "1"})
 
 
+@pytest.mark.parametrize("claim", [10**18, 10**400])
+def test_a_member_lying_about_its_data_size_keeps_its_place_with_a_bounded_weight(tmp_path, clean, claim):
+    result = _run(tmp_path, registration={"n_train": claim})
+    assert result["crashed"] == {} and len(result["reports"]) == 3
+    plan = result["plan"]
+    assert "eve/dev" in plan["members"] and "excluded" not in plan
+    median = plan["weights"]["ann/dev"]
+    assert plan["weights"]["eve/dev"] == WEIGHT_CAP * median, plan["weights"]
+    assert "bounded to" in plan["weights_bounded"]["eve/dev"] and "10^" in plan["weights_bounded"]["eve/dev"]
+    assert {r["plan_sha256"] for r in result["reports"].values()} == {plan["plan_sha256"]}
+    assert all(r["records"][-1]["used"] and "eve/dev" in r["records"][-1]["used"] for r in result["reports"].values())
+    assert _final_loss(result) < _start_loss(result), "the honest members still learn"
+
+
+def test_plan_weights_are_integer_claims_bounded_around_the_median():
+    sha = TERMS.sha256()
+    regs = [Registration(peer=f"{u}/d", user=u, task="t", n_train=n, terms_sha256=sha)
+            for u, n in (("a", 100), ("b", 120), ("c", 1), ("d", 10**400), ("e", 90))]  # fmt: skip
+    weights, bounded = plan_weights(regs)
+    assert weights == {"a/d": 100, "b/d": 120, "c/d": 50, "d/d": 200, "e/d": 90}
+    assert set(bounded) == {"c/d", "d/d"} and "about 10^400" in bounded["d/d"]
+    assert all(isinstance(w, int) for w in weights.values())
+    assert plan_weights(list(reversed(regs))) == (weights, bounded), "the same whatever the order"
+
+
 def test_registration_screening_bounds_every_number():
     sha = TERMS.sha256()
     good = dict(user="a", task="t", n_train=12, terms_sha256=sha, kept={"l": 4}, sizes={"l": 8}, value_bytes=16)
     regs = [Registration(peer=f"{u}/d", **{**good, "user": u}) for u in ("a", "b", "c")]
     bad = {
-        "n_train": {"n_train": 10**400},
+        "n_train": {"n_train": 0},
         "position": {"position_mm": (10**30, 0)},
         "kept": {"kept": {"l": 9}},
         "sizes": {"sizes": {"l": 16}, "kept": {"l": 4}, "value_bytes": 16},

@@ -8,15 +8,23 @@ is logged (:func:`plan_differences` names what differs) and ignored, so one memb
 committing a different plan first. The topology of each method comes from :data:`TOPOLOGIES`, one function per kind.
 
 Registrations are untrusted: before any topology sees them, :func:`screen_registrations` bounds every registered
-number (``n_train``, positions, layer sizes, kept counts, value bytes) and checks them against each other and
-against the majority of members (the same layers and sizes: they run the same base); a member that fails, or whose
+number (positions, layer sizes, kept counts, value bytes; ``n_train`` must be a positive integer) and checks them
+against each other and against the majority of members (the same layers and sizes: they run the same base); a member that fails, or whose
 task statistics the caller found unusable (``problems``), is excluded from the plan with its reason
 (``plan["excluded"]``). The exclusion is a pure function of the same inputs, so every member excludes the same
 peers; a bad registration never stops the others.
+
+``n_train`` is a claim nobody can check, so it is never excluded for its size nor used raw: the plan's ``weights``
+(:func:`plan_weights`) are the claims bounded to ``[median / WEIGHT_CAP, median x WEIGHT_CAP]`` of the kept
+members' claims, in integers, and each bounded claim is recorded in ``plan["weights_bounded"]`` with its reason. A
+member claiming 10^18 examples keeps its (honest or not) updates in the rounds, checked like everyone's, with at most
+twice the median member's weight: excluding it would cost the honest members its data, and a larger cap costs them
+the averaging (measured with 4 members: a 4x cap lost about as much as the member's exclusion, seed 0).
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +41,7 @@ __all__ = [
     "MAX_LAYERS",
     "MAX_LAYER_SIZE",
     "MAX_NAME_CHARS",
-    "MAX_N_TRAIN",
+    "WEIGHT_CAP",
     "MAX_POSITION_MM",
     "PLAN_FORMAT",
     "PlanInputs",
@@ -41,6 +49,7 @@ __all__ = [
     "compute_plan",
     "plan_differences",
     "plan_graph",
+    "plan_weights",
     "default_position_mm",
     "majority",
     "screen_registrations",
@@ -48,7 +57,7 @@ __all__ = [
 
 PLAN_FORMAT = "sorlora-plan/1"
 RADIUS_MM = 100_000  # peers without a position estimate are placed in this disk (the channel model's default area)
-MAX_N_TRAIN = 10**9  # a registered training-set size above this is not a device's data set
+WEIGHT_CAP = 2  # a member's aggregation weight is its n_train bounded to [median / 2, 2 x median] of the members'
 MAX_POSITION_MM = 10**9  # 1000 km: positions beyond are not a wireless neighbourhood
 MAX_LAYERS = 10_000  # adapted layers of one base model
 MAX_LAYER_SIZE = 2**31  # B entries of one layer
@@ -169,7 +178,8 @@ def screen_registrations(
 ) -> tuple[list[Registration], dict[str, str]]:
     """The registrations the plan may use (sorted by peer id) and the excluded ones (peer -> reason).
 
-    Checked per member: terms hash, task and layer names of at most ``MAX_NAME_CHARS``, ``n_train`` in ``[1, MAX_N_TRAIN]``, ``position_mm`` within
+    Checked per member: terms hash, task and layer names of at most ``MAX_NAME_CHARS``, ``n_train`` a positive
+    integer (its size is bounded by :func:`plan_weights`, not judged here), ``position_mm`` within
     ``±MAX_POSITION_MM``, at most ``MAX_LAYERS`` layers of at most ``MAX_LAYER_SIZE`` entries, ``0 <= kept <=
     sizes`` per layer, ``value_bytes`` equal to the kept entries times the payload dtype's size; then against the
     others: the layers and sizes the majority registered, the presence of a budget where the majority has one.
@@ -189,8 +199,8 @@ def screen_registrations(
             excluded[r.peer] = f"registered under other terms ({str(r.terms_sha256)[:12]})"
         elif len(r.task) > MAX_NAME_CHARS or any(len(k) > MAX_NAME_CHARS for k in r.sizes or {}):
             excluded[r.peer] = f"a task or layer name longer than {MAX_NAME_CHARS} characters"
-        elif not _int_ok(r.n_train, 1, MAX_N_TRAIN):
-            excluded[r.peer] = f"n_train is not an integer in [1, {MAX_N_TRAIN}]"
+        elif not isinstance(r.n_train, int) or isinstance(r.n_train, bool) or r.n_train < 1:
+            excluded[r.peer] = "n_train is not a positive integer"
         elif r.position_mm is not None and not (
             len(r.position_mm) == 2 and all(_int_ok(v, -MAX_POSITION_MM, MAX_POSITION_MM) for v in r.position_mm)
         ):
@@ -255,6 +265,7 @@ def compute_plan(
     if not regs:
         raise TermsError(f"no usable registration: there is nothing to plan (excluded: {excluded})")
     ids = [r.peer for r in regs]
+    weights, bounded = plan_weights(regs)
     inputs = PlanInputs(terms=terms, members=regs, statistics=_every_member(statistics, regs),
                         signatures=_every_member(signatures, regs))  # fmt: skip
     graph = TOPOLOGIES[terms.spec.topology](inputs)
@@ -269,7 +280,7 @@ def compute_plan(
         "members": ids,
         "clusters": clusters,
         "neighbours": {ids[i]: [ids[j] for j in sorted(graph.neighbors(i))] for i in range(len(ids))},
-        "weights": {r.peer: r.n_train for r in regs},
+        "weights": weights,
         "positions_mm": {r.peer: list(r.position_mm or default_position_mm(r.peer, terms.seed)) for r in regs},
     }
     if graph.graph.get("auto"):  # automatic clusters: what they were measured by, and where the merging stopped
@@ -277,8 +288,31 @@ def compute_plan(
                                "s_max": graph.graph["s_max"]}  # fmt: skip
     if excluded:  # only when there is one, so the plans of clean collaborations keep their bytes
         plan["excluded"] = excluded
+    if bounded:  # likewise
+        plan["weights_bounded"] = bounded
     plan["plan_sha256"] = sha256_json(plan)
     return plan
+
+
+def plan_weights(registrations: Sequence[Registration]) -> tuple[dict[str, int], dict[str, str]]:
+    """Each member's aggregation weight (peer -> int) and the claims that were bounded (peer -> reason).
+
+    A weight is the member's registered ``n_train`` clamped to ``[max(1, median // WEIGHT_CAP), median *
+    WEIGHT_CAP]``, ``median`` the low median of the members' claims: integers throughout, so a claim such as
+    ``10**400`` never overflows a float and every member computes the same weights. No member can hold more than
+    ``WEIGHT_CAP`` times the median member's weight on an entry, however large its claim.
+    """
+    claims = [r.n_train for r in registrations]
+    median = statistics.median_low(claims)
+    lo, hi = max(1, median // WEIGHT_CAP), median * WEIGHT_CAP
+    weights, bounded = {}, {}
+    for r in registrations:
+        w = min(max(r.n_train, lo), hi)
+        weights[r.peer] = w
+        if w != r.n_train:
+            claim = str(r.n_train) if r.n_train < 10**12 else f"about 10^{len(str(r.n_train)) - 1}"
+            bounded[r.peer] = f"n_train {claim} bounded to {w} ({WEIGHT_CAP}x bounds of the members' median {median})"
+    return weights, bounded
 
 
 def plan_differences(committed: Any, computed: dict[str, Any]) -> list[str]:

@@ -77,8 +77,8 @@ __all__ = [
 ]
 
 ENGINES = ("local", "hub-serve")
-# the attack every member excludes from the plan at registration: its run is the honest members' collaboration alone
-ALONE = "weight_1e18"
+# the member every plan excludes at registration (a position out of bounds): the honest members alone
+ALONE = "absent"
 
 
 def _noise(v: torch.Tensor, round: int) -> torch.Tensor:  # noqa: A002
@@ -107,10 +107,12 @@ ATTACKS: dict[str, Attack] = {
         Attack("sign_flip", "every value's sign flipped", values=lambda v, r: -v),
         Attack("noise", "Gaussian noise 10x the values' RMS added", values=_noise),
         Attack("pm9999", "every value +9999 or -9999 by its sign", values=lambda v, r: torch.where(v >= 0, 9999.0, -9999.0)),
-        Attack("weight_1e18", "registers 10^18 training examples (its weight in every average)",
+        Attack("weight_1e18", "registers 10^18 training examples (its weight in every average; the plan bounds it)",
                registration={"n_train": 10**18}),
         Attack("dense_mask", "round 0 declares a mask holding every entry; noise where it held none", dense=True,
                values=_noise),
+        Attack(ALONE, "registers a position 1000x out of bounds, so every plan excludes it: the honest members' "
+               "collaboration alone (the baseline of 'vs the honest alone')", registration={"position_mm": (10**12, 0)}),
     )
 }  # fmt: skip
 
@@ -175,10 +177,17 @@ class HostileProgram(PeerProgram):
         if change:
             register = self.collab.register
 
+            wrote: list[Any] = []
+
             def hostile(registration: Any, stats: Any = None, files: Any = None) -> Any:
-                return register(dataclasses.replace(registration, **change), stats=stats, files=files)
+                wrote.append(dataclasses.replace(registration, **change))
+                return register(wrote[-1], stats=stats, files=files)
 
             self.collab.register = hostile  # type: ignore[method-assign]
+            super()._register()
+            # it takes part under what it wrote, like any member (its own check compares with this)
+            self._save(phase="plan", registration=wrote[-1].to_dict())
+            return
         super()._register()
 
 
@@ -400,6 +409,9 @@ def _summarise(*, attack, aggregation, members, engine, hostile, honest, crashed
     excluded = dict(plan.get("excluded") or {})
     if hostile in excluded:
         about.append({"by": "plan", "peer": hostile, "round": None, "action": "excluded", "reason": excluded[hostile]})
+    bounded = dict(plan.get("weights_bounded") or {})
+    if hostile in bounded:
+        about.append({"by": "plan", "peer": hostile, "round": None, "action": "clipped", "reason": bounded[hostile]})
     for receiver, rep in reports.items():
         for rec in rep["records"]:
             for d in rec.get("decisions", []):
