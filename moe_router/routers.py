@@ -236,7 +236,9 @@ class SequenceRouter(Router):
     Options: ``choose`` (experts per prompt, default 1); ``pool_layer``: the expert layer whose input is pooled
     (default None: the first expert layer in the base model's module order; the centroids must be computed on the
     same layer of the bare base: :func:`moe_router.centroids.sequence_centroids`) or ``"embeddings"`` (the input
-    embeddings). Needs the router tensors ``centroids`` (E, K, d) and ``centroid_mask`` (E, K): see
+    embeddings: what the collaboration protocol pools, ``moe_router.centroids.PROTOCOL_POOL``, since they told the
+    study's two film-review tasks apart on 97.5-100% of prompts, against 83% on the worst seed for the first layer's
+    input). Needs the router tensors ``centroids`` (E, K, d) and ``centroid_mask`` (E, K): see
     ``ImplicitMoEPreTrainedModel.set_centroids``.
     """
 

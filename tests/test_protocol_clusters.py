@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from moe_router.centroids import PROTOCOL_POOL
 from peft_sorlora.base_model import base_fingerprint
 from sorlora.cli.collab import load_peer_data
 from sorlora.evaluation.stats import adjusted_rand_index
@@ -81,7 +82,7 @@ def test_four_peers_two_file_tasks_default_terms_clusters_follow_the_tasks(tmp_p
     plan = collab.read_plan()
     closing = collab.closing()
     stats = {r.peer: collab.member_stats(r.peer, revision=closing.commit) for r in closing.registrations}
-    pool, width = "model.layers.0.self_attn.q_proj", base.config.hidden_size
+    pool, width = PROTOCOL_POOL, base.get_input_embeddings().embedding_dim
     signatures = {r.peer: (*read_prompt_mean(hub, "lab/c", r.peer, revision=closing.commit, pool_layer=pool,
                                              width=width), 0.0) for r in closing.registrations}  # fmt: skip
     assert plan == compute_plan(collab.terms(), closing.registrations, collab_commit=closing.commit, statistics=stats,

@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 
+from moe_router.centroids import PROTOCOL_POOL, pool_width
 from sorlora.evaluation.final_models import EVAL_ANCHORS, EVAL_ROUTERS, _prompt_batches
 from sorlora.evaluation.scoring import option_loglikelihoods
 from sorlora.protocol.publish import (
@@ -89,7 +90,8 @@ def test_members_register_centroids_and_the_published_moe_carries_them(routed, t
     assert moe.config.router == "sequence" and summary["methods"]["solora"]["published_router"] == "sequence"
     centroids, mask = moe.router.tensors["centroids"], moe.router.tensors["centroid_mask"]
     assert centroids.shape[0] == moe.num_experts == len(plan["clusters"])
-    pool = moe.router.layer_keys[0]
+    pool = moe.config.router_options["sequence"]["pool_layer"]
+    assert pool == PROTOCOL_POOL, "the published MoE records what its members pooled"
     for e, members in enumerate(plan["clusters"]):  # every member's centroids, concatenated in plan order
         want = torch.cat([read_centroids(hub, collab_id(ROUTED, "solora"), p, revision=plan["collab_commit"],
                                          pool_layer=pool, width=centroids.shape[-1]) for p in sorted(
@@ -182,8 +184,8 @@ def test_an_invalid_centroid_file_leaves_out_only_its_member(routed, tmp_path, b
     plan = _plan(hub)
     repo = collab_id(ROUTED, "solora")
     moe = _load_published(hub, tmp_path)
-    pool = moe.router.layer_keys[0]
-    width = moe.router.layer_widths[pool]
+    pool = moe.config.router_options["sequence"]["pool_layer"]
+    width = pool_width(moe, pool)
     good = moe_centroids(_stub(hub, plan, plan["collab_commit"]), pool_layer=pool, width=width)
     victim = plan["clusters"][1][0]
     user, name = victim.split("/")

@@ -392,7 +392,7 @@ class PeerProgram:
             stats = self._task_statistics(calib, sorted(kept or self._layer_keys()))
         files = {}
         if self.spec.final == "moe":  # the sequence router's centroids travel with the registration
-            summary, pool_layer = self._prompt_summary(sorted(kept or self._layer_keys()))
+            summary, pool_layer = self._prompt_summary()
             files[centroids_path(self.user, self.name)] = centroid_bytes(
                 summary.centroids, pool_layer, mean=summary.mean, prompts=summary.prompts
             )
@@ -420,12 +420,12 @@ class PeerProgram:
         with self.ws.bare_base():
             return released_statistics(self.ws.base, inputs, keys, self.terms.stats_epsilon, generator=noise)
 
-    def _prompt_summary(self, keys: Sequence[str]) -> tuple[Any, str]:
+    def _prompt_summary(self) -> tuple[Any, str]:
         """Up to ``MAX_CENTROIDS`` centroids and the mean of its first ``CENTROID_PROMPTS`` training prompts' (the
-        questions, not the answers: what the MoE routes on) mean-pooled hidden states at the MoE's pooling layer (its
-        first expert layer), on the bare base, with the terms' ``centroid_epsilon`` noise
-        (``moe_router.centroids.PromptSummary``); and that layer's key."""
-        from moe_router.centroids import MAX_CENTROIDS, first_layer, summarize_prompts
+        questions, not the answers: what the MoE routes on) mean-pooled input embeddings (the protocol's pool,
+        ``moe_router.centroids.PROTOCOL_POOL``), on the bare base, with the terms' ``centroid_epsilon`` noise
+        (``moe_router.centroids.PromptSummary``); and that pool's name."""
+        from moe_router.centroids import MAX_CENTROIDS, PROTOCOL_POOL, summarize_prompts
 
         t, tok = self.terms, self.tokenizer
         contexts = [truncate_context(context_continuation_ids(tok, e.prompt, e.answer)[0], budget=t.max_len,
@@ -440,10 +440,9 @@ class PeerProgram:
             }))  # fmt: skip
         noise = torch.Generator().manual_seed(derive_seed(t.seed, "centroids", self.peer_id) % 2**63)
         with self.ws.bare_base():
-            pool = first_layer(self.ws.base, keys)
-            summary = summarize_prompts(self.ws.base, batches, pool_layer=pool, k=MAX_CENTROIDS, seed=t.seed,
+            summary = summarize_prompts(self.ws.base, batches, pool_layer=PROTOCOL_POOL, k=MAX_CENTROIDS, seed=t.seed,
                                         epsilon=t.centroid_epsilon, generator=noise)  # fmt: skip
-        return summary, pool
+        return summary, PROTOCOL_POOL
 
     def _plan(self) -> None:
         closing = self.collab.close_if_due(self.peer_id, now=time.time())
@@ -493,15 +492,13 @@ class PeerProgram:
         the task statistics) unless the topology is automatic and every member registered a usable one."""
         if self.spec.final != "moe" or self.terms.spec.topology != "cluster" or self.terms.s_max is not None:
             return None
-        from moe_router.centroids import first_layer
+        from moe_router.centroids import PROTOCOL_POOL, pool_width
         from moe_router.privacy import DEFAULT_DELTA, gaussian_sigma
 
         from .publish import read_prompt_mean
 
-        keys = sorted(self.state.get("registration", {}).get("kept") or self._layer_keys())
-        pool = first_layer(self.ws.base, keys)
-        layer = dict(self.ws.base.named_modules())[pool]
-        width = int(getattr(layer, "in_features", None) or layer.weight.shape[0])  # Linear, or GPT-2's Conv1D
+        pool = PROTOCOL_POOL
+        width = pool_width(self.ws.base, pool)
         eps = self.terms.centroid_epsilon
         out = {}
         for r in closing.registrations:

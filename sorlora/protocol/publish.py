@@ -460,8 +460,10 @@ def experts_for_moe(program: Any) -> tuple[list[list[Any]], dict[tuple[int, int]
 def configure_router(moe: Any, program: Any, router: str) -> None:
     """Give ``moe`` every cluster's centroids (when any member registered valid ones) and make ``router`` its
     router; a ``sequence`` router without any valid centroid falls back to ``implicit`` (logged)."""
-    pool = moe.router.layer_keys[0]
-    centroids = moe_centroids(program, pool_layer=pool, width=moe.router.layer_widths[pool])
+    from moe_router.centroids import PROTOCOL_POOL, pool_width
+
+    pool = PROTOCOL_POOL  # what the members pooled (Program._prompt_summary)
+    centroids = moe_centroids(program, pool_layer=pool, width=pool_width(moe, pool))
     if any(c is not None for c in centroids):
         moe.set_centroids(centroids, pool_layer=pool)
     elif router == "sequence":

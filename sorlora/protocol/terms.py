@@ -112,7 +112,7 @@ class CollabTerms:
         default=None,
         metadata={"help": "Gaussian noise on the centroids a member registers (sequence router): (epsilon, 1e-5)-DP "
                   "for one centroid (k > 1 centroids: a heuristic); None: no noise. The centroids are means of the "
-                  "member's training prompts' pooled hidden states on the bare base: statistics, not text, but "
+                  "member's training prompts' mean input embeddings on the bare base: statistics, not text, but "
                   "they reveal what its prompts look like on average"},
     )  # fmt: skip
     max_members: int = field(default=4, metadata={"help": "registration closes when this many peers registered"})

@@ -131,7 +131,7 @@ class ExperimentConfig:
     centroid_epsilon: float | None = _setting(
         None,
         help="Gaussian noise (epsilon, delta=1e-5) on the centroids each member registers for the sequence router; "
-        "none: exact centroids (means of its training prompts' pooled hidden states on the bare base)",
+        "none: exact centroids (means of its training prompts' mean input embeddings on the bare base)",
     )
     aggregation: Literal["mean", "clipped", "trimmed", "median"] = _setting(
         "clipped",
