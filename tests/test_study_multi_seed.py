@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -127,6 +128,18 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert again["accuracy"] == result["accuracy"]
     with pytest.raises(ValueError, match="other settings"):
         run_study(StudySettings(cfg.replace(rounds=2), seeds=(0,)), tmp_path, progress=False)
+    # rerunning one method on the finished seeds: its rows come from seed-<s>/rerun, the others' stay
+    monkeypatch.undo()
+    rerun = run_study(dataclasses.replace(settings, rerun=("lora",)), tmp_path, progress=False)
+    for s in (0, 1):
+        record = json.loads((tmp_path / f"seed-{s}" / "seed_result.json").read_text())
+        assert record["rerun"]["methods"] == ["lora"] and record["rerun"]["seconds"] > 0
+        assert (tmp_path / f"seed-{s}" / "rerun" / "results.json").is_file()
+        assert record["methods"]["lori"] == seeds[s]["methods"]["lori"], "the other methods' rows are kept"
+        assert record["methods"]["lora"]["correct"] == seeds[s]["methods"]["lora"]["correct"], (
+            "the same seed trains the same lora again (common random numbers)"
+        )
+    assert rerun["accuracy"]["lora"] == result["accuracy"]["lora"]
 
 
 def test_the_readmes_sorlora_commands_parse_and_name_known_presets():

@@ -22,7 +22,11 @@ def _settings_from_args(args: argparse.Namespace) -> StudySettings:
     cfg = ExperimentConfig.from_file(args.config) if args.config else settings.config
     cfg = apply_settings(cfg, args.set or [])  # the same typed --set as sorlora run
     seeds = tuple(int(s) for s in args.seeds.split(",")) if getattr(args, "seeds", None) else settings.seeds
-    return dataclasses.replace(settings, config=cfg, seeds=seeds)
+    rerun = tuple(m for m in (getattr(args, "rerun", None) or "").split(",") if m)
+    unknown = [m for m in rerun if m not in cfg.methods]
+    if unknown:
+        raise ValueError(f"--rerun {','.join(unknown)}: not a method of this study ({', '.join(cfg.methods)})")
+    return dataclasses.replace(settings, config=cfg, seeds=seeds, rerun=rerun)
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -71,6 +75,11 @@ def add_study_commands(subparsers: Any) -> None:
     study = subparsers.add_parser("study", help="run (or resume) the multi-seed study with CIs and contrasts")
     _add_common(study, preset="study", run_dir="runs/study")
     study.add_argument("--seeds", help="comma-separated seeds (default: the preset's, 0,1,2,3,4)")
+    study.add_argument(
+        "--rerun", metavar="METHODS",
+        help="comma-separated methods to run again on the finished seeds (seed-<s>/rerun; their rows replace the "
+             "seed's, the other methods' are kept): after a change to how a method is trained or scored",
+    )  # fmt: skip
     study.set_defaults(func=_cmd_study)
     pilot = subparsers.add_parser("pilot", help="keep the tasks that learn (validation questions only)")
     _add_common(pilot, preset="pilot", run_dir="runs/pilot")

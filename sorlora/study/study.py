@@ -40,6 +40,12 @@ class StudySettings:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     zero_shot: bool = field(default=True, metadata={"help": "add the base model alone as a row"})
     n_boot: int = field(default=4000, metadata={"help": "bootstrap replicates per estimate"})
+    rerun: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "methods run again on every finished seed (in seed-<s>/rerun, resumable; delete it to "
+                  "rerun once more), whose rows and diagnostics replace the seed's, e.g. after a change to how "
+                  "that method is scored; the other methods' rows are kept (not part of the fingerprint)"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -138,10 +144,16 @@ def run_seed(settings: StudySettings, study_dir: Path, seed: int, *, progress: b
     done = seed_dir / "seed_result.json"
     if done.exists():
         record = json.loads(done.read_text())
-        results = seed_dir / "run/results.json"
-        if results.exists():  # the diagnostics as this version reads them from the run's results (seeds finished
-            # before a diagnostic was kept get it too)
-            record["diagnostics"] = _diagnostics(json.loads(results.read_text())["methods"])
+        # the diagnostics as this version reads them from the run's results (seeds finished before a diagnostic was
+        # kept get it too), a rerun's methods over the first run's
+        found: dict[str, Any] = {}
+        for results in (seed_dir / "run/results.json", seed_dir / "rerun/results.json"):
+            if results.exists():
+                found.update(json.loads(results.read_text())["methods"])
+        if found:
+            record["diagnostics"] = _diagnostics(found)
+        if settings.rerun:
+            record = _rerun(settings, seed_dir, record, progress=progress)
         return record
     seed_dir.mkdir(parents=True, exist_ok=True)
     cfg = settings.config.replace(seed=seed)
@@ -162,6 +174,30 @@ def run_seed(settings: StudySettings, study_dir: Path, seed: int, *, progress: b
         "diagnostics": _diagnostics(summary["methods"]),
     }
     write_json(done, record)
+    return record
+
+
+def _rerun(settings: StudySettings, seed_dir: Path, record: dict[str, Any], *, progress: bool) -> dict[str, Any]:
+    """``record`` with the rows and diagnostics of ``settings.rerun``'s methods (and their variants) from a run of
+    those methods alone in ``seed_dir/rerun`` (resumed if it is there); ``record["rerun"]`` says which and how long.
+    The seed's own record on disk is rewritten with them, so the study's tables read the rerun rows."""
+    from ..simulation.runner import run_experiment  # noqa: PLC0415
+
+    cfg = settings.config.replace(seed=record["seed"], methods=tuple(settings.rerun))
+    started = time.perf_counter()
+    summary = run_experiment(cfg, seed_dir / "rerun", progress=progress)
+    methods = {k: v for k, v in record["methods"].items() if k.split(":", 1)[0] not in settings.rerun}
+    for name, result in summary["methods"].items():
+        methods.update(_method_rows(name, result, cfg.tasks))
+    previous = (record.get("rerun") or {}).get("seconds")
+    record = {
+        **record,
+        "methods": methods,
+        "diagnostics": {**(record.get("diagnostics") or {}), **_diagnostics(summary["methods"])},  # as read above
+        "rerun": {"methods": list(settings.rerun),
+                  "seconds": previous if previous is not None else time.perf_counter() - started},
+    }  # fmt: skip
+    write_json(seed_dir / "seed_result.json", record)
     return record
 
 
