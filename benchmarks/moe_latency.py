@@ -25,7 +25,8 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_sorlora
-from moe_router import ROUTERS, ImplicitMoEForCausalLM, arrow_model, export_loras, first_layer, sequence_centroids
+from moe_router import ROUTERS, ImplicitMoEForCausalLM, arrow_model, export_loras, sequence_centroids
+from moe_router.centroids import PROTOCOL_POOL
 from sorlora.protocol.terms import CollabTerms
 
 from .common import measure_interleaved, rows_against
@@ -151,14 +152,19 @@ def run(repeats: int = 5, quick: bool = False) -> list[dict]:
             _base(state), adapters=updates[:count], router_top_k=_RANK
         ).eval()
     bare = _base(state)
-    pool = first_layer(bare, models["moe_E4"].expert_layers())
+    pool = PROTOCOL_POOL  # what published MoEs pool (the members' centroids: mean input embeddings)
     centroids = [  # each expert's centroids from its own slice of prompts (random tokens: latency only)
         sequence_centroids(bare, {"input_ids": torch.roll(input_ids, e, dims=0)}, pool_layer=pool, k=4, seed=e)
         for e in range(4)
     ]
     for name in ROUTER_ROWS:
         moe = ImplicitMoEForCausalLM.from_adapters(
-            _base(state), adapters=updates, router_top_k=_RANK, centroids=centroids, router=name
+            _base(state),
+            adapters=updates,
+            router_top_k=_RANK,
+            centroids=centroids,
+            router=name,
+            router_options={"sequence": {"pool_layer": pool}},
         ).eval()
         if name == "hard":
             moe.router.expert_ids = 0  # the oracle's expert for every row (what expert_ids=0 sets per call)
