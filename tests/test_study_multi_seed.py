@@ -140,6 +140,8 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
             "the same seed trains the same lora again (common random numbers)"
         )
     assert rerun["accuracy"]["lora"] == result["accuracy"]["lora"]
+    assert list(rerun["accuracy"]) == list(result["accuracy"]), "the rerun rows keep their place in the tables"
+    assert set(rerun["reruns"]) == {"0", "1"} and "Rerun (`--rerun lora`" in (tmp_path / "study.md").read_text()
 
 
 def test_the_readmes_sorlora_commands_parse_and_name_known_presets():

@@ -186,9 +186,16 @@ def _rerun(settings: StudySettings, seed_dir: Path, record: dict[str, Any], *, p
     cfg = settings.config.replace(seed=record["seed"], methods=tuple(settings.rerun))
     started = time.perf_counter()
     summary = run_experiment(cfg, seed_dir / "rerun", progress=progress)
-    methods = {k: v for k, v in record["methods"].items() if k.split(":", 1)[0] not in settings.rerun}
+    fresh: dict[str, Any] = {}
     for name, result in summary["methods"].items():
-        methods.update(_method_rows(name, result, cfg.tasks))
+        fresh.update(_method_rows(name, result, cfg.tasks))
+    methods = {k: v for k, v in record["methods"].items() if k.split(":", 1)[0] not in settings.rerun} | fresh
+    order = list(settings.config.methods)  # the study's order of methods (each with its variants), then the rest
+
+    def rank(key: str) -> int:
+        return order.index(key.split(":", 1)[0]) if key.split(":", 1)[0] in order else len(order)
+
+    methods = dict(sorted(methods.items(), key=lambda kv: rank(kv[0])))
     previous = (record.get("rerun") or {}).get("seconds")
     record = {
         **record,
@@ -252,6 +259,7 @@ def summarize(settings: StudySettings, seeds: Sequence[Mapping[str, Any]]) -> di
         "diagnostic_contrasts": diagnostics["contrasts"],
         "diagnostics": _diagnostics_summary(seeds),
         "seconds_per_seed": seconds,
+        "reruns": {str(r["seed"]): r["rerun"] for r in seeds if r.get("rerun")},
     }
 
 
@@ -358,6 +366,13 @@ def study_table(result: Mapping[str, Any]) -> str:
         "opposite direction, else 'undecided'. Detectable = the true difference found with 80% power at α = 0.05. "
         f"Cost: {np.mean(seconds) / 60:.1f} min per seed (min {min(seconds) / 60:.1f}, max {max(seconds) / 60:.1f}).",
     ]
+    reruns = result.get("reruns") or {}
+    if reruns:
+        names = sorted({m for r in reruns.values() for m in r["methods"]})
+        minutes = [r["seconds"] / 60 for r in reruns.values()]
+        lines.append(f"Rerun (`--rerun {','.join(names)}`, their rows from `seed-<s>/rerun`) on seeds "
+                     f"{', '.join(reruns)}: {np.mean(minutes):.1f} min per seed (min {min(minutes):.1f}, max "
+                     f"{max(minutes):.1f}); the other rows are the seeds' first runs.")  # fmt: skip
     if result["skipped_contrasts"]:
         lines.append(f"Not computed (a method is missing): {', '.join(result['skipped_contrasts'])}.")
     return "\n".join(lines) + "\n"
