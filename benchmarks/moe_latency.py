@@ -44,7 +44,7 @@ WORSE_NOTES = {
     "moe_E4": "the router's extra work per target layer: A_all x (E·r components), top-k, B_all h",
 }
 _ROUTER_WORK = {
-    "sequence": "prefill: pool the first expert layer's input and compare with the centroids; every layer: A_all x, "
+    "sequence": "prefill: pool the input embeddings and compare with the centroids; every layer: A_all x, "
     "top-k inside the chosen expert, B_all h",
     "spectral": "prefill: per layer, project the tokens on each expert's singular directions; every layer: A_all x, "
     "top-k inside the chosen expert, B_all h",
