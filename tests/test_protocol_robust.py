@@ -74,25 +74,14 @@ class Hostile(PeerProgram):
             self.peer._hostile = True
         super()._train()
 
-    def _register(self) -> None:
-        if self.attack_registration is not None:
-            register, change = self.collab.register, self.attack_registration
-
-            def hostile(registration, stats=None, files=None):
-                if change == "kept":  # more kept entries than the layer has
-                    sizes = registration.sizes or {"model.layers.0.self_attn.q_proj": 64}
-                    registration = dataclasses.replace(registration, sizes=sizes,
-                                                       kept={k: v + 1 for k, v in sizes.items()})  # fmt: skip
-                else:
-                    registration = dataclasses.replace(registration, **change)
-                self.wrote = registration
-                return register(registration, stats=stats, files=files)
-
-            self.collab.register = hostile
-            super()._register()
-            self._save(phase="plan", registration=self.wrote.to_dict())  # it stands by what it wrote
-            return
-        super()._register()
+    def _as_registered(self, registration):
+        change = self.attack_registration
+        if change is None:
+            return registration
+        if change == "kept":  # more kept entries than the layer has
+            sizes = registration.sizes or {"model.layers.0.self_attn.q_proj": 64}
+            return dataclasses.replace(registration, sizes=sizes, kept={k: v + 1 for k, v in sizes.items()})
+        return dataclasses.replace(registration, **change)
 
 
 def _run(tmp_path, *, aggregation="clipped", values=None, registration=None, max_seconds=120.0):

@@ -9,10 +9,10 @@ committing a different plan first. The topology of each method comes from :data:
 
 Registrations are untrusted: before any topology sees them, :func:`screen_registrations` bounds every registered
 number (positions, layer sizes, kept counts, value bytes; ``n_train`` must be a positive integer) and checks them
-against each other and against the majority of members (the same layers and sizes: they run the same base); a member that fails, or whose
-task statistics the caller found unusable (``problems``), is excluded from the plan with its reason
-(``plan["excluded"]``). The exclusion is a pure function of the same inputs, so every member excludes the same
-peers; a bad registration never stops the others.
+against each other and against the majority of members (the same layers and sizes: they run the same base); a
+member that fails, or whose task statistics the caller found unusable (``problems``), is excluded from the plan with
+its reason (``plan["excluded"]``). The exclusion is a pure function of the same inputs, so every member excludes the
+same peers; a bad registration never stops the others.
 
 ``n_train`` is a claim nobody can check, so it is never excluded for its size nor used raw: the plan's ``weights``
 (:func:`plan_weights`) are the claims bounded to ``[median / WEIGHT_CAP, median x WEIGHT_CAP]`` of the kept
@@ -162,8 +162,8 @@ def majority(values: Sequence[tuple[str, Any]]) -> Any:
     return min(counts.values(), key=lambda c: (-c[0], c[1]))[2]
 
 
-def _int_ok(x: Any, lo: int, hi: int) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+def _int_ok(x: Any, lo: int, hi: int | None = None) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x and (hi is None or x <= hi)
 
 
 def _payload_itemsize(terms: CollabTerms) -> int | None:
@@ -199,7 +199,7 @@ def screen_registrations(
             excluded[r.peer] = f"registered under other terms ({str(r.terms_sha256)[:12]})"
         elif len(r.task) > MAX_NAME_CHARS or any(len(k) > MAX_NAME_CHARS for k in r.sizes or {}):
             excluded[r.peer] = f"a task or layer name longer than {MAX_NAME_CHARS} characters"
-        elif not isinstance(r.n_train, int) or isinstance(r.n_train, bool) or r.n_train < 1:
+        elif not _int_ok(r.n_train, 1):
             excluded[r.peer] = "n_train is not a positive integer"
         elif r.position_mm is not None and not (
             len(r.position_mm) == 2 and all(_int_ok(v, -MAX_POSITION_MM, MAX_POSITION_MM) for v in r.position_mm)

@@ -392,19 +392,26 @@ class PeerProgram:
             stats = self._task_statistics(calib, sorted(kept or self._layer_keys()))
         files = {}
         if self.spec.final == "moe":  # the sequence router's centroids travel with the registration
-            summary, pool_layer = self._prompt_summary()
+            from moe_router.centroids import PROTOCOL_POOL
+
+            summary = self._prompt_summary()
             files[centroids_path(self.user, self.name)] = centroid_bytes(
-                summary.centroids, pool_layer, mean=summary.mean, prompts=summary.prompts
+                summary.centroids, PROTOCOL_POOL, mean=summary.mean, prompts=summary.prompts
             )
         from peft_sorlora import __version__
 
-        registration = Registration(
+        registration = self._as_registered(Registration(
             peer=self.peer_id, user=self.user, task=self.data.task, n_train=len(self.data.train),
             terms_sha256=self.terms.sha256(), position_mm=coarse_position(self.position_mm), kept=kept, sizes=sizes,
             value_bytes=value_bytes, software=f"sorlora {__version__}",
-        )  # fmt: skip
+        ))  # fmt: skip
         self.collab.register(registration, stats=stats, files=files)
         self._save(phase="plan", registration=registration.to_dict())  # the plan must hold it exactly
+
+    def _as_registered(self, registration: Registration) -> Registration:
+        """The registration this member writes, given the one it measured: unchanged here. The attack suite's hostile
+        members (:mod:`sorlora.study.attacks`) change it; the member then stands by what it wrote."""
+        return registration
 
     def _layer_keys(self) -> list[str]:
         targets = tuple(self.terms.target_modules)
@@ -420,11 +427,11 @@ class PeerProgram:
         with self.ws.bare_base():
             return released_statistics(self.ws.base, inputs, keys, self.terms.stats_epsilon, generator=noise)
 
-    def _prompt_summary(self) -> tuple[Any, str]:
+    def _prompt_summary(self) -> Any:
         """Up to ``MAX_CENTROIDS`` centroids and the mean of its first ``CENTROID_PROMPTS`` training prompts' (the
         questions, not the answers: what the MoE routes on) mean-pooled input embeddings (the protocol's pool,
         ``moe_router.centroids.PROTOCOL_POOL``), on the bare base, with the terms' ``centroid_epsilon`` noise
-        (``moe_router.centroids.PromptSummary``); and that pool's name."""
+        (``moe_router.centroids.PromptSummary``)."""
         from moe_router.centroids import MAX_CENTROIDS, PROTOCOL_POOL, summarize_prompts
 
         t, tok = self.terms, self.tokenizer
@@ -442,7 +449,7 @@ class PeerProgram:
         with self.ws.bare_base():
             summary = summarize_prompts(self.ws.base, batches, pool_layer=PROTOCOL_POOL, k=MAX_CENTROIDS, seed=t.seed,
                                         epsilon=t.centroid_epsilon, generator=noise)  # fmt: skip
-        return summary, PROTOCOL_POOL
+        return summary
 
     def _plan(self) -> None:
         closing = self.collab.close_if_due(self.peer_id, now=time.time())

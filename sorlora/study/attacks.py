@@ -172,23 +172,9 @@ class HostileProgram(PeerProgram):
             return self.kind.values_only(self.ws.own_state(self.name_of(self.index), round=round))
         return super()._own_from_hub(round)
 
-    def _register(self) -> None:
+    def _as_registered(self, registration: Any) -> Any:
         change = self.attack.registration
-        if change:
-            register = self.collab.register
-
-            wrote: list[Any] = []
-
-            def hostile(registration: Any, stats: Any = None, files: Any = None) -> Any:
-                wrote.append(dataclasses.replace(registration, **change))
-                return register(wrote[-1], stats=stats, files=files)
-
-            self.collab.register = hostile  # type: ignore[method-assign]
-            super()._register()
-            # it takes part under what it wrote, like any member (its own check compares with this)
-            self._save(phase="plan", registration=wrote[-1].to_dict())
-            return
-        super()._register()
+        return dataclasses.replace(registration, **change) if change else registration
 
 
 LAST_LETTER = "last-letter"
