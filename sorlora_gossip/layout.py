@@ -40,6 +40,8 @@ __all__ = [
     "FINAL_TAG",
     "INFO_FILE",
     "INFO_FORMAT",
+    "MAX_INFO_BYTES",
+    "MAX_REPORT_BYTES",
     "MEMBERS_DIR",
     "MOE_CLAIM_SUFFIX",
     "NEIGHBOURHOOD_DIR",
@@ -67,6 +69,7 @@ CARD_FILE = REPOCARD_NAME  # the adapter card, where the Hub shows it
 ADAPTER_CONFIG_FILE = CONFIG_NAME  # what PeftModel.save_pretrained writes and from_pretrained reads
 ADAPTER_WEIGHTS_FILE = SAFETENSORS_WEIGHTS_NAME
 MAX_INFO_BYTES = 1 << 20
+MAX_REPORT_BYTES = 64 << 20  # a member's final report.json: its records and decisions of every round
 
 COLLAB_FILE = "collab.json"
 PLAN_FILE = "plan.json"

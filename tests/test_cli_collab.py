@@ -44,6 +44,15 @@ def test_create_then_status_shows_registration_and_plan(tmp_path, capsys):
     assert status["registration"] == "closed" and [m["peer"] for m in status["members"]] == ["ann/dev", "ben/dev"]
     assert status["plan"]["clusters"] == [["ann/dev", "ben/dev"]]
 
+    # a member's own files are untrusted: an oversized or malformed peer.json is named, the others still shown
+    ben = LocalHub(hub, namespace="ben")
+    ben.create_repo("ben/dev")
+    for bad, why in ((b"{" * 100, "PayloadError"), (b" " * ((1 << 20) + 1), "RequestTooLarge")):
+        ben.create_commit("ben/dev", {"peer.json": bad}, commit_message="not a peer.json")
+        assert main(["collab", "status", "--hub", hub, "--collab", "lab/c"]) == 0
+        out = capsys.readouterr().out
+        assert f"unreadable ben/dev: {why}" in out and "ann/dev" in out and "unreadable ann/dev" not in out, out
+
 
 def test_bad_data_file_is_one_line_naming_file_line_and_field(tmp_path, capsys):
     good = write_examples(tmp_path / "ok.jsonl", synthetic_task("synthetic-alpha", n_train=4, n_test=2).train)

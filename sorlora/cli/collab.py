@@ -122,6 +122,9 @@ def _status(args: argparse.Namespace) -> int:
     moes = sorted({m["moe"] for m in status["members"] if m.get("moe")})
     if moes:  # one, unless a member built another MoE (its report says why)
         print(f"implicit MoE: {', '.join(moes)}")
+    for m in status["members"]:
+        if m.get("unreadable"):
+            print(f"unreadable {m['peer']}: {m['unreadable']}")
     for path, why in status["refused"].items():
         print(f"refused {path}: {why}")
     return 0

@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 MAX_REPO_FILE_BYTES = 8 << 30  # one file of a published repo (an adapter, an MoE's experts, a shipped base)
-MAX_REPORT_BYTES = 16 << 20  # a member's report.json
 LEVEL = 0.95
 
 
@@ -75,7 +74,7 @@ def summary_line(label: str, score: dict[str, Any]) -> str:
 def _final_report(hub: Any, repo: str, revision: str) -> dict[str, Any]:
     """A member's ``report.json`` at ``revision`` (its ``final``), size-capped and parsed safely ({} when unusable)."""
     from sorlora_gossip.hub.base import EntryNotFound
-    from sorlora_gossip.layout import REPORT_FILE
+    from sorlora_gossip.layout import MAX_REPORT_BYTES, REPORT_FILE
     from sorlora_gossip.untrusted import read_json
 
     try:
@@ -262,7 +261,7 @@ def publish_member_scores(hub: Any, peer_id: str, task: str, scores: dict[str, A
     """Record a member's held-out ``scores`` (:func:`member_scores`) in its repo, in one commit on ``main``: its
     ``report.json`` gains ``heldout`` (the ``final`` tag keeps the report as first published) and its card's
     ``model-index`` the own adapter's held-out accuracy and acc_norm."""
-    from sorlora_gossip.layout import FINAL_TAG, REPORT_FILE
+    from sorlora_gossip.layout import FINAL_TAG, MAX_REPORT_BYTES, REPORT_FILE
     from sorlora_gossip.untrusted import read_json
 
     repo = hub.repo_id(peer_id)

@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 
 from moe_router import ImplicitMoEForCausalLM, arrow_model, export_loras, routing_diagnostics, routing_shares
 from moe_router.configuration import REFINE_MODES
-from peft_sorlora.exchange import parse_json
 from sorlora_gossip.hub.base import EntryNotFound, RequestTooLarge
-from sorlora_gossip.layout import FINAL_TAG, NEIGHBOURHOOD_DIR, REPORT_FILE
+from sorlora_gossip.layout import FINAL_TAG, MAX_REPORT_BYTES, NEIGHBOURHOOD_DIR, REPORT_FILE
+from sorlora_gossip.untrusted import read_json
 
 from ..data.examples import Task
 from ..runtime.moe import load_moe
@@ -358,16 +358,12 @@ class Oracle(FinalModel):
         return _accuracy(results), {"per_question": per_question(results)}
 
 
-MAX_REPORT_BYTES = 64 << 20  # a report.json: records and decisions of every round
-
-
 def _moe_repo(pub: Any) -> str:
     """The collaboration's MoE repo, as the first member's ``report.json`` names it (key ``moe``, validated: a repo
     id named ``<collab>-moe`` in some member's namespace)."""
     first = pub.plan["members"][0]
     repo = pub.hub.repo_id(first)
-    report = parse_json(pub.hub.read_bytes(repo, REPORT_FILE, revision=FINAL_TAG, max_bytes=MAX_REPORT_BYTES),
-                        max_bytes=MAX_REPORT_BYTES, what=f"{repo}/{REPORT_FILE}")  # fmt: skip
+    report = read_json(pub.hub, repo, REPORT_FILE, revision=FINAL_TAG, max_bytes=MAX_REPORT_BYTES)
     named = (
         report.get("moe", {}).get("repo") if isinstance(report, dict) and isinstance(report.get("moe"), dict) else None
     )

@@ -8,7 +8,6 @@ bytes the peers reported over the plan's links with the channel model. It moves 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,10 @@ import torch
 
 from peft_sorlora.exchange import UpdateStats
 from sorlora_gossip.accounting import round_stats
-from sorlora_gossip.layout import EXPERT_FILE, FINAL_TAG, REPORT_FILE, UPDATE_FILE, round_tag
+from sorlora_gossip.layout import EXPERT_FILE, FINAL_TAG, MAX_REPORT_BYTES, REPORT_FILE, UPDATE_FILE, round_tag
 from sorlora_gossip.plot import plot_topology
 from sorlora_gossip.topology import cluster_collision_rate
+from sorlora_gossip.untrusted import read_json
 
 from ..data.examples import Task
 from ..methods.specs import MethodSpec
@@ -67,7 +67,7 @@ class ReadBack:
             repo = self.hub.repo_id(peer)
             sha = self.hub.resolve(repo, FINAL_TAG)
             parts[peer] = spec.kind.payload_cls.from_bytes(self.hub.read_bytes(repo, EXPERT_FILE, revision=sha))
-            reports[peer] = json.loads(self.hub.read_bytes(repo, REPORT_FILE, revision=sha))
+            reports[peer] = read_json(self.hub, repo, REPORT_FILE, revision=sha, max_bytes=MAX_REPORT_BYTES)
         graph = plan_graph(plan)
         plot_topology(graph, mdir / "topology.png", title=f"{spec.name}: {plan['topology']}")
         kw = dict(self.eval_kw)

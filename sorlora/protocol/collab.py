@@ -58,11 +58,15 @@ from sorlora_gossip.layout import (
     COLLAB_FILE,
     FINAL_TAG,
     INFO_FILE,
+    MAX_INFO_BYTES,
+    MAX_REPORT_BYTES,
     MEMBERS_DIR,
     PLAN_FILE,
     REPORT_FILE,
+    check_history,
     member_file,
     member_path,
+    parse_peer_info,
 )
 from sorlora_gossip.untrusted import MAX_JSON_BYTES, read_json
 
@@ -328,10 +332,10 @@ class Collaboration:
         if stats is not None:
             files[stats_path(user, name)] = save_safetensors({k: v.contiguous() for k, v in sorted(stats.items())})
         try:
-            existing = self.hub.read_bytes(self.repo_id, path, revision=DEFAULT_BRANCH)
-        except EntryNotFound:
-            existing = None
-        if existing is not None and json.loads(existing) == registration.to_dict():
+            existing = read_json(self.hub, self.repo_id, path, revision=DEFAULT_BRANCH)
+        except (EntryNotFound, PayloadError):
+            existing = None  # none yet, or unreadable: (re)written below
+        if existing == registration.to_dict():
             sha = self.hub.resolve(self.repo_id)
         else:
             sha = self.hub.create_commit(self.repo_id, files, commit_message=f"register {registration.peer}")
@@ -413,6 +417,22 @@ def create_collaboration(hub: Hub, collab_id: str, terms: CollabTerms, *, exist_
     return collab
 
 
+def _report_summary(report: object) -> dict[str, Any]:
+    """What :func:`collab_status` shows of a member's final ``report.json``: the neighbours it skipped over all
+    rounds, the bytes its inter-cluster exchanges pulled and the MoE repo it names (where it names one).
+    Raises TypeError/KeyError/AttributeError on a report of another shape."""
+    if not isinstance(report, dict):
+        raise TypeError(f"{REPORT_FILE} is a {type(report).__name__}, expected an object")
+    summary: dict[str, Any] = {
+        "skipped": sum(len(rec.get("skipped") or {}) for rec in report.get("records", [])),
+        "inter_cluster_bytes": sum(int(e["bytes_pulled"]) for e in report.get("exchanges", [])),
+    }
+    moe = report.get("moe")
+    if isinstance(moe, dict) and isinstance(moe.get("repo"), str):
+        summary["moe"] = moe["repo"]  # the collaboration's MoE, as this member names it
+    return summary
+
+
 def collab_status(hub: Hub, collab_id: str) -> dict[str, Any]:
     """What ``sorlora collab status`` shows, read from the hub: the terms' hash, method and limits, whether
     registration is open, the admitted members (task, size, last round, bytes pushed, skipped neighbours, whether
@@ -428,18 +448,20 @@ def collab_status(hub: Hub, collab_id: str) -> dict[str, Any]:
         row = {"peer": reg.peer, "task": reg.task, "n_train": reg.n_train, "round": None, "bytes_pushed": 0,
                "final": False, "skipped": 0}  # fmt: skip
         repo = hub.repo_id(reg.peer)
-        try:
-            info = json.loads(hub.read_bytes(repo, INFO_FILE, revision="main"))
-            row["round"] = info.get("round")
-            row["bytes_pushed"] = sum(int(h.get("bytes", 0)) for h in info.get("history", []))
-            report = json.loads(hub.read_bytes(repo, REPORT_FILE, revision=hub.resolve(repo, FINAL_TAG)))
+        try:  # a member's own files: size-capped and parsed safely; a bad one is named, not fatal
+            data = hub.read_bytes(repo, INFO_FILE, revision=DEFAULT_BRANCH, max_bytes=MAX_INFO_BYTES)
+            info = parse_peer_info(data, repo_id=repo)
+            row["round"] = info["round"]
+            row["bytes_pushed"] = sum(h["bytes"] for h in check_history(info.get("history", [])))
+            report = read_json(
+                hub, repo, REPORT_FILE, revision=hub.resolve(repo, FINAL_TAG), max_bytes=MAX_REPORT_BYTES
+            )
             row["final"] = True
-            row["skipped"] = sum(len(rec.get("skipped") or {}) for rec in report.get("records", []))
-            row["inter_cluster_bytes"] = sum(e["bytes_pulled"] for e in report.get("exchanges", []))
-            if isinstance(report.get("moe"), dict) and isinstance(report["moe"].get("repo"), str):
-                row["moe"] = report["moe"]["repo"]  # the collaboration's MoE, as this member names it
-        except (RepoNotFound, RevisionNotFound, EntryNotFound, ValueError):
-            pass
+            row.update(_report_summary(report))
+        except (RepoNotFound, RevisionNotFound, EntryNotFound):
+            pass  # not pushed yet, or not final yet
+        except (RequestTooLarge, ValueError, TypeError, KeyError, AttributeError) as exc:  # PayloadError: ValueError
+            row["unreadable"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         members.append(row)
     return {"collab": collab_id, "terms_sha256": terms.sha256(), "method": terms.method,
             "max_members": terms.max_members, "rounds": terms.rounds,
