@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from sorlora.simulation.config import preset
-from sorlora.study.study import STUDY_PRESETS, StudySettings, run_study, study_table, summarize
+from sorlora.study.study import STUDY_PRESETS, StudySettings, run_study, seeds_for_target, study_table, summarize
 
 from .test_simulation_runner import TINY
 
@@ -51,6 +52,13 @@ def test_summary_table_and_contrasts_from_seed_records(tmp_path):
     table = study_table(result)
     assert "solora − lora" in table and "95% CI" in table and "detectable" in table and "3 seeds" in table
     assert "1.1 min per seed" in table
+    # seeds for 5 points: the detectable difference shrinks as 1/sqrt(seeds), projected from these 3 seeds
+    row = next(line for line in table.splitlines() if line.startswith("| solora − lora |")).split(" | ")
+    detectable = by_name["solora − lora"]["detectable"]
+    assert row[4].startswith(f"{100 * detectable:.1f} ") and int(row[5]) == max(
+        3, math.ceil(3 * (detectable / 0.05) ** 2)
+    )
+    assert seeds_for_target({"difference": {"n_seeds": 5}, "detectable": 0.109}) == 24  # the README's 5-seed study
 
 
 def test_outcomes_must_cover_the_same_questions():
