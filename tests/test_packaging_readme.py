@@ -48,3 +48,14 @@ def test_readme_quickstart_runs(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "quickstart ok"
+
+
+def test_readme_shows_the_study_as_recorded():
+    """The README's study section quotes ``results/study/study.md`` line for line: its tables and notes are the
+    recorded study's, not numbers edited by hand or left behind when seeds were added."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("#### The study (`sorlora study`)", 1)[1].split("\n#### ", 1)[0]
+    recorded = [line for line in (ROOT / "results/study/study.md").read_text().splitlines()[1:] if line.strip()]
+    assert len(recorded) > 20, "the study's tables"
+    missing = [line for line in recorded if line not in section.splitlines()]
+    assert not missing, f"README's study section lacks {len(missing)} line(s) of results/study/study.md: {missing[:3]}"
