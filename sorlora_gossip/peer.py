@@ -53,7 +53,6 @@ from .layout import (
     CARD_FILE,
     INFO_FILE,
     INFO_FORMAT,
-    MAX_INFO_BYTES,
     UPDATE_FILE,
     check_history,
     check_metrics,
@@ -61,6 +60,7 @@ from .layout import (
     round_tag,
 )
 from .payload import Payload
+from .untrusted import read_peer_info
 
 __all__ = [
     "ADAPTER_CONFIG_FILE",
@@ -423,11 +423,7 @@ class Peer:
 
     def _read_info(self, repo_id: str, revision: str, round: int | None = None) -> dict:
         """The checked ``peer.json`` of ``repo_id`` at ``revision`` (size-capped before download)."""
-        try:
-            data = self.hub.read_bytes(repo_id, INFO_FILE, revision=revision, max_bytes=MAX_INFO_BYTES)
-        except RequestTooLarge as exc:
-            raise PayloadError(str(exc), repo_id=repo_id, revision=revision) from exc
-        return parse_peer_info(data, repo_id=repo_id, round=round)
+        return read_peer_info(self.hub, repo_id, revision=revision, round=round)
 
     def _info_at(self, revision: str) -> dict | None:
         """This peer's ``peer.json`` at ``revision`` (None before its first round)."""

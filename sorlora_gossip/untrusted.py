@@ -10,8 +10,9 @@ from __future__ import annotations
 from peft_sorlora.exchange import PayloadError, parse_json
 
 from .hub.base import Hub, RequestTooLarge
+from .layout import INFO_FILE, MAX_INFO_BYTES, parse_peer_info
 
-__all__ = ["MAX_JSON_BYTES", "read_json"]
+__all__ = ["MAX_JSON_BYTES", "read_json", "read_peer_info"]
 
 MAX_JSON_BYTES = 1 << 20  # a peer.json with a long history, a collaboration's plan: far below this
 
@@ -32,3 +33,16 @@ def read_json(hub: Hub, repo_id: str, path: str, *, revision: str, max_bytes: in
         return parse_json(data, max_bytes=max_bytes, what=where)
     except PayloadError as exc:
         raise PayloadError(str(exc), repo_id=repo_id, revision=revision) from exc
+
+
+def read_peer_info(hub: Hub, repo_id: str, *, revision: str, round: int | None = None) -> dict:
+    """The checked ``peer.json`` of ``repo_id`` at ``revision`` (:func:`~sorlora_gossip.layout.parse_peer_info`;
+    ``round``: the round it must be for), refused over :data:`~sorlora_gossip.layout.MAX_INFO_BYTES` before the
+    transfer.
+
+    Raises :class:`PayloadError` for an oversized or bad file, the hub's errors (e.g. ``EntryNotFound``) otherwise."""
+    try:
+        data = hub.read_bytes(repo_id, INFO_FILE, revision=revision, max_bytes=MAX_INFO_BYTES)
+    except RequestTooLarge as exc:
+        raise PayloadError(str(exc), repo_id=repo_id, revision=revision) from exc
+    return parse_peer_info(data, repo_id=repo_id, round=round)

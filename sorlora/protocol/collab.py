@@ -57,8 +57,6 @@ from sorlora_gossip.layout import (
     ADMITTED_KEY,
     COLLAB_FILE,
     FINAL_TAG,
-    INFO_FILE,
-    MAX_INFO_BYTES,
     MAX_REPORT_BYTES,
     MEMBERS_DIR,
     PLAN_FILE,
@@ -66,9 +64,8 @@ from sorlora_gossip.layout import (
     check_history,
     member_file,
     member_path,
-    parse_peer_info,
 )
-from sorlora_gossip.untrusted import MAX_JSON_BYTES, read_json
+from sorlora_gossip.untrusted import MAX_JSON_BYTES, read_json, read_peer_info
 
 from .terms import COLLAB_FORMAT, CollabTerms, Registration, TermsError
 
@@ -449,8 +446,7 @@ def collab_status(hub: Hub, collab_id: str) -> dict[str, Any]:
                "final": False, "skipped": 0}  # fmt: skip
         repo = hub.repo_id(reg.peer)
         try:  # a member's own files: size-capped and parsed safely; a bad one is named, not fatal
-            data = hub.read_bytes(repo, INFO_FILE, revision=DEFAULT_BRANCH, max_bytes=MAX_INFO_BYTES)
-            info = parse_peer_info(data, repo_id=repo)
+            info = read_peer_info(hub, repo, revision=DEFAULT_BRANCH)
             row["round"] = info["round"]
             row["bytes_pushed"] = sum(h["bytes"] for h in check_history(info.get("history", [])))
             report = read_json(
@@ -460,7 +456,7 @@ def collab_status(hub: Hub, collab_id: str) -> dict[str, Any]:
             row.update(_report_summary(report))
         except (RepoNotFound, RevisionNotFound, EntryNotFound):
             pass  # not pushed yet, or not final yet
-        except (RequestTooLarge, ValueError, TypeError, KeyError, AttributeError) as exc:  # PayloadError: ValueError
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # PayloadError is a ValueError
             row["unreadable"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         members.append(row)
     return {"collab": collab_id, "terms_sha256": terms.sha256(), "method": terms.method,

@@ -27,7 +27,15 @@ from ..evaluation.report import fmt_bytes
 from ..evaluation.stats import DIAGNOSTIC_CONTRASTS, PREREGISTERED_CONTRASTS, compare_methods, estimate
 from ..simulation.config import ExperimentConfig
 
-__all__ = ["StudySettings", "STUDY_PRESETS", "run_study", "study_table", "summarize"]
+__all__ = [
+    "STUDY_PRESETS",
+    "TARGET_DETECTABLE",
+    "StudySettings",
+    "run_study",
+    "seeds_for_target",
+    "study_table",
+    "summarize",
+]
 
 ZERO_SHOT = "zero-shot"
 TARGET_DETECTABLE = 0.05  # the study's design target: each pre-registered contrast detects 5 points (80% power)
