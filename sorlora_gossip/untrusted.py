@@ -2,19 +2,24 @@
 failure a :class:`~peft_sorlora.PayloadError` or :class:`~sorlora_gossip.hub.HubError` naming repo, revision, reason.
 
 The one place the peer, the CLI and the application read a hub's JSON files through (``peer.json``,
-``collab.json``, member registrations, ``plan.json``).
+``collab.json``, member registrations, ``plan.json``), and download a published repo's files through
+(:func:`download_repo`: an adapter, an MoE, a shipped base).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 from peft_sorlora.exchange import PayloadError, parse_json
 
-from .hub.base import Hub, RequestTooLarge
+from .hub.base import Hub, RequestTooLarge, validate_path
 from .layout import INFO_FILE, MAX_INFO_BYTES, parse_peer_info
 
-__all__ = ["MAX_JSON_BYTES", "read_json", "read_peer_info"]
+__all__ = ["MAX_JSON_BYTES", "MAX_REPO_FILE_BYTES", "download_repo", "read_json", "read_peer_info"]
 
 MAX_JSON_BYTES = 1 << 20  # a peer.json with a long history, a collaboration's plan: far below this
+MAX_REPO_FILE_BYTES = 8 << 30  # one file of a published repo (an adapter, an MoE's experts, a shipped base's weights)
 
 
 def read_json(hub: Hub, repo_id: str, path: str, *, revision: str, max_bytes: int = MAX_JSON_BYTES) -> object:
@@ -46,3 +51,32 @@ def read_peer_info(hub: Hub, repo_id: str, *, revision: str, round: int | None =
     except RequestTooLarge as exc:
         raise PayloadError(str(exc), repo_id=repo_id, revision=revision) from exc
     return parse_peer_info(data, repo_id=repo_id, round=round)
+
+
+def download_repo(
+    hub: Hub,
+    repo_id: str,
+    target: Path,
+    *,
+    revision: str,
+    suffixes: Sequence[str],
+    subfolders: Sequence[str] = (),
+    max_bytes: int = MAX_REPO_FILE_BYTES,
+) -> Path:
+    """The files of ``repo_id`` at ``revision`` (pin a commit sha, so that they are one snapshot) whose names end in
+    one of ``suffixes``, written under ``target`` with their repo paths: top-level files, and those directly inside
+    one of ``subfolders``. Each is refused over ``max_bytes`` before and while downloading; a path with ``..`` or a
+    leading ``/`` is refused before anything is written.
+
+    Raises :class:`PayloadError` naming repo, revision and file for an oversized file, the hub's errors otherwise."""
+    for path in map(validate_path, hub.list_files(repo_id, revision=revision)):
+        folder, _, name = path.rpartition("/")
+        if (not folder or folder in subfolders) and name.endswith(tuple(suffixes)):
+            try:
+                data = hub.read_bytes(repo_id, path, revision=revision, max_bytes=max_bytes)
+            except RequestTooLarge as exc:
+                raise PayloadError(f"{repo_id}/{path}@{revision}: {exc}", repo_id=repo_id, revision=revision) from exc
+            dest = target / path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+    return target

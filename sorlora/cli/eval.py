@@ -38,7 +38,6 @@ __all__ = [
     "summary_line",
 ]
 
-MAX_REPO_FILE_BYTES = 8 << 30  # one file of a published repo (an adapter, an MoE's experts, a shipped base)
 LEVEL = 0.95
 
 
@@ -90,6 +89,7 @@ def member_scores(program: Any) -> dict[str, Any]:
     questions (``program.data.test``), over the base the program holds; ``better`` names the stronger."""
     from sorlora_gossip.hub.base import EntryNotFound, RepoNotFound
     from sorlora_gossip.layout import EXPERT_FILE, FINAL_TAG
+    from sorlora_gossip.untrusted import MAX_REPO_FILE_BYTES
 
     from ..protocol.collab import read_capped
     from ..runtime.moe import load_moe
@@ -151,16 +151,11 @@ def print_member_scores(peer_id: str, scores: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------- sorlora eval
 def _download(hub: Any, repo_id: str, revision: str, target: Path) -> Path:
     """The repo's top-level JSON/safetensors/tokenizer files (and a shipped base's ``base/``), size-capped."""
-    from sorlora_gossip.hub import validate_path
+    from moe_router.configuration import BASE_SUBFOLDER
+    from sorlora_gossip.untrusted import download_repo
 
-    wanted = (".json", ".safetensors", ".model", ".txt")
-    for path in map(validate_path, hub.list_files(repo_id, revision=revision)):  # no '..', no absolute path
-        top = "/" not in path or path.startswith("base/") and path.count("/") == 1
-        if top and path.endswith(wanted):
-            dest = target / path
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(hub.read_bytes(repo_id, path, revision=revision, max_bytes=MAX_REPO_FILE_BYTES))
-    return target
+    return download_repo(hub, repo_id, target, revision=revision, suffixes=(".json", ".safetensors", ".model", ".txt"),
+                         subfolders=(BASE_SUBFOLDER,))  # fmt: skip
 
 
 def _base(base_id: str | None, model: str | None, what: str) -> tuple[Any, Any]:

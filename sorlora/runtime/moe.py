@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from moe_router import ImplicitMoEForCausalLM
+from sorlora_gossip.untrusted import download_repo
 
 from .workspace import Workspace
 
@@ -41,11 +42,11 @@ def build_moe(
     ).eval()
 
 
-def load_moe(hub: Any, repo_id: str, ws: Workspace) -> ImplicitMoEForCausalLM:
-    """A peer's published implicit MoE, downloaded from ``hub`` (its config and experts), over a clean copy of the
-    workspace's base."""
+def load_moe(hub: Any, repo_id: str, ws: Workspace, *, revision: str = "main") -> ImplicitMoEForCausalLM:
+    """A peer's published implicit MoE, downloaded from ``hub`` (its config and experts, every file size-capped and
+    all from the one commit ``revision`` designates when this is called), over a clean copy of the workspace's
+    base."""
+    sha = hub.resolve(repo_id, revision)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in hub.list_files(repo_id):
-            if "/" not in name and name.endswith((".json", ".safetensors")):
-                (Path(tmp) / name).write_bytes(hub.read_bytes(repo_id, name, revision="main"))
+        download_repo(hub, repo_id, Path(tmp), revision=sha, suffixes=(".json", ".safetensors"))
         return ImplicitMoEForCausalLM.from_pretrained(tmp, base_model=ws.clean_copy()).eval()
