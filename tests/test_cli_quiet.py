@@ -49,3 +49,24 @@ def test_an_unreachable_hub_is_one_line_after_its_retries():
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert "the hub is unreachable" in lines[0] and "after 6 attempts" in lines[0], lines
+
+
+def test_the_warnings_a_run_triggers_by_design_are_hidden_and_others_are_not():
+    """PEFT asks every model ``is_gradient_checkpointing``, which transformers deprecated: a FutureWarning in every
+    run and study (two per study seed) until :func:`quiet_library_warnings` hides it; other warnings still show."""
+    import warnings
+
+    from sorlora.cli.quiet import quiet_library_warnings
+    from sorlora.runtime.model_loading import tiny_random_model
+
+    model, _ = tiny_random_model(hidden_size=32)
+    with warnings.catch_warnings(record=True) as before:
+        warnings.simplefilter("always")
+        getattr(model, "is_gradient_checkpointing", True)  # PEFT's own look-up (peft_model.py)
+    assert any("is_gradient_checkpointing" in str(w.message) for w in before)
+    with warnings.catch_warnings(record=True) as after:
+        warnings.simplefilter("always")
+        quiet_library_warnings()
+        getattr(model, "is_gradient_checkpointing", True)
+        warnings.warn("something the user should see", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in after] == ["something the user should see"]

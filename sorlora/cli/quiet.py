@@ -5,6 +5,8 @@
   itself, so the libraries' switches miss it);
 - a hub's retries of a transient failure (``sorlora_gossip.hub.hf``: one warning per retry) are not shown: the
   request either succeeds or ends, after its retries, in one error line (``-v`` shows every retry);
+- warnings the run triggers by design are hidden (:func:`quiet_library_warnings`: adapters share one base model,
+  PEFT asks transformers a deprecated question, GGUF weights are dequantized);
 - no look-up of the public Hub when the hub is another endpoint (a lab's ``sorlora hub-serve``): huggingface_hub's
   first request fetched a registry of "agent harnesses" from huggingface.co to fill its telemetry user-agent (a DNS
   query from an offline lab): with another endpoint telemetry is off for the command (:func:`no_public_lookups`);
@@ -16,13 +18,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Iterator
 
 from ..logs import dropping
 
-__all__ = ["PUBLIC_HUB", "no_library_progress_bars", "no_public_lookups", "quiet_hub_retries"]
+__all__ = ["PUBLIC_HUB", "no_library_progress_bars", "no_public_lookups", "quiet_hub_retries", "quiet_library_warnings"]
 
 PUBLIC_HUB = "https://huggingface.co"
+
+
+def quiet_library_warnings() -> None:
+    """Hide warnings a run or study triggers by design: adapters share one base model (PEFT's renamed
+    ``base_model_name_or_path``, "Already unmerged"), PEFT's ``is_gradient_checkpointing`` look-up that transformers
+    deprecated, GGUF weights dequantized without a config file."""
+    for pattern in (
+        ".*base_model_name_or_path.*was renamed.*",
+        ".*is_gradient_checkpointing.*",
+        ".*Could not find a config file.*",
+        ".*Already unmerged.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def no_library_progress_bars() -> None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 
 from ..simulation.engines import ENGINES
 from .errors import UsageError
 from .preflight import add_dry_run_argument
+from .quiet import quiet_library_warnings
 
 __all__ = ["add_run_commands"]
 
@@ -78,17 +78,6 @@ def _probe_hub(hub) -> None:
         pass
 
 
-def _quiet_library_warnings() -> None:
-    """Hide warnings the run triggers by design (adapters share one base model; GGUF weights are dequantized)."""
-    for pattern in (
-        ".*base_model_name_or_path.*was renamed.*",
-        ".*is_gradient_checkpointing.*",
-        ".*Could not find a config file.*",
-        ".*Already unmerged.*",
-    ):
-        warnings.filterwarnings("ignore", message=pattern)
-
-
 # ---------------------------------------------------------------- commands
 
 
@@ -103,7 +92,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     from ..simulation.runner import run_experiment
 
-    _quiet_library_warnings()
+    quiet_library_warnings()
     print(f"run directory: {run_dir}  (rerun the same command to resume)")
     summary = run_experiment(cfg, run_dir, progress=not args.no_progress, tasks=tasks)
     print((run_dir / "results.md").read_text())
@@ -143,7 +132,7 @@ def _cmd_tune_lr(args: argparse.Namespace) -> int:
         return 0
     from ..study.tuning import tune_learning_rates
 
-    _quiet_library_warnings()
+    quiet_library_warnings()
     result = tune_learning_rates(cfg, args.run_dir, grid=args.grid, methods=args.methods, progress=not args.no_progress)
     print("validation accuracy (mean over tasks) per method and learning rate:")
     for method, scores in result["scores"].items():

@@ -11,6 +11,7 @@ from ..data.registry import OFFLINE_TASKS as PILOT_CANDIDATES
 from ..simulation.config import ExperimentConfig, apply_settings
 from ..study.study import STUDY_PRESETS, StudySettings, run_study
 from .preflight import add_dry_run_argument
+from .quiet import quiet_library_warnings
 
 __all__ = ["add_study_commands"]
 
@@ -32,6 +33,7 @@ def _settings_from_args(args: argparse.Namespace) -> StudySettings:
 def _cmd_study(args: argparse.Namespace) -> int:
     from .preflight import dry_run, fetch_tasks  # noqa: PLC0415
 
+    quiet_library_warnings()
     settings = _settings_from_args(args)
     tasks = fetch_tasks(settings.config)  # every data source fetched before any model loads
     if args.dry_run:
@@ -48,6 +50,7 @@ def _cmd_pilot(args: argparse.Namespace) -> int:
     from ..study.pilot import run_pilot  # noqa: PLC0415
     from .preflight import dry_run, fetch_tasks  # noqa: PLC0415
 
+    quiet_library_warnings()
     settings = _settings_from_args(args)
     tasks = tuple(args.tasks) if args.tasks else PILOT_CANDIDATES
     fetched = fetch_tasks(settings.config, tasks)  # every data source fetched before any model loads
