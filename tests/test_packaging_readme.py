@@ -59,3 +59,16 @@ def test_readme_shows_the_study_as_recorded():
     assert len(recorded) > 20, "the study's tables"
     missing = [line for line in recorded if line not in section.splitlines()]
     assert not missing, f"README's study section lacks {len(missing)} line(s) of results/study/study.md: {missing[:3]}"
+
+
+def test_readme_study_command_names_the_recorded_seeds():
+    """The study command in the README runs exactly the seeds ``results/study`` holds: rerunning it as written
+    reproduces (resumes) the recorded study rather than a smaller or larger one."""
+    import json
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("#### The study (`sorlora study`)", 1)[1].split("\n#### ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+    (seeds,) = re.findall(r"sorlora study --preset study --seeds ([\d,]+) --run-dir runs/study\n", block)
+    recorded = json.loads((ROOT / "results/study/study_settings.json").read_text())["seeds"]
+    assert [int(s) for s in seeds.split(",")] == recorded
