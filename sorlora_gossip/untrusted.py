@@ -22,6 +22,15 @@ MAX_JSON_BYTES = 1 << 20  # a peer.json with a long history, a collaboration's p
 MAX_REPO_FILE_BYTES = 8 << 30  # one file of a published repo (an adapter, an MoE's experts, a shipped base's weights)
 
 
+def _read_capped(hub: Hub, repo_id: str, path: str, *, revision: str, max_bytes: int) -> bytes:
+    """``path`` of ``repo_id`` at ``revision``, refused over ``max_bytes`` before and while downloading as a
+    :class:`PayloadError` (the hub's message names repo, file, commit, size and limit)."""
+    try:
+        return hub.read_bytes(repo_id, path, revision=revision, max_bytes=max_bytes)
+    except RequestTooLarge as exc:
+        raise PayloadError(str(exc), repo_id=repo_id, revision=revision) from exc
+
+
 def read_json(hub: Hub, repo_id: str, path: str, *, revision: str, max_bytes: int = MAX_JSON_BYTES) -> object:
     """The JSON value of ``path`` in ``repo_id`` at ``revision`` (pin a commit sha), refused when over
     ``max_bytes`` (checked before and while downloading), nested deeper than
@@ -29,13 +38,9 @@ def read_json(hub: Hub, repo_id: str, path: str, *, revision: str, max_bytes: in
 
     Raises :class:`PayloadError` (``repo_id``/``revision`` set) for a bad file, the hub's errors (e.g.
     ``EntryNotFound``, ``RepoNotFound``) otherwise."""
-    where = f"{repo_id}/{path}@{revision}"
+    data = _read_capped(hub, repo_id, path, revision=revision, max_bytes=max_bytes)
     try:
-        data = hub.read_bytes(repo_id, path, revision=revision, max_bytes=max_bytes)
-    except RequestTooLarge as exc:
-        raise PayloadError(f"{where}: {exc}", repo_id=repo_id, revision=revision) from exc
-    try:
-        return parse_json(data, max_bytes=max_bytes, what=where)
+        return parse_json(data, max_bytes=max_bytes, what=f"{repo_id}/{path}@{revision}")
     except PayloadError as exc:
         raise PayloadError(str(exc), repo_id=repo_id, revision=revision) from exc
 
@@ -46,10 +51,7 @@ def read_peer_info(hub: Hub, repo_id: str, *, revision: str, round: int | None =
     transfer.
 
     Raises :class:`PayloadError` for an oversized or bad file, the hub's errors (e.g. ``EntryNotFound``) otherwise."""
-    try:
-        data = hub.read_bytes(repo_id, INFO_FILE, revision=revision, max_bytes=MAX_INFO_BYTES)
-    except RequestTooLarge as exc:
-        raise PayloadError(str(exc), repo_id=repo_id, revision=revision) from exc
+    data = _read_capped(hub, repo_id, INFO_FILE, revision=revision, max_bytes=MAX_INFO_BYTES)
     return parse_peer_info(data, repo_id=repo_id, round=round)
 
 
@@ -69,13 +71,11 @@ def download_repo(
     leading ``/`` is refused before anything is written.
 
     Raises :class:`PayloadError` naming repo, revision and file for an oversized file, the hub's errors otherwise."""
-    for path in map(validate_path, hub.list_files(repo_id, revision=revision)):
+    paths = [validate_path(path) for path in hub.list_files(repo_id, revision=revision)]  # all, before any write
+    for path in paths:
         folder, _, name = path.rpartition("/")
         if (not folder or folder in subfolders) and name.endswith(tuple(suffixes)):
-            try:
-                data = hub.read_bytes(repo_id, path, revision=revision, max_bytes=max_bytes)
-            except RequestTooLarge as exc:
-                raise PayloadError(f"{repo_id}/{path}@{revision}: {exc}", repo_id=repo_id, revision=revision) from exc
+            data = _read_capped(hub, repo_id, path, revision=revision, max_bytes=max_bytes)
             dest = target / path
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(data)

@@ -42,11 +42,10 @@ def build_moe(
     ).eval()
 
 
-def load_moe(hub: Any, repo_id: str, ws: Workspace, *, revision: str = "main") -> ImplicitMoEForCausalLM:
+def load_moe(hub: Any, repo_id: str, ws: Workspace) -> ImplicitMoEForCausalLM:
     """A peer's published implicit MoE, downloaded from ``hub`` (its config and experts, every file size-capped and
-    all from the one commit ``revision`` designates when this is called), over a clean copy of the workspace's
-    base."""
-    sha = hub.resolve(repo_id, revision)
+    all from the commit ``main`` is at when this is called), over a clean copy of the workspace's base."""
+    sha = hub.resolve(repo_id)
     with tempfile.TemporaryDirectory() as tmp:
         download_repo(hub, repo_id, Path(tmp), revision=sha, suffixes=(".json", ".safetensors"))
         return ImplicitMoEForCausalLM.from_pretrained(tmp, base_model=ws.clean_copy()).eval()
