@@ -101,6 +101,7 @@ TABLE = [
         ["none.safetensors': no such file or directory (check the path)"],
     ),
     (["study", "--set", "rounds=two"], ["rounds must be int", "'two'"]),
+    (["study", "--jobs", "0"], ["jobs must be at least 1, got 0"]),
     (
         ["collab", "create", "--hub", "{tmp}", "--collab", "ns/c", "--config", "{tmp}/no-terms.json"],
         ["no-terms.json': no such file or directory"],

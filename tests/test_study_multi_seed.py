@@ -152,6 +152,42 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert set(rerun["reruns"]) == {"0", "1"} and "Rerun (`--rerun lora`" in (tmp_path / "study.md").read_text()
 
 
+def test_seed_lists_show_runs_as_ranges():
+    from sorlora.study.study import _seed_list
+
+    assert _seed_list([0, 2, 3, 4, 7, 8, 10]) == "0, 2–4, 7, 8, 10" and _seed_list(list(range(18))) == "0–17"
+
+
+def test_seeds_run_in_parallel_processes_give_the_same_records_and_a_failed_seed_stops_no_other(tmp_path):
+    """--jobs 2: the seeds run two at a time in spawned processes on half the cores each; each seed's outcomes are
+    those of a seed run alone (common random numbers), its record says it shared the machine, and a seed that fails
+    (here its folder is a file) is raised once the others have finished, naming it."""
+    cfg = TINY.replace(methods=("lora", "solora"), rounds=1)
+    alone = tmp_path / "alone"
+    run_study(StudySettings(cfg, seeds=(0, 1), n_boot=200), alone, progress=False)
+    parallel = tmp_path / "parallel"
+    parallel.mkdir()
+    (parallel / "seed-2").write_text("not a folder")
+    with pytest.raises(FileExistsError) as failed:
+        run_study(StudySettings(cfg, seeds=(0, 1, 2), n_boot=200, jobs=2), parallel, progress=False)
+    assert "failed seeds: 2 of 3" in "".join(failed.value.__notes__)
+    for s in (0, 1):
+        one = json.loads((alone / f"seed-{s}" / "seed_result.json").read_text())
+        two = json.loads((parallel / f"seed-{s}" / "seed_result.json").read_text())
+        assert (one["concurrent"], two["concurrent"]) == (1, 2)
+        assert two["methods"]["lora"]["correct"] == one["methods"]["lora"]["correct"]
+        assert two["methods"]["solora"]["correct"] == one["methods"]["solora"]["correct"]
+    (parallel / "seed-2").unlink()
+    result = run_study(StudySettings(cfg, seeds=(0, 1, 2), n_boot=200, jobs=2), parallel, progress=False)
+    assert result["concurrent_per_seed"] == [2, 2, 1], "the last seed, alone to run, ran in-process on every core"
+    table = (parallel / "study.md").read_text()
+    wall = result["seconds_per_seed"]
+    machine = (wall[0] / 2 + wall[1] / 2 + wall[2]) / 3 / 60
+    assert f"Cost: {machine:.1f} min of the machine per seed" in table and "seeds 0, 1 ran 2 at a time" in table
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        StudySettings(cfg, jobs=0)
+
+
 def test_the_readmes_sorlora_commands_parse_and_name_known_presets():
     """Every `sorlora ...` command line in a README bash block parses, and its presets exist (no model loads)."""
     import re
