@@ -65,19 +65,58 @@ def test_terms_refuse_a_local_path_as_the_base_model():
         CollabTerms.from_dict({**TERMS.to_dict(), "roundz": 3})
 
 
-def test_a_member_that_never_shows_up_is_skipped_and_recorded(tmp_path, engine):
+def test_a_member_that_never_shows_up_is_skipped_and_recorded_and_costs_one_timeout(tmp_path, engine):
+    terms = TERMS.replace(rounds=4, round_timeout_s=8.0)
     hub = LocalHub(tmp_path / "hub", namespace="lab")
-    create_collaboration(hub, "lab/c", TERMS)
+    create_collaboration(hub, "lab/c", terms)
     programs = _programs(hub, tmp_path, ["ann", "ben", "cat", "ghost"], engine=engine)
     ghost = programs.pop()
     ghost.step()  # registers, then is never seen again
     assert ghost.phase == "plan"
+    started = time.monotonic()
     _drive(programs)
+    elapsed = time.monotonic() - started
+    assert elapsed < 2 * terms.round_timeout_s, f"{elapsed:.0f} s: the others waited for the ghost more than once"
     for p in programs:
         report = json.loads(hub.read_bytes(hub.repo_id(p.peer_id), "report.json", revision="final"))
-        assert [sorted(rec["skipped"]) for rec in report["records"]] == [["ghost/dev"]] * TERMS.rounds
+        skipped = [rec["skipped"] for rec in report["records"]]
+        assert [sorted(s) for s in skipped] == [["ghost/dev"]] * terms.rounds
+        assert skipped[0]["ghost/dev"] == "round-0000 not pushed within 8 s"
+        assert all("nothing pushed since it missed round-0000: not waited for" in s["ghost/dev"] for s in skipped[1:])
         assert all(len(rec["used"]) == 2 for rec in report["records"]), "the other two members were used"
     assert not hub.repo_exists("ghost/dev")
+
+
+def test_a_member_that_missed_a_round_is_waited_for_again_once_it_catches_up(tmp_path, engine):
+    """A member stalled in round 0 (as one restarting) is skipped there; once it has pushed that round, the others
+    wait for it again and use it in every later round."""
+    terms = TERMS.replace(rounds=3, round_timeout_s=4.0)
+    hub = LocalHub(tmp_path / "hub", namespace="lab")
+    create_collaboration(hub, "lab/c", terms)
+    programs = _programs(hub, tmp_path, ["ann", "ben", "cat", "dan"], engine=engine)
+    dan = programs[-1]
+    deadline = time.monotonic() + 60
+    while dan.phase != "train" and time.monotonic() < deadline:  # everyone registers, plans, calibrates
+        for p in programs:
+            p.step()
+    assert dan.phase == "train" and dan.state["round"] == 0
+    others = programs[:3]
+    while any((p.state["round"], p.phase) != (1, "pull") for p in others) and time.monotonic() < deadline:
+        for p in others:  # dan stalls: skipped in round 0; the others push round 1 and wait for their neighbours
+            if (p.state["round"], p.phase) != (1, "pull"):
+                p.step()
+        time.sleep(0.05)
+    assert all((p.state["round"], p.phase) == (1, "pull") for p in others)
+    while dan.state["round"] == 0 and time.monotonic() < deadline:  # dan catches up: pushes and pulls round 0
+        dan.step()
+    _drive(programs)
+    for p in others:
+        report = json.loads(hub.read_bytes(hub.repo_id(p.peer_id), "report.json", revision="final"))
+        records = report["records"]
+        assert (
+            list(records[0]["skipped"]) == ["dan/dev"] and "not pushed within 4 s" in records[0]["skipped"]["dan/dev"]
+        )
+        assert all(not rec["skipped"] and "dan/dev" in rec["used"] for rec in records[1:]), records[1:]
 
 
 def test_a_late_joiner_is_refused_clearly(tmp_path, engine):

@@ -42,7 +42,7 @@ from peft_sorlora.base_model import BUNDLED_BASE_ID, base_fingerprint
 from peft_sorlora.projection import derive_seed
 from sorlora_gossip import Hub, Peer, Rejection
 from sorlora_gossip.cards import AdapterCards
-from sorlora_gossip.hub.base import EntryNotFound
+from sorlora_gossip.hub.base import EntryNotFound, HubError
 from sorlora_gossip.layout import UPDATE_FILE, round_tag
 
 from ..data.examples import Example
@@ -647,14 +647,33 @@ class PeerProgram:
             p["revisions"].update(pull.revisions)
             p["rejected"].update({k: str(v) for k, v in pull.rejected.items()})
             missing = [n for n in names if n not in p["updates"] and n not in p["rejected"]]
-        if missing and time.monotonic() < p["deadline"]:
+        absent = self.state.setdefault("absent", {})  # member -> the first round it missed since it was last seen
+        gone = {n for n in missing if n in absent and not self._back(n, absent[n])}
+        if len(gone) < len(missing) and time.monotonic() < p["deadline"]:
             self.waiting = True
             return None
         self._pending = None
-        p["skipped"] = {n: f"{round_tag(round)} not pushed within {self.terms.round_timeout_s:g} s" for n in missing}
+        p["skipped"] = {
+            n: f"{round_tag(round)} not there and nothing pushed since it missed {round_tag(absent[n])}: not waited for"
+            if n in gone else f"{round_tag(round)} not pushed within {self.terms.round_timeout_s:g} s"
+            for n in missing
+        }  # fmt: skip
         for n, why in p["skipped"].items():
             logger.warning("peer %s: skipping %s in round %d: %s", self.peer_id, n, round, why)
+            absent.setdefault(n, round)
+        for n in p["updates"]:
+            absent.pop(n, None)
         return p
+
+    def _back(self, member: str, missed: int) -> bool:
+        """Whether ``member``, which missed round ``missed``, has pushed it since (a restarted member catching up):
+        then it is waited for again. A member that left, or was gone for good, costs the others one round
+        timeout, not one per round."""
+        try:
+            self.hub.resolve(self.hub.repo_id(member), round_tag(missed))
+        except HubError:  # not there (RepoNotFound, RevisionNotFound) or the hub cannot say: not back yet
+            return False
+        return True
 
     def _off_budget(self, peer: str, update: Any) -> str | None:
         """Why ``peer``'s round-0 payload breaks the layer budget it registered (the kept entries per layer the plan

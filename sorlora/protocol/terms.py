@@ -123,7 +123,8 @@ class CollabTerms:
         default=600.0,
         metadata={
             "help": "seconds a peer waits for a neighbour's round "
-            "(a restarted peer reloads the base first: minutes on a loaded machine)"
+            "(a restarted peer reloads the base first: minutes on a loaded machine); a neighbour skipped once is "
+            "not waited for again until it has pushed the round it missed, so one that left costs one timeout"
         },
     )
     publish_base: bool = field(
