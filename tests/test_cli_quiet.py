@@ -70,3 +70,22 @@ def test_the_warnings_a_run_triggers_by_design_are_hidden_and_others_are_not():
         getattr(model, "is_gradient_checkpointing", True)
         warnings.warn("something the user should see", UserWarning, stacklevel=1)
     assert [str(w.message) for w in after] == ["something the user should see"]
+
+
+def test_study_workers_print_as_quietly_as_the_command(tmp_path):
+    """`sorlora study --jobs 2`: the spawned workers inherit neither the command's warning filters nor its switches;
+    they get them as the pool's initializer, so only the seeds' one bar is drawn (no FutureWarning, no
+    "Writing model shards" bar from transformers' save_pretrained in each worker)."""
+    import json
+
+    from .test_simulation_runner import TINY
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY.replace(methods=("lora", "solora"), rounds=1).to_dict()))
+    done = subprocess.run([sys.executable, "-m", "sorlora", "study", "--config", str(config), "--seeds", "0,1",
+                           "--jobs", "2", "--run-dir", str(tmp_path / "study")],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "seeds (2 at a time, " in done.stderr and "# Study" in done.stdout
+    for noise in ("is_gradient_checkpointing", "Writing model shards", "Warning"):
+        assert noise not in done.stderr, done.stderr

@@ -11,7 +11,7 @@ from ..data.registry import OFFLINE_TASKS as PILOT_CANDIDATES
 from ..simulation.config import ExperimentConfig, apply_settings
 from ..study.study import STUDY_PRESETS, StudySettings, run_study
 from .preflight import add_dry_run_argument
-from .quiet import quiet_library_warnings
+from .quiet import no_library_progress_bars, quiet_library_warnings
 
 __all__ = ["add_study_commands"]
 
@@ -41,10 +41,16 @@ def _cmd_study(args: argparse.Namespace) -> int:
         dry_run(settings.config, tasks)
         return 0
     print(f"study directory: {args.run_dir}  (rerun the same command to resume; finished seeds are not redone)")
-    result = run_study(settings, args.run_dir, progress=not args.no_progress)
+    result = run_study(settings, args.run_dir, progress=not args.no_progress, worker_setup=_quiet_worker)
     print((Path(args.run_dir) / "study.md").read_text())
     print("plots: " + ", ".join(result["plots"].values()))
     return 0
+
+
+def _quiet_worker() -> None:
+    """What a ``--jobs`` worker process prints: as this command, less the libraries' bars (one bar counts seeds)."""
+    quiet_library_warnings()
+    no_library_progress_bars()
 
 
 def _cmd_pilot(args: argparse.Namespace) -> int:

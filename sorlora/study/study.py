@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -475,17 +475,21 @@ def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _limit_threads(threads: int) -> None:
+def _start_worker(threads: int, setup: Callable[[], None] | None) -> None:
     """A study worker's initializer: its share of the cores, set before torch is imported (it is imported lazily)
-    so that OpenMP and MKL size their pools to it too."""
+    so that OpenMP and MKL size their pools to it too; then the caller's ``setup`` (e.g. the CLI's quieting of
+    the libraries' warnings and progress bars, which a spawned process does not inherit)."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(threads)
     import torch  # noqa: PLC0415
 
     torch.set_num_threads(threads)
+    if setup is not None:
+        setup()
 
 
-def _run_seeds_in_parallel(settings: StudySettings, study_dir: Path, seeds: Sequence[int], *, progress: bool) -> None:
+def _run_seeds_in_parallel(settings: StudySettings, study_dir: Path, seeds: Sequence[int], *, progress: bool,
+                           worker_setup: Callable[[], None] | None) -> None:  # fmt: skip
     """Run ``seeds`` ``settings.jobs`` at a time, each in a fresh process (spawned: no torch state is forked) on
     ``cores // jobs`` threads, writing each seed's record as :func:`run_seed` does. A seed that fails does not stop
     the others (each is resumable); the first failure is raised once they are done."""
@@ -498,9 +502,15 @@ def _run_seeds_in_parallel(settings: StudySettings, study_dir: Path, seeds: Sequ
     threads = max(1, _usable_cores() // jobs)
     failures: list[tuple[int, BaseException]] = []
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_limit_threads, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_start_worker, initargs=(threads, worker_setup)
+    ) as pool:
         futures = {pool.submit(run_seed, settings, study_dir, s, progress=False, concurrent=jobs): s for s in seeds}
-        bar = tqdm(total=len(seeds), desc=f"seeds ({jobs} at a time, {threads} threads each)", disable=not progress)
+        bar = tqdm(
+            total=len(seeds),
+            desc=f"seeds ({jobs} at a time, {threads} thread{'s' if threads > 1 else ''} each)",
+            disable=not progress,
+        )
         try:
             for future in as_completed(futures):
                 if future.exception() is not None:
@@ -517,8 +527,13 @@ def _run_seeds_in_parallel(settings: StudySettings, study_dir: Path, seeds: Sequ
         raise error
 
 
-def run_study(settings: StudySettings, study_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) every seed of the study, then write study.json, study.md and the two plots."""
+def run_study(settings: StudySettings, study_dir: str | Path, *, progress: bool = True,
+              worker_setup: Callable[[], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run (or resume) every seed of the study, then write study.json, study.md and the two plots.
+
+    With ``settings.jobs > 1`` the pending seeds run in spawned worker processes, each calling ``worker_setup`` (a
+    module-level function: it is pickled by name) once before its first seed; their own progress bars are off,
+    one bar counts the seeds."""
     study_dir = Path(study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
     marker = study_dir / "study_settings.json"
@@ -530,7 +545,7 @@ def run_study(settings: StudySettings, study_dir: str | Path, *, progress: bool 
                          "seeds": list(settings.seeds)})  # fmt: skip
     pending = [s for s in settings.seeds if not (study_dir / f"seed-{s}" / "seed_result.json").exists()]
     if settings.jobs > 1 and len(pending) > 1:
-        _run_seeds_in_parallel(settings, study_dir, pending, progress=progress)
+        _run_seeds_in_parallel(settings, study_dir, pending, progress=progress, worker_setup=worker_setup)
     records = [run_seed(settings, study_dir, s, progress=progress) for s in settings.seeds]  # read back if finished
     result = summarize(settings, records)
     write_json(study_dir / "study.json", result)
