@@ -157,8 +157,8 @@ def _zero_shot(cfg: ExperimentConfig) -> dict[str, Any]:
 def run_seed(settings: StudySettings, study_dir: Path, seed: int, *, progress: bool = True,
              concurrent: int = 1) -> dict[str, Any]:  # fmt: skip
     """Run (or read back) one seed: every method (and its variants) plus the zero-shot row, per question.
-    ``concurrent``: how many seeds share the machine while this one runs (recorded: the study's cost per seed is
-    each seed's wall time divided by it)."""
+    ``concurrent``: how many seeds the machine is split between while this one runs, each on that share of the
+    cores (recorded: the study's cost per seed is each seed's wall time divided by it)."""
     from ..simulation.runner import run_experiment  # noqa: PLC0415
 
     seed_dir = study_dir / f"seed-{seed}"
@@ -408,9 +408,10 @@ def study_table(result: Mapping[str, Any]) -> str:
     else:  # a seed that shared the machine with k-1 others used 1/k of it for its wall time
         shared = [s for s, k in zip(seeds, concurrent) if k > 1]
         machine = np.mean([t / k for t, k in zip(seconds, concurrent)]) / 60
-        cost = (f"Cost: {machine:.1f} min of the machine per seed (each seed's wall time divided by the seeds "
-                f"sharing the machine with it; seeds {_seed_list(shared)} ran "
-                f"{'/'.join(map(str, sorted({k for k in concurrent if k > 1})))} at a time); wall time {wall}.")  # fmt: skip
+        at_once = "/".join(map(str, sorted({k for k in concurrent if k > 1})))
+        cost = (f"Cost: {machine:.1f} min of the machine per seed (each seed's wall time times the share of the "
+                f"machine it ran on; seeds {_seed_list(shared)} ran {at_once} at a time, each on 1/{at_once} of "
+                f"the cores); wall time {wall}.")  # fmt: skip
     lines += [
         "",
         f"Accuracy in % over {len(seeds)} seeds ({_seed_list(seeds)}; each also resamples the data split) × "
