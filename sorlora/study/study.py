@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 ZERO_SHOT = "zero-shot"
+SEED_RECORD = "seed_result.json"  # a finished seed's record, in its folder (see _seed_dir)
 TARGET_DETECTABLE = 0.05  # the study's design target: each pre-registered contrast detects 5 points (80% power)
 
 
@@ -154,6 +155,10 @@ def _zero_shot(cfg: ExperimentConfig) -> dict[str, Any]:
     return _row({t: r["accuracy"] for t, r in results.items()}, per_question(results), cfg.tasks, 0)
 
 
+def _seed_dir(study_dir: Path, seed: int) -> Path:
+    return study_dir / f"seed-{seed}"
+
+
 def run_seed(settings: StudySettings, study_dir: Path, seed: int, *, progress: bool = True,
              concurrent: int = 1) -> dict[str, Any]:  # fmt: skip
     """Run (or read back) one seed: every method (and its variants) plus the zero-shot row, per question.
@@ -161,8 +166,8 @@ def run_seed(settings: StudySettings, study_dir: Path, seed: int, *, progress: b
     cores (recorded: the study's cost per seed is each seed's wall time divided by it)."""
     from ..simulation.runner import run_experiment  # noqa: PLC0415
 
-    seed_dir = study_dir / f"seed-{seed}"
-    done = seed_dir / "seed_result.json"
+    seed_dir = _seed_dir(study_dir, seed)
+    done = seed_dir / SEED_RECORD
     if done.exists():
         record = json.loads(done.read_text())
         # the diagnostics as this version reads them from the run's results (seeds finished before a diagnostic was
@@ -226,7 +231,7 @@ def _rerun(settings: StudySettings, seed_dir: Path, record: dict[str, Any], *, p
         "rerun": {"methods": list(settings.rerun),
                   "seconds": previous if previous is not None else time.perf_counter() - started},
     }  # fmt: skip
-    write_json(seed_dir / "seed_result.json", record)
+    write_json(seed_dir / SEED_RECORD, record)
     return record
 
 
@@ -401,7 +406,7 @@ def study_table(result: Mapping[str, Any]) -> str:
             lines.append(f"| {r} | " + " | ".join(cells) + f" | {100 * sel['worst']:.0f}% |")
     seeds = result["settings"]["seeds"]
     seconds = result["seconds_per_seed"]
-    concurrent = result.get("concurrent_per_seed") or [1] * len(seconds)
+    concurrent = result["concurrent_per_seed"]
     wall = f"{np.mean(seconds) / 60:.1f} min per seed (min {min(seconds) / 60:.1f}, max {max(seconds) / 60:.1f})"
     if max(concurrent) == 1:
         cost = f"Cost: {wall}."
@@ -514,8 +519,8 @@ def _run_seeds_in_parallel(settings: StudySettings, study_dir: Path, seeds: Sequ
         )
         try:
             for future in as_completed(futures):
-                if future.exception() is not None:
-                    failures.append((futures[future], future.exception()))
+                if (error := future.exception()) is not None:
+                    failures.append((futures[future], error))
                 bar.update()
         except BaseException:  # Ctrl-C: finished seeds are kept, the running ones resume on the next call
             pool.shutdown(wait=False, cancel_futures=True)
@@ -544,7 +549,7 @@ def run_study(settings: StudySettings, study_dir: str | Path, *, progress: bool 
             raise ValueError(f"{study_dir} holds a study with other settings: use another --run-dir or delete it")
     write_json(marker, {"fingerprint": settings.fingerprint(), "config": settings.config.to_dict(),
                          "seeds": list(settings.seeds)})  # fmt: skip
-    pending = [s for s in settings.seeds if not (study_dir / f"seed-{s}" / "seed_result.json").exists()]
+    pending = [s for s in settings.seeds if not (_seed_dir(study_dir, s) / SEED_RECORD).exists()]
     if settings.jobs > 1 and len(pending) > 1:
         _run_seeds_in_parallel(settings, study_dir, pending, progress=progress, worker_setup=worker_setup)
     records = [run_seed(settings, study_dir, s, progress=progress) for s in settings.seeds]  # read back if finished
